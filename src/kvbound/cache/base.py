@@ -1,0 +1,230 @@
+"""Layer protocol, memory accounting and the policy registry.
+
+Every policy is a :class:`PolicyLayer` subclass (one per model layer) living inside a
+:class:`KVBoundCache`, which is a transformers ``DynamicCache`` and therefore plugs into
+``model.generate(past_key_values=cache)``.
+
+Memory is measured on the tensors actually held, never estimated:
+
+* ``hot_kv`` -- K/V held for attention between forward passes (per layer ``PolicyLayer.tiers``);
+* other tiers (``checkpoints``, ``offloaded``...) -- whatever else a policy keeps;
+* transient -- the largest temporary buffers a policy allocates inside one step
+  (reported with :meth:`KVBoundCache.note_transient`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from ..errors import KVBoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+
+def nbytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes held by the given tensors (``None`` counts as 0)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A registered policy: how to build its layers and what it promises."""
+
+    name: str
+    description: str
+    build: Callable[..., "KVBoundCache"]
+    exact: bool
+    needs_budget: bool
+
+
+_REGISTRY: dict[str, PolicySpec] = {}
+
+
+def register(name: str, description: str, *, exact: bool, needs_budget: bool = True):
+    """Class decorator: register a :class:`KVBoundCache` subclass under ``name``.
+
+    The class must accept ``(model, budget, **options)``.
+    """
+
+    def deco(cls):
+        if name in _REGISTRY:
+            raise RuntimeError(f"policy {name!r} registered twice")
+        _REGISTRY[name] = PolicySpec(name, description, cls, exact, needs_budget)
+        cls.policy_name = name
+        return cls
+
+    return deco
+
+
+def get_policy(name: str) -> PolicySpec:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KVBoundError(
+            f"unknown policy {name!r}; valid policies: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def registered() -> dict[str, PolicySpec]:
+    return dict(sorted(_REGISTRY.items()))
+
+
+# --------------------------------------------------------------------------- layers
+
+
+class PolicyLayer:
+    """Mixin giving one cache layer kvbound's bookkeeping.
+
+    Concrete layers combine it with ``DynamicLayer`` (or ``DynamicSlidingWindowLayer``)
+    and implement ``update``. Attributes available to subclasses:
+
+    * ``cache`` -- the owning :class:`KVBoundCache` (budget, model, options, accounting);
+    * ``layer_idx``;
+    * ``sliding_window`` -- the model's window for sliding layers, else ``None``;
+    * ``seen`` -- logical number of tokens this layer has been given.
+    """
+
+    def _init_policy(self, cache: "KVBoundCache", layer_idx: int, sliding_window: int | None) -> None:
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self.seen = 0
+
+    # -- what transformers asks ------------------------------------------------------
+    def past_visible(self) -> int:
+        """How many past keys the next ``update`` returns before the new ones."""
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        past = self.past_visible()
+        return past + query_length, self.seen - past
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # -- memory ---------------------------------------------------------------------
+    def tiers(self) -> dict[str, int]:
+        """Bytes this layer holds between forward passes, by tier."""
+        return {"hot_kv": nbytes(self.keys, self.values)}
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class KVBoundCache(DynamicCache):
+    """Base cache: a ``DynamicCache`` whose layers follow one policy and report memory."""
+
+    policy_name: str = "?"
+
+    def __init__(self, model: "PreTrainedModel", budget: int | None, layers: list) -> None:
+        # Skip DynamicCache.__init__ (it would build its own layers from the config).
+        super(DynamicCache, self).__init__(layers=layers)
+        self.model = model
+        self.budget = budget
+        self._hot_by_layer = [0] * len(layers)
+        self.peak_hot_kv_bytes = 0
+        self.peak_transient_bytes = 0
+        text_cfg = model.config.get_text_config(decoder=True)
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
+        self.num_layers = text_cfg.num_hidden_layers
+
+    # -- hooks (see kvbound.recompute.attach); policies override what they need ------
+    def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
+        """Called before each forward pass with its input ids (``None`` for embeddings)."""
+
+    def observe_layer_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        """Called before decoder layer ``layer_idx`` with its pre-norm residual input."""
+
+    def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        """Called before the attention module of ``layer_idx`` with its normed input."""
+
+    # -- accounting -------------------------------------------------------------------
+    def account(self, layer_idx: int) -> None:
+        """Record the hot K/V bytes ``layer_idx`` holds now (call at the end of ``update``)."""
+        self._hot_by_layer[layer_idx] = self.layers[layer_idx].tiers().get("hot_kv", 0)
+        self.peak_hot_kv_bytes = max(self.peak_hot_kv_bytes, sum(self._hot_by_layer))
+
+    def note_transient(self, nbytes_now: int) -> None:
+        """Record bytes of temporary buffers alive together inside one step."""
+        self.peak_transient_bytes = max(self.peak_transient_bytes, int(nbytes_now))
+
+    @property
+    def tokens_seen(self) -> int:
+        return self.get_seq_length()
+
+    def bytes_by_tier(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for layer in self.layers:
+            for tier, b in layer.tiers().items():
+                out[tier] = out.get(tier, 0) + b
+        for tier, b in self.extra_tiers().items():
+            out[tier] = out.get(tier, 0) + b
+        return out
+
+    def extra_tiers(self) -> dict[str, int]:
+        """Bytes held by the cache outside its layers (e.g. token-id checkpoints)."""
+        return {}
+
+    def memory_report(self) -> dict[str, Any]:
+        tiers = self.bytes_by_tier()
+        return {
+            "policy": self.policy_name,
+            "budget": self.budget,
+            "tokens_seen": self.tokens_seen,
+            "hot_kv_bytes": tiers.get("hot_kv", 0),
+            "peak_hot_kv_bytes": self.peak_hot_kv_bytes,
+            "bytes_by_tier": tiers,
+            "total_bytes": sum(tiers.values()),
+            "peak_transient_bytes": self.peak_transient_bytes,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+        }
+
+    def close(self) -> None:
+        """Release external resources (files); a no-op for in-memory policies."""
+
+
+def text_config(model: "PreTrainedModel"):
+    return model.config.get_text_config(decoder=True)
+
+
+def layer_windows(model: "PreTrainedModel") -> list[int | None]:
+    """Per layer: the sliding window for sliding-attention layers, else ``None``."""
+    cfg = text_config(model)
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def kv_bytes_per_token(model: "PreTrainedModel") -> int:
+    """Analytic K+V bytes one token costs across all layers (batch 1, full attention)."""
+    cfg = text_config(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+
+
+@dataclass
+class NoOptions:
+    """Options dataclass for policies that take none."""
+
+
+def parse_options(cls: type, options: dict[str, Any], policy: str):
+    """Build the policy's options dataclass, with a clear error for unknown names."""
+    names = {f for f in cls.__dataclass_fields__}
+    unknown = set(options) - names
+    if unknown:
+        valid = ", ".join(sorted(names)) or "none"
+        raise KVBoundError(f"policy {policy!r} got unknown option(s) {sorted(unknown)}; valid options: {valid}")
+    return cls(**options)

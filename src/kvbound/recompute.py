@@ -1,0 +1,215 @@
+"""Drive a model's own modules to rebuild K/V: the only family-specific code in kvbound.
+
+Two services, both built from the model's own modules (no copied math):
+
+* :class:`LayerDriver` -- for a span of tokens, run decoder layer ``l`` on the span's
+  residual stream (producing layer ``l``'s K/V and the residual entering ``l+1``), project
+  a stored residual to K/V (norm -> k/v proj -> k_norm -> RoPE), or compute the query of the
+  current step (for attention-scored eviction).
+* :func:`attach` -- stateless forward pre-hooks that tell a kvbound cache what it cannot see
+  through ``Cache.update``: the step's input ids, each layer's residual input and each
+  attention module's normed input. The hooks hold no state: they look up the cache in the
+  call's ``past_key_values`` and do nothing for any other cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import weakref
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .errors import KVBoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+# model_type -> families whose decoder layers look like Llama's (input_layernorm, self_attn with
+# q/k/v_proj, optional q_norm/k_norm, rotary position embeddings computed by the base model).
+SUPPORTED_FAMILIES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
+
+
+def _base_model(model: "PreTrainedModel") -> nn.Module:
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "layers"):
+        raise KVBoundError(
+            f"{type(model).__name__} ({model.config.model_type}) cannot be driven layer by layer; "
+            f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    return base
+
+
+def check_supported(model: "PreTrainedModel") -> None:
+    """Raise a clear error if ``model``'s layers cannot be driven by :class:`LayerDriver`."""
+    model_type = model.config.get_text_config(decoder=True).model_type
+    if model_type not in SUPPORTED_FAMILIES:
+        raise KVBoundError(
+            f"model family {model_type!r} is not supported for K/V recomputation; "
+            f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+    _base_model(model)
+
+
+class _Capture(DynamicCache):
+    """Throw-away cache that records the K/V a decoder layer computes for the span."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+
+class LayerDriver:
+    """Runs pieces of ``model`` on a span of tokens, layer by layer."""
+
+    def __init__(self, model: "PreTrainedModel") -> None:
+        check_supported(model)
+        self.model = model
+        self.base = _base_model(model)
+        self.config = model.config.get_text_config(decoder=True)
+        n = self.config.num_hidden_layers
+        self.layer_types: list[str] = list(getattr(self.config, "layer_types", None) or ["full_attention"] * n)
+        self._rope_takes_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
+        attn0 = self.base.layers[0].self_attn
+        self._apply_rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
+
+    # -- pieces ---------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The layer-0 residual: the model's own (possibly scaled) token embedding."""
+        return self.base.embed_tokens(input_ids)
+
+    def position_embeddings(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_idx: int):
+        if self._rope_takes_type:
+            return self.base.rotary_emb(hidden, position_ids, self.layer_types[layer_idx])
+        return self.base.rotary_emb(hidden, position_ids)
+
+    def _mask(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_idx: int):
+        make = create_sliding_window_causal_mask if self.layer_types[layer_idx] == "sliding_attention" else create_causal_mask
+        return make(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
+                    position_ids=position_ids)
+
+    # -- services ---------------------------------------------------------------------
+    @torch.no_grad()
+    def run_layer(self, layer_idx: int, hidden: torch.Tensor, position_ids: torch.Tensor):
+        """Run decoder layer ``layer_idx`` causally over a span that starts at its first token.
+
+        Returns ``(next_hidden, keys, values)``: the residual entering the next layer and this
+        layer's K/V for the span (post k_norm and RoPE, exactly as attention caches them).
+        """
+        capture = _Capture()
+        layer = self.base.layers[layer_idx]
+        out = layer(
+            hidden,
+            attention_mask=self._mask(hidden, position_ids, layer_idx),
+            position_ids=position_ids,
+            past_key_values=capture,
+            use_cache=True,
+            position_embeddings=self.position_embeddings(hidden, position_ids, layer_idx),
+        )
+        out = out[0] if isinstance(out, tuple) else out
+        cl = capture.layers[layer_idx]
+        return out, cl.keys, cl.values
+
+    @torch.no_grad()
+    def project_kv(self, layer_idx: int, residual: torch.Tensor, position_ids: torch.Tensor):
+        """K/V of layer ``layer_idx`` from the pre-norm residual entering it.
+
+        input_layernorm -> k_proj/v_proj -> k_norm (if any) -> RoPE at ``position_ids``.
+        """
+        layer = self.base.layers[layer_idx]
+        attn = layer.self_attn
+        x = layer.input_layernorm(residual)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        k = attn.k_proj(x).view(shape)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        k_norm = getattr(attn, "k_norm", None)
+        if k_norm is not None:
+            k = k_norm(k)
+        k = k.transpose(1, 2)
+        cos, sin = self.position_embeddings(residual, position_ids, layer_idx)
+        k, _ = self._apply_rope(k, k, cos, sin)
+        return k, v
+
+    @torch.no_grad()
+    def query(self, layer_idx: int, normed: torch.Tensor, position_embeddings) -> torch.Tensor:
+        """Post-RoPE query states ``[B, heads, T, head_dim]`` for the attention input ``normed``."""
+        attn = self.base.layers[layer_idx].self_attn
+        shape = (*normed.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj(normed).view(shape)
+        q_norm = getattr(attn, "q_norm", None)
+        if q_norm is not None:
+            q = q_norm(q)
+        q = q.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, _ = self._apply_rope(q, q, cos, sin)
+        return q
+
+    def attention_scaling(self, layer_idx: int) -> float:
+        return float(self.base.layers[layer_idx].self_attn.scaling)
+
+    def kv_groups(self) -> int:
+        return self.config.num_attention_heads // self.config.num_key_value_heads
+
+
+# --------------------------------------------------------------------------- hooks
+
+
+def _cache_of(kwargs: dict):
+    from .cache.base import KVBoundCache
+
+    cache = kwargs.get("past_key_values")
+    return cache if isinstance(cache, KVBoundCache) else None
+
+
+def _on_base(module, args, kwargs):
+    cache = _cache_of(kwargs)
+    if cache is not None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache.observe_input_ids(ids)
+
+
+def _on_layer(layer_idx: int):
+    def hook(module, args, kwargs):
+        cache = _cache_of(kwargs)
+        if cache is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache.observe_layer_input(layer_idx, hidden, kwargs)
+
+    return hook
+
+
+def _on_attention(layer_idx: int):
+    def hook(module, args, kwargs):
+        cache = _cache_of(kwargs)
+        if cache is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            cache.observe_attention_input(layer_idx, hidden, kwargs)
+
+    return hook
+
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list[Any]]" = weakref.WeakKeyDictionary()
+
+
+def attach(model: "PreTrainedModel") -> None:
+    """Register kvbound's observation hooks on ``model`` once (idempotent).
+
+    The hooks are stateless dispatchers: a forward pass without a kvbound cache is unaffected.
+    """
+    if model in _ATTACHED:
+        return
+    base = _base_model(model)
+    handles = [base.register_forward_pre_hook(_on_base, with_kwargs=True)]
+    for i, layer in enumerate(base.layers):
+        handles.append(layer.register_forward_pre_hook(_on_layer(i), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_pre_hook(_on_attention(i), with_kwargs=True))
+    _ATTACHED[model] = handles
+
+
+def detach(model: "PreTrainedModel") -> None:
+    """Remove the hooks :func:`attach` registered (for tidy tests; never required)."""
+    for h in _ATTACHED.pop(model, []):
+        h.remove()

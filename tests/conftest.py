@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random-init models (built once per session) and a greedy helper."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from kvbound.generation import greedy
+from kvbound.tiny import build_tiny
+
+FAMILIES = ["tiny-llama", "tiny-qwen3", "tiny-gemma3", "tiny-mha"]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny(name: str, attn: str = "sdpa"):
+    return build_tiny(name, attn_implementation=attn)
+
+
+def prompt_ids(n: int, seed: int = 1, batch: int = 1) -> torch.Tensor:
+    return torch.randint(3, 256, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def run_greedy(model, ids, cache, n: int = 16) -> list[int]:
+    return greedy(model, ids, cache, n, stop_at_eos=False)[0].tolist()
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return tiny(request.param)
