@@ -1,0 +1,83 @@
+"""Shared layer for policies built around a hot window of recent tokens.
+
+A :class:`HotWindowLayer` keeps the K/V of the ``hot`` most recent tokens. Tokens leaving
+the window are handed to :meth:`HotWindowLayer.spill` (a lossy policy drops them; an exact
+policy checkpoints or offloads them). Exact policies set ``exact = True`` and implement
+:meth:`HotWindowLayer.recall`, which returns the K/V of every older token attention still
+needs, so each step sees exactly what the full cache would hold.
+
+On sliding-window layers (Gemma 3) tokens older than ``window - 1`` are never needed again:
+the hot window is at most ``window - 1`` tokens and exact policies recall only the part of
+the window that is not hot. Past keys are always a contiguous suffix, so masks stay exact.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import DynamicLayer
+
+from .base import KVBoundCache, PolicyLayer, nbytes
+
+
+class HotWindowLayer(PolicyLayer, DynamicLayer):
+    exact: bool = False
+
+    def __init__(self, cache: KVBoundCache, layer_idx: int, sliding_window: int | None, hot: int) -> None:
+        DynamicLayer.__init__(self)
+        self._init_policy(cache, layer_idx, sliding_window)
+        self.is_sliding = sliding_window is not None
+        self.hot = hot if sliding_window is None else max(1, min(hot, sliding_window - 1))
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    # -- what a subclass provides -------------------------------------------------------
+    def spill(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
+        """Tokens ``start .. start+n`` leave the hot window (views: copy what you keep)."""
+
+    def recall(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of tokens ``start .. end`` (exact policies only)."""
+        raise NotImplementedError
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def held(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    def needed_start(self) -> int:
+        """First token position attention can still use in the next step."""
+        if self.sliding_window is None:
+            return 0
+        return max(0, self.seen - (self.sliding_window - 1))
+
+    def past_visible(self) -> int:
+        return self.seen - self.needed_start() if self.exact else self.held()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        held, new = self.held(), key_states.shape[-2]
+        first_hot = self.seen - held
+        parts_k, parts_v = [self.keys, key_states], [self.values, value_states]
+        if self.exact and first_hot > self.needed_start():
+            old_k, old_v = self.recall(self.needed_start(), first_hot, key_states)
+            parts_k.insert(0, old_k)
+            parts_v.insert(0, old_v)
+        keys, values = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
+        self.cache.note_transient(nbytes(keys, values))
+
+        hot_start = keys.shape[-2] - (held + new)  # index of the first hot token in `keys`
+        n_spill = max(0, held + new - self.hot)
+        if n_spill:
+            end = hot_start + n_spill
+            self.spill(keys[..., hot_start:end, :], values[..., hot_start:end, :], first_hot)
+        # clone so the evicted part of the concatenation is really freed
+        self.keys = keys[..., hot_start + n_spill:, :].clone()
+        self.values = values[..., hot_start + n_spill:, :].clone()
+        self.seen += new
+        self.cache.account(self.layer_idx)
+        return keys, values

@@ -1,0 +1,16 @@
+"""``window``: keep only the most recent ``budget`` tokens (window attention, lossy)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import KVBoundCache, NoOptions, layer_windows, parse_options, register
+from .hot_window import HotWindowLayer
+
+
+@register("window", "lossy: keeps only the K/V of the most recent `budget` tokens", exact=False)
+class WindowCache(KVBoundCache):
+    def __init__(self, model, budget: int, **options: Any) -> None:
+        self.options = parse_options(NoOptions, options, "window")
+        layers = [HotWindowLayer(self, i, w, budget) for i, w in enumerate(layer_windows(model))]
+        super().__init__(model, budget, layers)
