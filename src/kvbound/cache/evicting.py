@@ -1,0 +1,258 @@
+"""Shared machinery of the lossy eviction policies (``streaming``, ``h2o``, ``tova``, ``snapkv``).
+
+Budget semantics
+----------------
+``budget`` is the most tokens a layer holds between forward passes, per KV head: every head
+keeps the same number of tokens (selection is a per-head ``gather``), so the cache stays a
+rectangular ``[batch, kv_heads, n, head_dim]`` tensor. Inside a step a layer returns its kept
+past plus the step's new tokens to attention, then evicts down to the budget at the end of
+``update`` and stores *fresh* tensors (``gather`` / ``clone``), so evicted K/V are really freed
+and the accounting (which counts elements) measures what is held. The concatenation returned
+to attention and any scoring buffers are reported as transient bytes.
+
+Every kept token keeps its original RoPE rotation; ``positions`` records, per head, which
+token each kept entry is (ascending). Masks stay consistent because ``get_mask_sizes`` reports
+the number of keys returned (see :class:`~kvbound.cache.base.PolicyLayer`).
+
+Attention scores
+----------------
+Scored policies never switch the model to eager attention. The attention pre-hook
+(:func:`kvbound.recompute.attach`) hands each layer's normed input to
+:meth:`EvictingCache.observe_attention_input`, which computes the post-RoPE query of the rows
+the policy needs with :meth:`kvbound.recompute.LayerDriver.query` and parks it on the layer;
+``update`` then computes softmax(q·Kᵀ·scaling) over the keys it returns (causal by position,
+query chunks to bound memory) with :func:`attention_mass`.
+
+Sliding-window layers (Gemma 3)
+-------------------------------
+On sliding layers every policy keeps the most recent ``min(budget, window - 1)`` tokens, a
+contiguous suffix: tokens outside the window are never needed again, the sliding mask is exact
+only when past keys are a contiguous suffix, and all sliding layers must return the same
+number of keys (one mask serves them all). The policy proper runs on full-attention layers.
+
+Batches
+-------
+Batches without padding work (each sequence selects its own tokens). Padded batches are
+refused: after eviction the padding mask would be applied to the wrong keys.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicLayer
+
+from ..errors import KVBoundError
+from ..recompute import LayerDriver, attach
+from .base import KVBoundCache, PolicyLayer, layer_windows, nbytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+QUERY_CHUNK = 256  # query rows per block when scoring a long prefill
+
+
+# --------------------------------------------------------------------------- scoring helpers
+
+
+def attention_mass(
+    query: torch.Tensor,
+    query_pos: torch.Tensor,
+    keys: torch.Tensor,
+    key_pos: torch.Tensor,
+    scaling: float,
+    softcap: float | None = None,
+    chunk: int = QUERY_CHUNK,
+) -> torch.Tensor:
+    """Attention probability each key receives, summed over the given queries and over the
+    query heads sharing each KV head.
+
+    ``query`` is ``[B, heads, T, D]`` (post-RoPE) at positions ``query_pos`` ``[T]``; ``keys``
+    ``[B, kv_heads, n, D]`` at per-head positions ``key_pos`` ``[B, kv_heads, n]``. A query sees
+    keys at positions <= its own (causal). Query head ``h`` reads KV head ``h // groups``
+    (transformers' ``repeat_kv``). Returns ``[B, kv_heads, n]`` float32.
+    """
+    b, heads, t, d = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[-2]
+    groups = heads // kv_heads
+    k = keys.float()
+    out = torch.zeros(b, kv_heads, n, dtype=torch.float32, device=keys.device)
+    q_all = query.float().view(b, kv_heads, groups, t, d)
+    for start in range(0, t, chunk):
+        q = q_all[:, :, :, start:start + chunk]
+        tc = q.shape[-2]
+        logits = torch.matmul(q.reshape(b, kv_heads, groups * tc, d), k.transpose(-1, -2)) * scaling
+        logits = logits.view(b, kv_heads, groups, tc, n)
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        visible = key_pos[:, :, None, None, :] <= query_pos[start:start + tc][None, None, None, :, None]
+        logits = logits.masked_fill(~visible, float("-inf"))
+        out += logits.softmax(-1).sum(dim=(2, 3))
+    return out
+
+
+def keep_top(scores: torch.Tensor, k: int, protect_last: int = 0) -> torch.Tensor:
+    """Indices (ascending) of the ``k`` highest ``scores`` along the last dim; the last
+    ``protect_last`` entries are always kept. ``scores`` is ``[..., n]``, ``n >= k >= protect_last``."""
+    if protect_last:
+        scores = scores.clone()
+        scores[..., scores.shape[-1] - protect_last:] = float("inf")
+    return scores.topk(k, dim=-1).indices.sort(dim=-1).values
+
+
+def pool_votes(votes: torch.Tensor, kernel: int) -> torch.Tensor:
+    """SnapKV's smoothing: 1-D max pooling (stride 1, same length) along the last dim."""
+    if kernel <= 1 or votes.shape[-1] == 0:
+        return votes
+    shape = votes.shape
+    pooled = F.max_pool1d(votes.reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
+    return pooled.reshape(shape)
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-head gather of token entries: ``x`` ``[B, H, n(, D)]``, ``idx`` ``[B, H or 1, k]``.
+    Returns a new tensor (never a view), so the dropped entries are freed."""
+    idx = idx.expand(x.shape[0], x.shape[1], idx.shape[-1])
+    if x.dim() == 4:
+        return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+    return x.gather(2, idx)
+
+
+def check_int(value: Any, name: str, policy: str, minimum: int) -> None:
+    """Options must be whole numbers >= ``minimum`` (one clear error line otherwise)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise KVBoundError(f"{policy} option {name} must be a whole number >= {minimum}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- layer
+
+
+class EvictingLayer(PolicyLayer, DynamicLayer):
+    """A layer that holds at most ``capacity`` tokens per KV head; subclasses choose which.
+
+    Subclasses override :meth:`query_rows` (how many of the step's newest queries they need)
+    and :meth:`select` (which entries to keep).
+    """
+
+    is_croppable = False  # evicted tokens cannot be rolled back
+
+    def __init__(self, cache: "EvictingCache", layer_idx: int, sliding_window: int | None, budget: int) -> None:
+        DynamicLayer.__init__(self)
+        self._init_policy(cache, layer_idx, sliding_window)
+        self.is_sliding = sliding_window is not None
+        self.capacity = budget if sliding_window is None else max(1, min(budget, sliding_window - 1))
+        self.positions: torch.Tensor | None = None
+        self.pending_query: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h = key_states.shape[:2]
+        self.keys = key_states.new_empty((b, h, 0, key_states.shape[-1]))
+        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.positions = torch.empty((b, h, 0), dtype=torch.long, device=key_states.device)
+        self.is_initialized = True
+
+    def held(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    # -- what a policy provides ---------------------------------------------------------
+    def query_rows(self, new: int) -> int:
+        """How many of the newest query rows of a ``new``-token step ``select`` needs."""
+        return 0
+
+    def select(self, keys: torch.Tensor, positions: torch.Tensor, query: torch.Tensor | None,
+               query_pos: torch.Tensor) -> torch.Tensor | None:
+        """Indices ``[B, kv_heads or 1, capacity]`` (ascending) of the entries to keep, or
+        ``None`` to keep all. Called every step on full-attention layers, after the new
+        tokens were appended (``keys`` holds past + new)."""
+        raise NotImplementedError
+
+    def policy_tiers(self) -> dict[str, int]:
+        """Bytes of policy state besides K/V (scores, stored queries)."""
+        return {}
+
+    # -- cache protocol -------------------------------------------------------------------
+    def tiers(self) -> dict[str, int]:
+        return {"hot_kv": nbytes(self.keys, self.values), "positions": nbytes(self.positions), **self.policy_tiers()}
+
+    def scaling(self) -> float:
+        return self.cache.driver.attention_scaling(self.layer_idx)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        b, h, new = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
+        step_pos = torch.arange(self.seen, self.seen + new, device=key_states.device)
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        positions = torch.cat([self.positions, step_pos.expand(b, h, new)], dim=-1)
+        query, self.pending_query = self.pending_query, None
+        self.seen += new
+        n = keys.shape[-2]
+
+        if self.is_sliding:
+            idx = None if n <= self.capacity else torch.arange(n - self.capacity, n, device=keys.device).view(1, 1, -1)
+        else:
+            rows = self.query_rows(new)
+            if rows and query is None:
+                raise RuntimeError(f"{self.cache.policy_name}: no query for layer {self.layer_idx}; "
+                                   "the attention hooks did not run (call the model with this cache)")
+            idx = self.select(keys, positions, query, step_pos[new - rows:] if rows else step_pos[:0])
+        if idx is None:
+            self.keys, self.values, self.positions = keys, values, positions
+        else:
+            self.keys, self.values = gather_tokens(keys, idx), gather_tokens(values, idx)
+            self.positions = gather_tokens(positions, idx)
+        self.cache.note_transient(nbytes(keys, values, query))
+        self.cache.account(self.layer_idx)
+        return keys, values
+
+
+# --------------------------------------------------------------------------- cache
+
+
+class EvictingCache(KVBoundCache):
+    """Base cache of the eviction policies: builds one ``layer_cls`` per full-attention layer
+    (sliding layers use the same class, which keeps a recent suffix there), attaches the
+    observation hooks and refuses padded batches."""
+
+    layer_cls: type[EvictingLayer] = EvictingLayer
+
+    def __init__(self, model: "PreTrainedModel", budget: int, options: Any) -> None:
+        self.options = options
+        self.driver = LayerDriver(model)  # clear error for unsupported families
+        attach(model)
+        windows = layer_windows(model)
+        layers = [self.layer_cls(self, i, w, budget) for i, w in enumerate(windows)]
+        super().__init__(model, budget, layers)
+        self.softcap = getattr(self.driver.config, "attn_logit_softcapping", None)
+        self._first_full = next((i for i, w in enumerate(windows) if w is None), None)
+
+    def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        layer = self.layers[layer_idx]
+        if layer_idx == self._first_full:
+            refuse_padding(kwargs.get("attention_mask"), self.policy_name)
+        if layer.is_sliding:
+            return
+        rows = layer.query_rows(hidden_states.shape[-2])
+        if rows:
+            cos, sin = kwargs["position_embeddings"]
+            layer.pending_query = self.driver.query(
+                layer_idx, hidden_states[:, -rows:], (cos[..., -rows:, :], sin[..., -rows:, :])
+            )
+
+
+def refuse_padding(mask: torch.Tensor | None, policy: str) -> None:
+    """Raise if the 4-D attention mask of a full-attention layer hides any key from the step's
+    last query: without padding the last query sees every key returned (past and new)."""
+    if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return
+    last = mask[..., -1, :]
+    visible = last if last.dtype == torch.bool else last == 0
+    if not bool(visible.all()):
+        raise KVBoundError(
+            f"policy {policy!r} does not support padded batches (attention_mask has zeros); "
+            "run sequences of equal length or one at a time"
+        )
