@@ -1,0 +1,165 @@
+"""``kvbound bench``: arguments and the driver. ``kvbound.cli`` registers the subcommand with
+:func:`add_arguments` and calls :func:`run`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Callable
+
+from ..errors import KVBoundError
+
+SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency")
+DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_BUDGETS = {"budget-sweep": "64,128,256", "multiturn": "128", "bytes": "128", "latency": "128"}
+DEFAULT_NEW_TOKENS = {"budget-sweep": 32, "multiturn": 32, "bytes": 16, "latency": 0}
+DEFAULT_LENGTHS = "128,512,1024,4096"
+DEFAULT_BATCHES = "1,8,64"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``kvbound bench``'s options to ``parser``."""
+    parser.add_argument("--scenario", choices=SCENARIOS, default="budget-sweep",
+                        help="what to measure (default: budget-sweep)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default: {DEFAULT_MODEL})")
+    parser.add_argument("--policies", default=None,
+                        help="comma-separated policies (default: every registered policy)")
+    parser.add_argument("--budgets", default=None,
+                        help="comma-separated budgets: tokens kept per layer (64,128) or fractions of the prompt in "
+                             "(0,1] (0.25,0.5); default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BUDGETS.items()
+                                                                        if k != "latency"))
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="new tokens per run / per reply (default: 32 for budget-sweep and multiturn, 16 for bytes)")
+    parser.add_argument("--prompt-file", action="append", default=None, metavar="PATH",
+                        help="a prompt text file (repeatable); default: the built-in long prompts")
+    parser.add_argument("--prompts-dir", default=None, metavar="DIR",
+                        help="use every *.txt in DIR as a prompt (answers.json may map a name to a needle answer)")
+    parser.add_argument("--turns", type=int, default=20, help="multiturn: number of turns (default: 20)")
+    parser.add_argument("--lengths", default=DEFAULT_LENGTHS,
+                        help=f"latency: cached tokens per sequence (default: {DEFAULT_LENGTHS})")
+    parser.add_argument("--batch-sizes", default=DEFAULT_BATCHES,
+                        help=f"latency: batch sizes (default: {DEFAULT_BATCHES})")
+    parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", default="bench-results", metavar="DIR",
+                        help="output directory for results.json, report.md and plots (default: bench-results)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render report.md and plots from DIR/results.json without running anything")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _positive_ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise KVBoundError(f"--{what} must be comma-separated whole numbers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise KVBoundError(f"--{what} must be comma-separated whole numbers >= 1, got {text!r}")
+    return values
+
+
+def select_policies(text: str | None) -> list[str]:
+    """Policies named in ``text`` (comma-separated), or every registered one."""
+    from ..cache import registered
+
+    known = registered()
+    if text is None or not text.strip():
+        return list(known)
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = [p for p in names if p not in known]
+    if unknown:
+        raise KVBoundError(f"unknown policy {unknown[0]!r}; valid policies: {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise KVBoundError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.turns < 1:
+        raise KVBoundError(f"--turns must be >= 1, got {args.turns}")
+
+
+def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None = None,
+        on_record: Callable[[dict[str, Any]], None] | None = None, argv: list[str] | None = None) -> int:
+    """Run ``kvbound bench``; returns the exit code (0 ok, 1 if a policy failed, 130 on Ctrl-C).
+
+    ``model_and_tokenizer`` skips loading ``args.model`` (tests inject tiny models); ``on_record``
+    is called after each saved run record.
+    """
+    from . import report, scenarios
+    from .inputs import load_messages, load_prompts, parse_budgets
+    from .results import Results, make_meta
+
+    if args.report_only:
+        for path in report.render(args.out):
+            print(path)
+        return 0
+    _check(args)
+    policies = select_policies(args.policies)
+    budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS[args.scenario])
+    max_new = args.max_new_tokens or DEFAULT_NEW_TOKENS[args.scenario]
+    prompts = load_prompts(args.prompt_file, args.prompts_dir) if args.scenario in ("budget-sweep", "bytes") else []
+    lengths = _positive_ints(args.lengths, "lengths") if args.scenario == "latency" else []
+    batches = _positive_ints(args.batch_sizes, "batch-sizes") if args.scenario == "latency" else []
+    if args.scenario == "multiturn" and budgets[0].is_fraction:
+        raise KVBoundError("multiturn needs a budget in tokens (the context grows each turn), e.g. --budgets 128")
+
+    if model_and_tokenizer is None:
+        from ..models import load
+
+        model, tokenizer = load(args.model)
+    else:
+        model, tokenizer = model_and_tokenizer
+    try:
+        model = model.to(args.device)
+    except (RuntimeError, AssertionError) as exc:
+        raise KVBoundError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
+
+    options = {"scenario": args.scenario, "policies": policies, "budgets": [b.label for b in budgets],
+               "max_new_tokens": max_new, "seed": args.seed, "prompts": [p.name for p in prompts]}
+    if args.scenario == "multiturn":
+        options["turns"] = args.turns
+    if args.scenario == "latency":
+        options.update(lengths=lengths, batch_sizes=batches)
+    results = Results(args.out, args.scenario, make_meta(args.model, model, argv, options, args.device))
+    progress = None
+    if not args.no_progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm
+    bench = scenarios.Bench(model, tokenizer, policies, results, max_new, args.seed, progress,
+                            on_record or (lambda record: None))
+    interrupted = False
+    try:
+        if args.scenario == "budget-sweep":
+            scenarios.budget_sweep(bench, prompts, budgets)
+        elif args.scenario == "multiturn":
+            scenarios.multiturn(bench, load_messages(), args.turns, int(budgets[0].value))
+        elif args.scenario == "bytes":
+            scenarios.bytes_per_token(bench, prompts[0], budgets)
+        else:
+            scenarios.latency(bench, lengths, batches)
+    except KeyboardInterrupt:
+        interrupted = True
+        print(f"\ninterrupted: keeping the {len(results.runs)} finished run(s)", file=sys.stderr)
+    finally:
+        results.finish(interrupted)
+    for path in report.render(args.out):
+        print(path)
+    failed = [r for r in results.runs if r.get("status") == "error"]
+    for r in failed:
+        print(f"kvbound bench: policy {r.get('policy')!r} failed: {r.get('reason')}", file=sys.stderr)
+    if interrupted:
+        return 130
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience entry point
+    parser = argparse.ArgumentParser(prog="kvbound bench", description="Hold every policy to the same test.")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run(args, argv=None if argv is None else ["kvbound", "bench", *argv])
+    except KVBoundError as exc:
+        print(f"kvbound bench: error: {exc}", file=sys.stderr)
+        return 2

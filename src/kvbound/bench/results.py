@@ -1,0 +1,167 @@
+"""``results.json``: written atomically after every record, so Ctrl-C never loses finished runs.
+
+Layout::
+
+    {"scenario": str, "meta": {...}, "runs": [record, ...], "turns": [record, ...], "extra": {...}}
+
+``runs`` holds one record per (policy, budget, prompt) in ``budget-sweep``; per policy in
+``multiturn`` (whose per-turn records go to ``turns``); per policy in ``bytes``; per
+(tokens, batch) cell in ``latency``. Every run record has ``status`` = ``ok`` | ``skipped`` |
+``error`` and, unless ``ok``, a one-line ``reason``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import KVBoundError
+
+RESULTS = "results.json"
+SCHEMA_VERSION = 1
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON to ``path`` via a temporary file and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=False)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class Results:
+    """The bench's output, saved to ``out_dir/results.json`` on every change."""
+
+    def __init__(self, out_dir: str | Path, scenario: str, meta: dict[str, Any]) -> None:
+        self.dir = Path(out_dir).expanduser()
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KVBoundError(f"cannot create output directory {self.dir}: {exc.strerror}") from None
+        self.path = self.dir / RESULTS
+        self.data: dict[str, Any] = {"schema": SCHEMA_VERSION, "scenario": scenario, "meta": meta,
+                                     "runs": [], "turns": [], "extra": {}}
+        self.save()
+
+    @property
+    def runs(self) -> list[dict[str, Any]]:
+        return self.data["runs"]
+
+    @property
+    def turns(self) -> list[dict[str, Any]]:
+        return self.data["turns"]
+
+    def add_run(self, record: dict[str, Any]) -> None:
+        self.runs.append(record)
+        self.save()
+
+    def add_turn(self, record: dict[str, Any]) -> None:
+        self.turns.append(record)
+        self.save()
+
+    def set_extra(self, key: str, value: Any) -> None:
+        self.data["extra"][key] = value
+        self.save()
+
+    def finish(self, interrupted: bool) -> None:
+        self.data["meta"]["finished"] = _now()
+        self.data["meta"]["interrupted"] = interrupted
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, self.data)
+
+
+def load_results(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir).expanduser() / RESULTS
+    if not path.is_file():
+        raise KVBoundError(f"no {RESULTS} in {path.parent}; run `kvbound bench --out {path.parent}` first")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise KVBoundError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not {"scenario", "meta", "runs"} <= set(data):
+        raise KVBoundError(f"{path} is not a kvbound bench results file (needs scenario, meta, runs)")
+    data.setdefault("turns", [])
+    data.setdefault("extra", {})
+    return data
+
+
+# --------------------------------------------------------------------------- meta
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def hardware(device: str = "cpu") -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/meminfo") as fh:
+            info["memory_bytes"] = int(fh.readline().split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return info
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import kvbound
+
+    return {"kvbound": kvbound.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0]}
+
+
+def make_meta(model_name: str, model, argv: list[str] | None, options: dict[str, Any], device: str) -> dict[str, Any]:
+    cfg = model.config.get_text_config(decoder=True) if model is not None else None
+    model_info: dict[str, Any] = {"name": model_name}
+    if cfg is not None:
+        model_info.update(
+            model_type=cfg.model_type, dtype=str(model.dtype).removeprefix("torch."),
+            layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size,
+            attention_heads=cfg.num_attention_heads,
+            kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+            parameters=sum(p.numel() for p in model.parameters()),
+        )
+    return {
+        "date": _now(),
+        "command": " ".join(argv if argv is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "model": model_info,
+        "versions": versions(),
+        "hardware": hardware(device),
+        "options": options,
+    }
