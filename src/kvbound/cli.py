@@ -1,0 +1,389 @@
+"""``kvbound`` command line: ``generate`` (one prompt), ``chat`` (multi-turn on stdin), ``bench``.
+
+Bad input (``KVBoundError``) exits with status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .errors import KVBoundError
+
+EXAMPLES_GENERATE = """\
+examples:
+  kvbound generate --chat --prompt "What is the capital of France?"
+  kvbound generate --prompt-file story.txt --policy window --budget 128 --max-new-tokens 32 --json
+  kvbound generate --model gemma3-270m --prompt "The capital of France is"
+  kvbound generate --model tiny-llama --prompt "hello" --json        # random tiny model, instant
+"""
+
+EXAMPLES_CHAT = """\
+examples:
+  kvbound chat                                  # type a message, Enter; /exit or Ctrl-D ends
+  printf 'Hi!\\nWhat did I just say?\\n' | kvbound chat --policy full --max-new-tokens 48
+"""
+
+DESCRIPTION = """\
+kvbound keeps a transformer's KV cache inside a memory budget. Pick a cache policy (--policy)
+and a budget in tokens per layer (--budget); the exact policies give the same tokens as the
+full cache, the lossy ones trade accuracy for memory. Generation is greedy.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage dump) so bad input reads like every other error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# --------------------------------------------------------------------------- help text
+
+
+def _policies_epilog() -> str:
+    from . import policies
+    from .cache.base import registered
+
+    specs = registered()
+    width = max(len(n) for n in policies())
+    lines = ["policies (--policy):"]
+    for name, desc in policies().items():
+        spec = specs[name]
+        tags = ("exact" if spec.exact else "lossy") + (", needs --budget" if spec.needs_budget else "")
+        lines.append(f"  {name:<{width}}  [{tags}] {desc}")
+    return "\n".join(lines)
+
+
+def _models_epilog() -> str:
+    from .models import BUILTIN, DEFAULT_MODEL
+    from .tiny import TINY
+
+    lines = ["models (--model): a built-in name, a local Hugging Face model folder, a .gguf file, or a hub id"]
+    for name, spec in BUILTIN.items():
+        lines.append(f"  {name:<13} {spec.description}{'  (default)' if name == DEFAULT_MODEL else ''}")
+    lines.append(f"  {', '.join(TINY)}: random-init test models with a byte tokenizer")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _option(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with int, float and true/false parsing."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"option {text!r} must look like KEY=VALUE")
+    for cast in (int, float):
+        try:
+            return key, cast(value)
+        except ValueError:
+            pass
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    return key, value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    from .models import DEFAULT_MODEL
+
+    g = p.add_argument_group("model and cache")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                   help=f"built-in name, model folder, .gguf file or hub id (default: {DEFAULT_MODEL})")
+    g.add_argument("--policy", default="full", metavar="NAME", help="cache policy, see the list below (default: full)")
+    g.add_argument("--budget", type=int, metavar="N", help="tokens of K/V kept hot per layer (policies that need one)")
+    g.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="policy option (repeatable), e.g. --option sinks=4")
+    g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate per reply (default: 64)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="kvbound", description=DESCRIPTION, formatter_class=fmt,
+                     epilog=_policies_epilog() + "\n\n" + EXAMPLES_GENERATE + "\nRun 'kvbound COMMAND --help' for details.")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"kvbound {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    gen = sub.add_parser("generate", help="continue one prompt through a kvbound cache (greedy)",
+                         description="Greedy-generate a continuation of one prompt through a kvbound cache and "
+                                     "report the cache's measured memory.",
+                         epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_GENERATE,
+                         formatter_class=fmt)
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt text")
+    src.add_argument("--prompt-file", metavar="PATH", help="read the prompt from a file ('-' = stdin)")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    _add_model_args(gen)
+    gen.add_argument("--json", action="store_true",
+                     help="print one JSON object (model, policy, budget, prompt_tokens, token_ids, text, cache, "
+                          "seconds, tokens_per_s) on the last line of stdout")
+    spec = gen.add_argument_group("exact speculative decoding")
+    spec.add_argument("--speculate", type=int, metavar="K",
+                      help="draft K tokens with a lossy cache, verify them with the exact --policy")
+    spec.add_argument("--draft", metavar="NAME",
+                      help="lossy policy that drafts when --speculate is given (default: kvbound.speculative's)")
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="multi-turn chat on stdin, one cache kept across turns",
+                          description="Chat with the model: each line on stdin is a user message; the reply is "
+                                      "printed on stdout. One cache lives across all turns. Ends on EOF or /exit.",
+                          epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_CHAT,
+                          formatter_class=fmt)
+    _add_model_args(chat)
+    chat.set_defaults(func=cmd_chat)
+
+    _add_bench(sub)
+    return parser
+
+
+def _add_bench(sub) -> None:
+    """Register ``bench`` from ``kvbound.bench.cli``; a broken bench never breaks the other commands."""
+    try:
+        from .bench import cli as bench_cli
+
+        bench = sub.add_parser("bench", help="hold every policy to the same test: token match, memory, speed",
+                               description=(bench_cli.__doc__ or "").strip() or None,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        bench_cli.add_arguments(bench)
+        bench.set_defaults(func=bench_cli.run)
+    except Exception as exc:  # noqa: BLE001 -- report it when 'bench' is actually used
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        if "bench" in sub.choices:
+            del sub.choices["bench"]  # half-registered: replace with the stub below
+        stub = sub.add_parser("bench", help=f"(unavailable: {reason})")
+        stub.add_argument("rest", nargs=argparse.REMAINDER)
+
+        def unavailable(_args) -> int:
+            raise KVBoundError(f"kvbound bench is unavailable in this install: {reason}")
+
+        stub.set_defaults(func=unavailable)
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def _load(args):
+    from .models import load
+
+    if args.max_new_tokens < 1:
+        raise KVBoundError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    return load(args.model)
+
+
+def _make_cache(model, args):
+    from . import make_cache
+
+    return make_cache(model, args.policy, args.budget, **dict(args.option))
+
+
+def _max_positions(model) -> int | None:
+    cfg = model.config.get_text_config(decoder=True)
+    return getattr(cfg, "max_position_embeddings", None)
+
+
+def _check_length(model, args, total_prompt: int) -> None:
+    limit = _max_positions(model)
+    if limit is None:
+        return
+    if total_prompt > limit:
+        raise KVBoundError(f"prompt is {total_prompt} tokens but model {args.model!r} handles at most {limit} positions")
+    if total_prompt + args.max_new_tokens > limit:
+        raise KVBoundError(
+            f"prompt ({total_prompt} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"{limit} positions; use --max-new-tokens {limit - total_prompt} or less"
+        )
+
+
+def _apply_template(tokenizer, messages: list[dict], args, add_generation_prompt: bool = True, tokenize: bool = True):
+    if not getattr(tokenizer, "chat_template", None):
+        raise KVBoundError(f"model {args.model!r} has no chat template; drop --chat (or use 'generate' with a plain prompt)")
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=tokenize,
+                                        return_dict=tokenize, return_tensors="pt" if tokenize else None)
+    return out["input_ids"] if tokenize else out
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file == "-":
+        text = sys.stdin.read()
+    else:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise KVBoundError(f"prompt file {path} does not exist")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise KVBoundError(f"cannot read prompt file {path}: {exc}") from None
+    if not text.strip():
+        raise KVBoundError("the prompt is empty; give some text with --prompt or --prompt-file")
+    return text
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _speculate(model, input_ids: torch.Tensor, args) -> tuple[torch.Tensor, Any, dict]:
+    """Exact self-speculative decoding (``kvbound.speculative``): returns (new ids, exact cache, stats)."""
+    if args.speculate < 1:
+        raise KVBoundError(f"--speculate must be >= 1 drafted tokens, got {args.speculate}")
+    try:
+        from .speculative import speculative_greedy
+    except ImportError as exc:
+        if exc.name == "kvbound.speculative":
+            raise KVBoundError("--speculate needs kvbound.speculative, which this install does not have") from None
+        raise
+    cache = _make_cache(model, args)
+    draft = {} if args.draft is None else {"draft": args.draft}
+    new_ids, stats = speculative_greedy(model, input_ids, cache, budget=args.budget, k=args.speculate,
+                                        max_new_tokens=args.max_new_tokens,
+                                        eos_token_id=model.generation_config.eos_token_id, **draft)
+    report = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in stats.as_dict().items()}
+    return new_ids, cache, report
+
+
+def cmd_generate(args) -> int:
+    from .generation import greedy
+
+    prompt = _read_prompt(args)
+    model, tokenizer = _load(args)
+    if args.chat:
+        input_ids = _apply_template(tokenizer, [{"role": "user", "content": prompt}], args)
+    else:
+        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    if input_ids.shape[1] == 0:
+        raise KVBoundError("the prompt tokenized to zero tokens; give some text")
+    _check_length(model, args, input_ids.shape[1])
+
+    speculation = None
+    if args.speculate is not None:
+        start = time.perf_counter()
+        new, cache, speculation = _speculate(model, input_ids, args)
+    else:
+        cache = _make_cache(model, args)
+        start = time.perf_counter()
+        new = greedy(model, input_ids, cache, args.max_new_tokens)
+    seconds = time.perf_counter() - start
+    token_ids = new[0].tolist()
+    text = tokenizer.decode(token_ids, skip_special_tokens=True)
+    result = {
+        "model": args.model,
+        "policy": args.policy,
+        "budget": args.budget,
+        "options": dict(args.option),
+        "prompt_tokens": int(input_ids.shape[1]),
+        "token_ids": token_ids,
+        "text": text,
+        "cache": cache.memory_report(),
+        "seconds": round(seconds, 4),
+        "tokens_per_s": round(len(token_ids) / seconds, 3) if seconds > 0 else None,
+    }
+    if speculation is not None:
+        result["speculation"] = speculation
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(text)
+        report = result["cache"]
+        print(f"[{len(token_ids)} tokens in {seconds:.2f}s, {result['tokens_per_s']} tok/s; "
+              f"{args.policy} cache: {report['tokens_seen']} tokens seen, "
+              f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- chat
+
+
+def next_turn_ids(tokenizer, messages: list[dict], history: torch.Tensor | None, user_text: str, args) -> torch.Tensor:
+    """Token ids for the whole conversation after ``user_text``, reusing ``history`` (the exact ids the
+    cache has seen plus the last reply) as the prefix so the cache never holds a retokenized variant."""
+    turn = messages + [{"role": "user", "content": user_text}]
+    if history is None:
+        return _apply_template(tokenizer, turn, args)
+    before = _apply_template(tokenizer, messages, args, add_generation_prompt=False, tokenize=False)
+    after = _apply_template(tokenizer, turn, args, tokenize=False)
+    if not after.startswith(before):  # template rewrites earlier turns: fall back to its full rendering
+        return _apply_template(tokenizer, turn, args)
+    # What the template puts after the last reply (e.g. "<|im_end|>\n"), minus an EOS we already generated.
+    reply = messages[-1]["content"]
+    at = before.rfind(reply) if reply else -1
+    closing = before[at + len(reply):] if at >= 0 else ""
+    eos_text = tokenizer.decode(history[0, -1:].tolist())
+    if history[0, -1].item() in _eos_ids(tokenizer) and closing.startswith(eos_text):
+        closing = closing[len(eos_text):]
+    delta = tokenizer(closing + after[len(before):], add_special_tokens=False, return_tensors="pt")["input_ids"]
+    return torch.cat([history, delta], dim=1)
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    return ids
+
+
+def cmd_chat(args) -> int:
+    from .generation import greedy
+
+    model, tokenizer = _load(args)
+    if not getattr(tokenizer, "chat_template", None):
+        raise KVBoundError(f"model {args.model!r} has no chat template, so 'kvbound chat' cannot format turns")
+    cache = _make_cache(model, args)
+    messages: list[dict] = []
+    history: torch.Tensor | None = None
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        text = line.strip()
+        if text == "/exit":
+            break
+        if not text:
+            continue
+        ids = next_turn_ids(tokenizer, messages, history, text, args)
+        _check_length(model, args, ids.shape[1])
+        new = greedy(model, ids, cache, args.max_new_tokens)
+        reply = tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
+        print(reply, flush=True)
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        history = torch.cat([ids, new], dim=1)
+    report = cache.memory_report()
+    print(f"[{len(messages) // 2} turns; {args.policy} cache: {report['tokens_seen']} tokens seen, "
+          f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point ``kvbound``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own bar covers the slow first load
+        return int(args.func(args) or 0)
+    except KVBoundError as exc:
+        print(f"kvbound: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
