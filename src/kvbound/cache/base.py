@@ -113,6 +113,23 @@ class PolicyLayer:
     def get_max_length(self) -> int:
         return -1
 
+    # -- rollback (speculative decoding) --------------------------------------------
+    def truncate(self, n: int) -> None:
+        """Forget the last ``n`` tokens this layer was given (``seen -= n``).
+
+        Policies that can roll back override this; the default refuses with a clear error.
+        """
+        raise KVBoundError(
+            f"policy {self.cache.policy_name!r} cannot roll back tokens (needed to verify speculative drafts); "
+            "use an exact policy that can: offload, kv-direct or full"
+        )
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """transformers' rollback API: negative = remove that many tokens, else keep that many."""
+        n = -tokens_to_remove if tokens_to_remove < 0 else self.seen - tokens_to_remove
+        if n > 0:
+            self.truncate(n)
+
     # -- memory ---------------------------------------------------------------------
     def tiers(self) -> dict[str, int]:
         """Bytes this layer holds between forward passes, by tier."""
@@ -189,6 +206,19 @@ class KVBoundCache(DynamicCache):
             "peak_transient_bytes": self.peak_transient_bytes,
             "kv_bytes_per_token": self.kv_bytes_per_token,
         }
+
+    def truncate(self, n: int) -> None:
+        """Forget the last ``n`` tokens (roll back a rejected speculative draft).
+
+        Every layer rolls back (:meth:`PolicyLayer.truncate`); policies that cannot raise
+        :class:`~kvbound.errors.KVBoundError`.
+        """
+        seen = self.get_seq_length()
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= seen:
+            raise KVBoundError(f"can truncate 0..{seen} tokens (the tokens seen), got {n!r}")
+        if n:
+            for layer in self.layers:
+                layer.truncate(n)
 
     def close(self) -> None:
         """Release external resources (files); a no-op for in-memory policies."""

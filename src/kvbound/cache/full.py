@@ -23,6 +23,11 @@ class FullLayer(PolicyLayer, DynamicLayer):
         self.cache.account(self.layer_idx)
         return out
 
+    def truncate(self, n: int) -> None:
+        DynamicLayer.crop(self, -n)
+        self.seen -= n
+        self.cache.account(self.layer_idx)
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return DynamicLayer.get_mask_sizes(self, query_length)
 

@@ -44,6 +44,42 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         """K/V of tokens ``start .. end`` (exact policies only)."""
         raise NotImplementedError
 
+    def forget_spilled(self, end: int) -> None:
+        """Roll back: spilled tokens at positions ``>= end`` are forgotten (see :meth:`truncate`).
+
+        Nothing to do for lossy layers or when the policy's per-token state is cropped
+        elsewhere (kv-direct's token ids follow ``seen``); stores override it.
+        """
+
+    # -- rollback and draft refresh (kvbound.speculative) ---------------------------------
+    def truncate(self, n: int) -> None:
+        """Forget the last ``n`` tokens: crop the hot window; if ``n`` reaches past it the
+        spilled tail is forgotten too (:meth:`forget_spilled`)."""
+        held = self.held()
+        if n > held:
+            self.forget_spilled(self.seen - n)
+        if held:
+            keep = max(0, held - n)
+            self.keys = self.keys[..., :keep, :].clone()
+            self.values = self.values[..., :keep, :].clone()
+        self.seen -= n
+        self.cache.account(self.layer_idx)
+
+    def adopt_recent(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Restart this (lossy) layer from exact K/V: the hot window becomes the last
+        ``min(hot, n)`` of ``keys``/``values`` (the K/V of tokens ``seen - n .. seen``).
+
+        The tensors are shared, not copied: ``update`` never writes into held tensors.
+        """
+        if self.exact:
+            raise RuntimeError("adopt_recent is for lossy draft layers")
+        n = min(self.hot, keys.shape[-2])
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        self.keys, self.values = keys[..., keys.shape[-2] - n:, :], values[..., values.shape[-2] - n:, :]
+        self.seen = seen
+        self.cache.account(self.layer_idx)
+
     # -- bookkeeping ----------------------------------------------------------------------
     def held(self) -> int:
         return 0 if self.keys is None else self.keys.shape[-2]
