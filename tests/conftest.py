@@ -26,6 +26,14 @@ def run_greedy(model, ids, cache, n: int = 16) -> list[int]:
     return greedy(model, ids, cache, n, stop_at_eos=False)[0].tolist()
 
 
+@functools.lru_cache(maxsize=None)
+def real_model():
+    """The bundled SmolLM2-135M ``(model, tokenizer)``, loaded once per session (slow tests only)."""
+    from kvbound import models
+
+    return models.load("smollm2-135m")
+
+
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return tiny(request.param)

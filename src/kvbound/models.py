@@ -146,7 +146,9 @@ def load(name: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32):
         if path.is_dir():
             model, tokenizer = _load_folder(path, dtype)
         elif path.is_file() and path.suffix == ".gguf":
-            key = f"{path.stem}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}"
+            stat = path.stat()  # a changed file gets a fresh cache entry
+            ident = f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+            key = f"{path.stem}-{hashlib.sha256(ident.encode()).hexdigest()[:10]}"
             model, tokenizer = _load_cached_gguf(key, lambda: path, dtype)
         elif path.exists():
             raise KVBoundError(f"{path} is neither a model folder nor a .gguf file")
@@ -263,45 +265,66 @@ def _check_gguf(gguf: Path) -> None:
 
 
 def _convert(gguf: Path, folder: Path) -> None:
-    """De-quantize ``gguf`` once and write safetensors + config + tokenizer into ``folder`` atomically."""
-    from safetensors.torch import save_model
+    """De-quantize ``gguf`` once and cache it in ``folder`` (see :func:`save_cache`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _check_gguf(gguf)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        with tqdm(total=5, desc=f"kvbound: converting {gguf.name} (first load only)", unit="step") as bar:
-            def step(label: str) -> None:  # finish the current step, name the next
-                bar.update(1)
-                bar.set_postfix_str(label)
-
+    with tqdm(total=5, desc=f"kvbound: converting {gguf.name} (first load only)", unit="step") as bar:
+        try:
+            bar.set_postfix_str("tokenizer")
             try:
-                bar.set_postfix_str("tokenizer")
                 tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-                step("de-quantize weights")
+                bar.update(1)
+                bar.set_postfix_str("de-quantize weights")
                 model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             except Exception as exc:  # the GGUF parser raises many types on damaged input
                 raise KVBoundError(f"cannot read GGUF file {gguf} (corrupt or unsupported): {_first_line(exc)}") from None
-            step("write safetensors")
-            save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-            step("write config + tokenizer")
-            model.config.save_pretrained(tmp)
-            model.generation_config.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            step("checksums")
-            files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-            (tmp / MANIFEST).write_text(json.dumps({"source": str(gguf), "files": files}, indent=1))
             bar.update(1)
+            save_cache(model, tokenizer, folder, source=str(gguf), bar=bar)
+        except BaseException:
+            bar.leave = False  # no half-finished bar above the error line
+            raise
+
+
+def save_cache(model, tokenizer, folder: Path, source: str = "", bar: tqdm | None = None) -> Path:
+    """Write ``model`` (safetensors), its configs, ``tokenizer`` and a sha256 manifest into ``folder``.
+
+    Works for GGUF-loaded models, which ``save_pretrained`` refuses. Everything is written to a
+    temporary sibling folder that is renamed into place, so an interrupted write leaves no cache.
+    """
+    from safetensors.torch import save_model
+
+    done: list[str] = []
+
+    def step(label: str) -> None:  # finish the previous step (if any), name the next
+        if bar is not None:
+            bar.update(1 if done else 0)
+            bar.set_postfix_str(label)
+        done.append(label)
+
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        step("write safetensors")
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})  # drops tied duplicates
+        step("write config + tokenizer")
+        model.config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        step("checksums")
+        files = {p.relative_to(tmp).as_posix(): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        (tmp / MANIFEST).write_text(json.dumps({"source": source, "files": files}, indent=1))
+        if bar is not None:
+            bar.update(bar.total - bar.n)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         try:
             os.replace(tmp, folder)
         except OSError:  # another process finished first, or a stale folder without manifest is in the way
-            if (folder / MANIFEST).is_file():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
+            if not (folder / MANIFEST).is_file():
                 shutil.rmtree(folder, ignore_errors=True)
                 os.replace(tmp, folder)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    return folder
