@@ -1,0 +1,312 @@
+"""Lossy eviction policies: streaming, h2o, tova, snapkv (see kvbound.cache.evicting)."""
+
+import pytest
+import torch
+
+import kvbound
+from kvbound.cache.base import nbytes
+from kvbound.cache.evicting import attention_mass, keep_top, pool_votes
+from kvbound.cache.snapkv import snapkv_scores
+from kvbound.errors import KVBoundError
+
+from conftest import FAMILIES, prompt_ids, run_greedy, tiny
+
+POLICIES = ["streaming", "h2o", "tova", "snapkv"]
+SMALL = {"snapkv": {"window": 3}}  # budget-7 runs: let snapkv's voted tokens matter
+
+
+def forward(model, cache, ids):
+    with torch.no_grad():
+        return model(ids, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+
+
+def check_held(cache, budget, batch=1):
+    """Every layer holds min(seen, capacity) fresh (non-view) tokens; bytes are what the tensors hold."""
+    seen = cache.get_seq_length()
+    for layer in cache.layers:
+        cap = budget if layer.sliding_window is None else min(budget, layer.sliding_window - 1)
+        n = min(seen, cap)
+        assert layer.keys.shape[-2] == layer.values.shape[-2] == layer.positions.shape[-1] == n
+        assert layer.keys._base is None and layer.values._base is None  # evicted K/V really freed
+        pos = layer.positions
+        assert bool((pos[..., 1:] > pos[..., :-1]).all()) and int(pos.max()) < seen
+        if cache.policy_name != "tova":  # TOVA may evict the newest token itself
+            assert bool((pos[..., -1] == seen - 1).all())
+        if layer.sliding_window is not None:  # contiguous recent suffix on sliding layers
+            assert torch.equal(pos, torch.arange(seen - n, seen).expand_as(pos))
+    held = sum(nbytes(layer.keys, layer.values) for layer in cache.layers)
+    assert cache.bytes_by_tier()["hot_kv"] == held
+    assert held <= budget * cache.kv_bytes_per_token * batch
+    assert cache.memory_report()["peak_hot_kv_bytes"] <= budget * cache.kv_bytes_per_token * batch
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_budget_respected_after_every_step(name, policy):
+    model, budget = tiny(name), 7
+    cache = kvbound.make_cache(model, policy, budget, **SMALL.get(policy, {}))
+    nxt = forward(model, cache, prompt_ids(15))
+    check_held(cache, budget)
+    for step in range(10):
+        if step == 5:  # a multi-token step after eviction (a second turn)
+            nxt = torch.cat([nxt, prompt_ids(4, seed=7)], dim=1)
+        nxt = forward(model, cache, nxt)
+        check_held(cache, budget)
+    assert cache.get_seq_length() == 15 + 10 + 4
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_budget_beyond_length_matches_full(name, policy):
+    model = tiny(name)
+    ids = prompt_ids(14)
+    assert run_greedy(model, ids, kvbound.make_cache(model, policy, 26), 12) == \
+        run_greedy(model, ids, kvbound.make_cache(model, "full"), 12)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_sdpa_and_eager_agree_under_eviction(name, policy):
+    """Masks stay consistent with the keys returned for both attention implementations."""
+    ids = prompt_ids(16)
+    outs = []
+    for attn in ["sdpa", "eager"]:
+        model = tiny(name, attn)
+        cache = kvbound.make_cache(model, policy, 6, **SMALL.get(policy, {}))
+        first = run_greedy(model, ids, cache, 8)
+        more = torch.cat([ids, torch.tensor([first]), prompt_ids(5, seed=3)], dim=1)  # second turn
+        outs.append(first + run_greedy(model, more, cache, 8))
+    assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_kept_tokens_are_the_original_keys(name, policy):
+    """Kept K/V are the full cache's K/V at the kept positions (original RoPE, per-head gather)."""
+    model = tiny(name)
+    ids = prompt_ids(20)
+    full = kvbound.make_cache(model, "full")
+    cache = kvbound.make_cache(model, policy, 7, **SMALL.get(policy, {}))
+    forward(model, full, ids)
+    forward(model, cache, ids)
+    for lf, lc in zip(full.layers, cache.layers):
+        first = 20 - lf.keys.shape[-2]  # full sliding layers hold only the window
+        idx = (lc.positions - first).unsqueeze(-1).expand_as(lc.keys)
+        assert torch.equal(lc.keys, lf.keys.gather(2, idx))
+        assert torch.equal(lc.values, lf.values.gather(2, idx))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_streaming_keeps_sinks_and_recent(name):
+    model = tiny(name)
+    cache = kvbound.make_cache(model, "streaming", 7, sinks=3)
+    nxt = forward(model, cache, prompt_ids(12))
+    for _ in range(5):
+        nxt = forward(model, cache, nxt)
+    seen = cache.get_seq_length()
+    for layer in cache.layers:
+        if layer.sliding_window is None:
+            expect = [0, 1, 2] + list(range(seen - 4, seen))
+        else:
+            expect = list(range(seen - min(7, layer.sliding_window - 1), seen))
+        assert layer.positions[0, 0].tolist() == expect
+        assert bool((layer.positions == layer.positions[:, :1]).all())  # same tokens in every head
+
+
+# --------------------------------------------------------------------------- scores vs the model's own attention
+
+
+def reference_attention(model, ids):
+    """Per-layer attention probabilities [B, heads, T, T] from the model itself (eager, full cache)."""
+    with torch.no_grad():
+        return model(ids, past_key_values=kvbound.make_cache(model, "full"), output_attentions=True).attentions
+
+
+def group_sum(probs, kv_heads):
+    """[B, heads, ..., n] -> [B, kv_heads, ..., n], summing the query heads of each group."""
+    b, h = probs.shape[:2]
+    return probs.reshape(b, kv_heads, h // kv_heads, *probs.shape[2:]).sum(2)
+
+
+def assert_kept(layer, scores, k, protect_last=0):
+    """The layer kept exactly the top-``k`` of ``scores`` [B, kv_heads or 1, n] (newest protected)."""
+    scores = scores.clone()
+    scores[..., scores.shape[-1] - protect_last:] = float("inf")
+    expect = scores.topk(k, dim=-1).indices.sort(-1).values
+    assert torch.equal(layer.positions, expect.expand_as(layer.positions))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prefill_scores_match_model_attention(name):
+    """h2o / tova / snapkv rank tokens with the attention the model itself computes (eager weights)."""
+    model, t, budget = tiny(name, "eager"), 20, 8
+    ids = prompt_ids(t)
+    attn = reference_attention(model, ids)
+    caches = {"h2o": kvbound.make_cache(model, "h2o", budget, recent=2), "tova": kvbound.make_cache(model, "tova", budget),
+              "snapkv": kvbound.make_cache(model, "snapkv", budget, window=3, kernel=3)}
+    for cache in caches.values():
+        forward(model, cache, ids)
+    for l, probs in enumerate(attn):
+        if caches["h2o"].layers[l].sliding_window is not None:
+            continue
+        kv_heads = caches["h2o"].layers[l].keys.shape[1]
+        acc = group_sum(probs, kv_heads).sum(2)  # every query's attention, per KV head
+        assert_kept(caches["h2o"].layers[l], acc, budget, protect_last=2)
+        kept = caches["h2o"].layers[l].positions
+        torch.testing.assert_close(caches["h2o"].layers[l].scores, acc.gather(2, kept), rtol=1e-4, atol=1e-5)
+        assert_kept(caches["tova"].layers[l], probs[:, :, -1].mean(1, keepdim=True), budget)
+        votes = group_sum(probs[:, :, -3:], kv_heads).sum(2)[..., : t - 3]
+        pooled = torch.stack([votes[..., max(0, j - 1): j + 2].amax(-1) for j in range(t - 3)], dim=-1)
+        assert_kept(caches["snapkv"].layers[l], torch.cat([pooled, votes.new_full((*votes.shape[:2], 3), 1e9)], -1), budget)
+
+
+# --------------------------------------------------------------------------- constructed cases
+
+
+def one_hot_keys(n, kv_heads=2, d=16, scale=8.0):
+    """Key j = scale * e_j in every head (so a query's logits pick tokens by coordinate)."""
+    return (scale * torch.eye(d)[:n]).expand(1, kv_heads, n, d).clone()
+
+
+def test_h2o_keeps_highest_accumulated_attention():
+    """Hand-made queries through H2OLayer.update; a loop reference accumulates attention per KV head."""
+    model = tiny("tiny-llama")  # 4 query heads, 2 KV heads, head_dim 16, scaling 1/4
+    cache = kvbound.make_cache(model, "h2o", 4, recent=1)
+    layer = cache.layers[0]
+    keys = one_hot_keys(9)
+    # query heads 0-1 (KV head 0) look for tokens {1, 2}; heads 2-3 (KV head 1) for {0, 3};
+    # a little noise breaks ties between the tokens nobody looks for
+    query = 0.5 * torch.randn(1, 4, 9, 16, generator=torch.Generator().manual_seed(0))
+    for h, targets in enumerate([[1, 2], [1, 2], [0, 3], [0, 3]]):
+        query[0, h, :, targets] += 8.0
+
+    ref_held: list[list[int]] = [[], []]
+    ref_score: list[dict[int, float]] = [{}, {}]
+    for lo, hi in [(0, 6), (6, 7), (7, 8), (8, 9)]:  # 6-token prefill, then 3 decode steps
+        layer.pending_query = query[:, :, lo:hi]
+        layer.update(keys[:, :, lo:hi], keys[:, :, lo:hi])
+        for kv in range(2):
+            held = ref_held[kv] + list(range(lo, hi))
+            for i in range(lo, hi):
+                for h in (2 * kv, 2 * kv + 1):
+                    vis = [j for j in held if j <= i]
+                    w = torch.softmax(torch.stack([query[0, h, i] @ keys[0, kv, j] / 4 for j in vis]), 0)
+                    for j, p in zip(vis, w.tolist()):
+                        ref_score[kv][j] = ref_score[kv].get(j, 0.0) + p
+            if len(held) > 4:  # keep the newest + the 3 highest accumulated among the older ones
+                held = sorted(sorted(held[:-1], key=lambda j: -ref_score[kv][j])[:3]) + held[-1:]
+            ref_held[kv] = held
+        assert layer.positions[0].tolist() == ref_held
+    assert ref_held[0] != ref_held[1]  # per-head selection
+    assert ref_held[0][:3] != [5, 6, 7] and ref_held[1][:3] != [5, 6, 7]  # heavy hitters, not recency
+    assert {1, 2} <= set(ref_held[0]) and {0, 3} <= set(ref_held[1])  # each head kept its targets
+    expect = torch.tensor([[ref_score[kv][j] for j in ref_held[kv]] for kv in range(2)])
+    torch.testing.assert_close(layer.scores[0], expect, rtol=1e-5, atol=1e-6)
+
+
+def test_tova_evicts_lowest_head_averaged_attention():
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, "tova", 5)
+    layer = cache.layers[0]
+    keys = one_hot_keys(6)
+    layer.update(keys[:, :, :5], keys[:, :, :5])  # fits: no scoring, no query needed
+    # current query (token 5): head 0 gives token 2 the least, head 1 token 3, but on average
+    # over heads token 4 gets the least
+    w = torch.tensor([[3.0, 3.0, 0.0, 2.0, 0.5, 3.0], [3.0, 3.0, 2.0, 0.0, 0.5, 3.0],
+                      [3.0, 3.0, 2.0, 2.0, 0.5, 3.0], [3.0, 3.0, 2.0, 2.0, 0.5, 3.0]])
+    query = torch.zeros(1, 4, 1, 16)
+    query[0, :, 0, :6] = w
+    probs = torch.softmax(w * 8 / 4, dim=-1).mean(0)
+    per_head_lowest = [int(torch.softmax(w[h] * 2, -1).argmin()) for h in range(4)]
+    assert per_head_lowest[:2] == [2, 3] and int(probs.argmin()) == 4  # construction check
+    layer.pending_query = query
+    layer.update(keys[:, :, 5:6], keys[:, :, 5:6])
+    assert layer.positions[0].tolist() == [[0, 1, 2, 3, 5]] * 2
+
+
+def test_snapkv_keeps_what_the_window_attends_to():
+    votes = torch.tensor([[[0.1, 0.5, 0.0, 0.0, 0.0, 0.2, 0.9, 0.0, 0.0, 0.0, 0.0, 0.0]]])
+    # kernel 1: top-3 older tokens by raw votes + the 2-token window
+    assert keep_top(snapkv_scores(votes, 2, 1), 5).tolist() == [[[1, 5, 6, 10, 11]]]
+    # kernel 3: max pooling spreads token 6's votes to its neighbours 5 and 7
+    assert keep_top(snapkv_scores(votes, 2, 3), 5).tolist() == [[[5, 6, 7, 10, 11]]]
+    assert pool_votes(votes, 3)[0, 0, :3].tolist() == pytest.approx([0.5, 0.5, 0.5])
+
+    # through SnapKVLayer.update: the 2 window queries look at tokens 2 and 7
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, "snapkv", 4, window=2, kernel=1)
+    layer = cache.layers[0]
+    keys = one_hot_keys(10)
+    query = torch.zeros(1, 4, 2, 16)
+    query[0, :, 0, 2] = query[0, :, 1, 7] = 8.0
+    layer.pending_query = query
+    layer.update(keys, keys)
+    assert layer.positions[0].tolist() == [[2, 7, 8, 9]] * 2
+    # decoding: the newest window is now the queries of tokens 9 (looks at 7) and 10 (looks at 8);
+    # token 2, voted for by token 8's query which left the window, is evicted
+    q10 = torch.zeros(1, 4, 1, 16)
+    q10[0, :, 0, 8] = 8.0
+    layer.pending_query = q10
+    k10 = torch.zeros(1, 2, 1, 16)
+    layer.update(k10, k10)
+    assert layer.positions[0].tolist() == [[7, 8, 9, 10]] * 2
+    assert layer.window_pos.tolist() == [9, 10]
+
+
+def test_attention_mass_is_causal_and_sums_to_queries():
+    q = torch.randn(1, 4, 3, 16)
+    k = torch.randn(1, 2, 5, 16)
+    mass = attention_mass(q, torch.tensor([2, 3, 4]), k, torch.arange(5).expand(1, 2, 5), 0.25)
+    assert mass.shape == (1, 2, 5)
+    torch.testing.assert_close(mass.sum(-1), torch.full((1, 2), 6.0))  # 3 queries x 2 heads per group
+    later = attention_mass(q[:, :, :1], torch.tensor([0]), k, torch.arange(5).expand(1, 2, 5), 0.25)
+    torch.testing.assert_close(later[..., 1:], torch.zeros(1, 2, 4))  # position 0 sees only token 0
+
+
+# --------------------------------------------------------------------------- options, batches
+
+
+@pytest.mark.parametrize("policy,budget,options,match", [
+    ("streaming", 4, {}, "budget > sinks"),
+    ("streaming", 8, {"sinks": 8}, "budget > sinks"),
+    ("streaming", 8, {"sinks": -1}, "sinks"),
+    ("h2o", 8, {"recent": 9}, "recent must be <= budget"),
+    ("h2o", 8, {"recent": -1}, "recent"),
+    ("snapkv", 8, {"window": -1}, "window"),
+    ("snapkv", 8, {"window": 0}, "window"),
+    ("snapkv", 8, {"kernel": 4}, "kernel must be odd"),
+    ("tova", 8, {"window": 3}, "unknown option"),
+    ("h2o", 8, {"heavy": 3}, "valid options: recent"),
+])
+def test_bad_options_are_clear_errors(policy, budget, options, match):
+    with pytest.raises(KVBoundError, match=match):
+        kvbound.make_cache(tiny("tiny-llama"), policy, budget, **options)
+
+
+def test_unsupported_family_is_a_clear_error():
+    with pytest.raises(KVBoundError, match="supported"):
+        kvbound.make_cache(tiny("tiny-gpt2"), "h2o", 8)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_unpadded_batch_matches_single_sequences(policy):
+    model = tiny("tiny-llama")
+    ids = prompt_ids(14, seed=5, batch=2)
+    cache = kvbound.make_cache(model, policy, 6, **SMALL.get(policy, {}))
+    batched = kvbound.generation.greedy(model, ids, cache, 10, stop_at_eos=False)
+    check_held(cache, 6, batch=2)
+    for row in range(2):
+        single = run_greedy(model, ids[row:row + 1], kvbound.make_cache(model, policy, 6, **SMALL.get(policy, {})), 10)
+        assert batched[row].tolist() == single
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_padded_batch_is_refused(policy, attn):
+    model = tiny("tiny-llama", attn)
+    ids = prompt_ids(10, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with pytest.raises(KVBoundError, match="padded batches"):
+        model.generate(ids, attention_mask=mask, past_key_values=kvbound.make_cache(model, policy, 6),
+                       max_new_tokens=2, do_sample=False)
