@@ -1,0 +1,247 @@
+"""kvbound bench: metric definitions, budgets/arguments, results.json schema, interrupt safety."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+
+import pytest
+import torch
+
+from kvbound.bench import cli as bench_cli
+from kvbound.bench import metrics
+from kvbound.bench.inputs import Conversation, load_messages, load_prompts, parse_budgets
+from kvbound.bench.report import render
+from kvbound.bench.scenarios import analytic_bytes
+from kvbound.errors import KVBoundError
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_token_metrics_on_constructed_sequences():
+    ref = [5, 6, 7, 8]
+    assert metrics.token_match(ref, [5, 6, 9, 8]) == 0.75
+    assert metrics.prefix_match(ref, [5, 6, 9, 8]) == 0.5
+    assert metrics.first_divergence(ref, [5, 6, 9, 8]) == 2
+    assert metrics.first_divergence(ref, [1, 6, 7, 8]) == 0
+    assert metrics.prefix_match(ref, [1, 6, 7, 8]) == 0.0
+    assert metrics.token_match(ref, [1, 6, 7, 8]) == 0.75  # later positions still count
+    assert metrics.first_divergence(ref, list(ref)) is None
+    assert metrics.token_match(ref, list(ref)) == metrics.prefix_match(ref, list(ref)) == 1.0
+    # a shorter output is wrong at the missing positions
+    assert metrics.first_divergence(ref, [5, 6]) == 2
+    assert metrics.token_match(ref, [5, 6]) == 0.5
+    assert metrics.prefix_match(ref, [5, 6]) == 0.5
+
+
+def test_kl_identical_is_zero_and_matches_definition():
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    assert metrics.mean_kl(logits, logits.clone()) == 0.0
+    assert metrics.mean_kl(logits, logits + 3.0) == pytest.approx(0.0, abs=1e-12)  # softmax is shift-invariant
+    p, q = [0.5, 0.5], [0.25, 0.75]
+    kl_pq = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)
+    kl_qp = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    got = metrics.mean_kl(torch.tensor([p], dtype=torch.float64).log(), torch.tensor([q], dtype=torch.float64).log())
+    assert got == pytest.approx(kl_pq, rel=1e-6)
+    assert got != pytest.approx(kl_qp, rel=1e-3)  # direction is KL(reference || policy)
+    rows = metrics.kl_per_position(torch.tensor([p, p], dtype=torch.float64).log(), torch.tensor([q, p], dtype=torch.float64).log())
+    assert rows.tolist() == pytest.approx([kl_pq, 0.0], abs=1e-9)
+    with pytest.raises(ValueError):
+        metrics.mean_kl(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+def test_rss_is_positive():
+    assert metrics.rss_bytes() > 10 * 2**20
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def test_parse_budgets():
+    tok = parse_budgets("32, 128")
+    assert [(b.value, b.is_fraction) for b in tok] == [(32, False), (128, False)]
+    frac = parse_budgets("0.25,1.0")
+    assert [b.is_fraction for b in frac] == [True, True]
+    assert frac[0].tokens(100) == 25 and frac[1].tokens(37) == 37 and frac[0].tokens(2) == 1
+    for bad in ["1.5", "0", "-0.5", "0.0", "abc", "", "0.5,64"]:
+        with pytest.raises(KVBoundError):
+            parse_budgets(bad)
+
+
+def _args(tmp_path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    return parser.parse_args(["--out", str(tmp_path / "out"), "--no-progress", *extra])
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny(name: str = "tiny-llama"):
+    from kvbound.models import load
+
+    return load(name)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--policies", "full,nope"], "unknown policy 'nope'"),
+    (["--budgets", "1.5"], "outside (0,1]"),
+    (["--budgets", "0"], ">= 1 token"),
+    (["--prompt-file", "/no/such/prompt.txt"], "does not exist"),
+    (["--prompts-dir", "/no/such/dir"], "does not exist"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--scenario", "multiturn", "--budgets", "0.5"], "tokens"),
+])
+def test_bad_arguments_raise_one_line_errors(tmp_path, extra, message):
+    with pytest.raises(KVBoundError) as err:
+        bench_cli.run(_args(tmp_path, "--model", "tiny-llama", *extra), model_and_tokenizer=_tiny())
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "out" / "results.json").exists()  # nothing is run on bad input
+
+
+def test_builtin_data_is_long_and_complete():
+    prompts = load_prompts()
+    assert len(prompts) >= 3 and all(len(p.text.split()) > 400 for p in prompts)
+    assert any(p.answer for p in prompts)  # the needle prompt carries its answer
+    assert len(load_messages()) >= 20
+
+
+# --------------------------------------------------------------------------- runs on a tiny model
+
+
+def _prompt_dir(tmp_path):
+    d = tmp_path / "prompts"
+    d.mkdir()
+    (d / "alpha.txt").write_text("The harbour master keeps the ledger in the red box. " * 2)
+    (d / "beta.txt").write_text("Bees visit the orchard in spring when the blossoms open. " * 2)
+    (d / "answers.json").write_text(json.dumps({"alpha": "ledger"}))
+    return d
+
+
+RUN_FIELDS = {"policy", "exact", "budget", "budget_label", "prompt", "prompt_tokens", "new_tokens", "status",
+              "token_match", "prefix_match", "first_divergence", "mean_kl", "peak_hot_kv_bytes", "bytes_by_tier",
+              "peak_transient_bytes", "total_cache_bytes", "seconds_per_token", "time_ratio_vs_full", "needle_found"}
+
+
+def test_budget_sweep_schema_and_reference(tmp_path):
+    prompts = _prompt_dir(tmp_path)
+    args = _args(tmp_path, "--model", "tiny-llama", "--policies", "window,streaming", "--budgets", "4,8,400",
+                 "--max-new-tokens", "5", "--prompts-dir", str(prompts))
+    assert bench_cli.run(args, model_and_tokenizer=_tiny()) == 0
+    out = tmp_path / "out"
+    data = json.loads((out / "results.json").read_text())
+    assert data["scenario"] == "budget-sweep"
+    meta = data["meta"]
+    assert {"date", "command", "model", "versions", "hardware", "options"} <= set(meta)
+    assert {"platform", "cpu", "torch_threads"} <= set(meta["hardware"]) and meta["interrupted"] is False
+    runs = data["runs"]
+    # full once per prompt + 2 policies x 3 budgets per prompt
+    assert len(runs) == 2 * (1 + 2 * 3)
+    assert [r["prompt"] for r in runs if r["policy"] == "full"] == ["alpha", "beta"]
+    skipped = [r for r in runs if r["status"] == "skipped"]
+    assert {(r["policy"], r["budget"]) for r in skipped} == {("streaming", 4)}  # budget <= its 4 sink tokens
+    assert all(r["reason"] for r in skipped)
+    for r in runs:
+        if r["status"] != "ok":
+            continue
+        assert RUN_FIELDS <= set(r), RUN_FIELDS - set(r)
+        assert r["new_tokens"] == 5 and 0 <= r["token_match"] <= 1 and r["mean_kl"] >= 0
+        assert r["bytes_by_tier"]["hot_kv"] <= r["peak_hot_kv_bytes"]
+        assert r["needle_found"] is None if r["prompt"] == "beta" else isinstance(r["needle_found"], bool)
+        if r["policy"] == "full":
+            assert r["token_match"] == 1.0 and r["mean_kl"] == 0.0 and r["time_ratio_vs_full"] == 1.0
+            assert r["first_divergence"] is None and r["budget"] is None
+        else:
+            full = next(f for f in runs if f["policy"] == "full" and f["prompt"] == r["prompt"])
+            assert r["time_ratio_vs_full"] == pytest.approx(r["seconds_per_token"] / full["seconds_per_token"])
+            if r["budget"] == 400:  # budget above prompt + new tokens: nothing is evicted, so exact
+                assert r["token_match"] == 1.0 and r["mean_kl"] == pytest.approx(0.0, abs=1e-10)
+            if r["budget"] == 4:  # a 4-token window holds far less than full
+                assert r["peak_hot_kv_bytes"] < full["peak_hot_kv_bytes"] / 4
+    report = (out / "report.md").read_text()
+    assert "| `window` |" in report and "**Machine**" in report
+    for png in ["token_match.png", "time_ratio.png", "hot_kv.png"]:
+        assert (out / png).stat().st_size > 5000
+    # the report is rendered from results.json alone
+    (out / "report.md").unlink()
+    assert bench_cli.run(_args(tmp_path, "--report-only")) == 0
+    assert (out / "report.md").read_text() == report
+
+
+def test_interrupt_keeps_finished_runs(tmp_path):
+    prompts = _prompt_dir(tmp_path)
+    args = _args(tmp_path, "--model", "tiny-llama", "--policies", "window", "--budgets", "4,8,16",
+                 "--max-new-tokens", "3", "--prompts-dir", str(prompts))
+    seen = []
+
+    def stop_after_three(record):
+        seen.append(record)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    assert bench_cli.run(args, model_and_tokenizer=_tiny(), on_record=stop_after_three) == 130
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(data["runs"]) == 3 and data["meta"]["interrupted"] is True
+    assert [r["budget"] for r in data["runs"]] == [None, 4, 8]
+    assert "Interrupted" in (tmp_path / "out" / "report.md").read_text()
+    assert not list((tmp_path / "out").glob(".*.tmp"))  # atomic writes leave no temp files
+
+
+def test_multiturn_schema(tmp_path):
+    args = _args(tmp_path, "--scenario", "multiturn", "--model", "tiny-llama", "--policies", "full,window",
+                 "--budgets", "12", "--turns", "3", "--max-new-tokens", "4")
+    assert bench_cli.run(args, model_and_tokenizer=_tiny()) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    turns = data["turns"]
+    assert [(t["policy"], t["turn"]) for t in turns] == [(p, i) for p in ["full", "window"] for i in (1, 2, 3)]
+    for t in turns:
+        assert {"turn", "policy", "hot_kv_bytes", "total_cache_bytes", "rss_bytes", "reply_matches_full"} <= set(t)
+        assert t["rss_bytes"] > 0 and t["total_cache_bytes"] >= t["hot_kv_bytes"] > 0
+    full = [t for t in turns if t["policy"] == "full"]
+    window = [t for t in turns if t["policy"] == "window"]
+    assert all(t["reply_matches_full"] for t in full)
+    assert [t["hot_kv_bytes"] for t in full] == sorted(t["hot_kv_bytes"] for t in full)  # full only grows
+    assert max(t["hot_kv_bytes"] for t in window) < full[-1]["hot_kv_bytes"]
+    assert {r["policy"]: r["turns"] for r in data["runs"]} == {"full": 3, "window": 3}
+    assert (tmp_path / "out" / "cache_bytes.png").stat().st_size > 5000
+
+
+def test_conversation_ids_only_grow():
+    _, tok = _tiny()
+    conv = Conversation(tok, eos=2)
+    first = conv.add_user("hello there").tolist()[0]
+    conv.add_reply([104, 105, 2])  # "hi" + end of turn
+    second = conv.add_user("how are you").tolist()[0]
+    assert second[:len(first)] == first and second[len(first):len(first) + 2] == [104, 105]
+    assert tok.decode(second).endswith("how are you\nassistant:")
+
+
+def test_bytes_scenario_matches_analytic(tmp_path):
+    prompts = _prompt_dir(tmp_path)
+    args = _args(tmp_path, "--scenario", "bytes", "--model", "tiny-llama", "--policies", "full,window",
+                 "--budgets", "8", "--max-new-tokens", "3", "--prompt-file", str(prompts / "alpha.txt"))
+    model, tok = _tiny()
+    assert bench_cli.run(args, model_and_tokenizer=(model, tok)) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    analytic = data["extra"]["analytic_bytes_per_token"]
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    assert analytic == analytic_bytes(model)
+    assert analytic["full_kv"] == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * 4
+    assert analytic["layer0_residual"] == cfg.hidden_size * 4
+    full, window = data["runs"]
+    assert full["bytes_per_token"] == analytic["full_kv"]  # all layers full attention: measured == analytic
+    assert window["bytes_by_tier"]["hot_kv"] == 8 * analytic["full_kv"]
+
+
+def test_latency_scenario(tmp_path):
+    args = _args(tmp_path, "--scenario", "latency", "--model", "tiny-llama", "--lengths", "8,32",
+                 "--batch-sizes", "1,2")
+    assert bench_cli.run(args, model_and_tokenizer=_tiny()) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["tokens"], r["batch"]) for r in data["runs"]] == [(8, 1), (8, 2), (32, 1), (32, 2)]
+    for r in data["runs"]:
+        assert r["read_seconds"] > 0 and r["recompute_seconds"] > 0
+        assert r["recompute_over_read"] == pytest.approx(r["recompute_seconds"] / r["read_seconds"])
+    assert "recompute ÷ read" in (tmp_path / "out" / "report.md").read_text()
