@@ -1,0 +1,173 @@
+"""``kv-direct``: exact bounded-memory cache that rebuilds evicted K/V from token ids.
+
+After "The Residual Stream Is All You Need" (KV-Direct, 2026): every layer's K/V is a
+deterministic function of the residual stream, and the layer-0 residual is a lookup of the
+token id. So the cache keeps the K/V of the ``budget`` most recent tokens (the hot window,
+see :class:`~kvbound.cache.hot_window.HotWindowLayer`) and, for older tokens, only their ids.
+
+Each forward pass that needs evicted tokens rebuilds them layer by layer with the model's own
+modules (:class:`~kvbound.recompute.LayerDriver`): the evicted span's residual starts as
+``embed(ids)``, layer ``l`` turns it into layer ``l``'s K/V and the residual entering ``l+1``;
+the K/V are handed to attention and dropped before the next layer. Between forward passes the
+cache holds the hot K/V and the ids; inside one pass it holds one layer's span K/V and the
+span's residual on top (measured with :meth:`KVBoundCache.note_transient`).
+
+Exactness: recomputation is bit-identical to the original forward when the span was computed
+in a forward of the same rows; otherwise the matmul row grouping differs and K/V differ in the
+last bits (~1e-6), which leaves greedy decoding token-identical in our tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import KVBoundError
+from ..recompute import LayerDriver, attach, check_supported
+from .base import KVBoundCache, NoOptions, layer_windows, nbytes, parse_options, register
+from .evicting import refuse_padding
+from .hot_window import HotWindowLayer
+
+
+def check_unpadded(cache: KVBoundCache, hidden: torch.Tensor, kwargs: dict) -> None:
+    """Refuse a forward pass that is padded or whose positions are not ``seen .. seen+T``.
+
+    Recomputing policies rebuild K/V at positions ``0 .. n-1`` with a plain causal mask;
+    padded batches (or custom ``position_ids``) would be rebuilt wrongly, so they get a clear
+    error. Call it with the inputs of the first full-attention layer.
+    """
+    if cache.layers[cache.check_layer].sliding_window is None:  # a sliding mask hides old keys anyway
+        refuse_padding(kwargs.get("attention_mask"), cache.policy_name)
+    pos = kwargs.get("position_ids")
+    if pos is None:
+        return
+    seen, steps = cache.layers[cache.check_layer].seen, hidden.shape[-2]
+    expected = torch.arange(seen, seen + steps, device=pos.device)
+    if pos.shape[-1] != steps or not bool((pos == expected).all()):
+        raise KVBoundError(
+            f"policy {cache.policy_name!r} needs unpadded input at positions {seen}..{seen + steps - 1}; "
+            "padded batches and custom position_ids are not supported (run each sequence on its own cache)"
+        )
+
+
+def first_full_layer(model) -> int:
+    """Index of the first full-attention layer (0 if every layer is sliding)."""
+    return next((i for i, w in enumerate(layer_windows(model)) if w is None), 0)
+
+
+class RecallLayer(HotWindowLayer):
+    """Hot-window layer whose evicted tokens are rebuilt by the owning cache."""
+
+    exact = True
+
+    def recall(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cache.rebuild(self, start, end, like)
+
+
+@dataclass
+class _Span:
+    """Per-forward rebuild state: the evicted span's residual entering layer ``layer``."""
+
+    forward: int
+    end: int
+    last: int
+    layer: int
+    hidden: torch.Tensor | None
+    positions: torch.Tensor
+
+
+class RecomputingCache(KVBoundCache):
+    """Base of the exact recomputing caches: one ``layer_cls`` hot window per layer, the
+    model's :class:`LayerDriver`, the observation hooks, and unpadded input enforced."""
+
+    layer_cls: type[RecallLayer] = RecallLayer
+
+    def __init__(self, model, budget: int, options: Any) -> None:
+        self.options = options
+        check_supported(model)
+        layers = [self.layer_cls(self, i, w, budget) for i, w in enumerate(layer_windows(model))]
+        super().__init__(model, budget, layers)
+        self.driver = LayerDriver(model)
+        self.check_layer = first_full_layer(model)
+        attach(model)
+
+    def observe_layer_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        if layer_idx == self.check_layer:
+            check_unpadded(self, hidden_states, kwargs)
+
+    def rebuild(self, layer: RecallLayer, start: int, end: int, like: torch.Tensor):
+        """Exact K/V of tokens ``start .. end`` at ``layer``."""
+        raise NotImplementedError
+
+
+@register("kv-direct", "exact: hot window of `budget` tokens; older K/V recomputed from token ids each step",
+          exact=True)
+class KVDirectCache(RecomputingCache):
+    def __init__(self, model, budget: int, **options: Any) -> None:
+        super().__init__(model, budget, parse_options(NoOptions, options, "kv-direct"))
+        vocab = self.driver.base.embed_tokens.num_embeddings
+        self._id_dtype = torch.int32 if vocab < 2**31 else torch.int64
+        self.ids: torch.Tensor | None = None  # [batch, tokens seen]: the checkpoint
+        self._forward = 0
+        self._span: _Span | None = None
+
+    # -- observations -----------------------------------------------------------------
+    def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
+        if input_ids is None:
+            raise KVBoundError("policy 'kv-direct' checkpoints token ids; call the model with input_ids, "
+                               "not inputs_embeds (or use policy 'residual')")
+        self._forward += 1
+        self._span = None
+        committed = min(layer.seen for layer in self.layers)  # drops ids of an interrupted pass
+        ids = input_ids.to(self._id_dtype)
+        if self.ids is None or committed == 0:
+            self.ids = ids.clone()
+            return
+        if ids.shape[0] != self.ids.shape[0]:
+            raise KVBoundError(f"batch size changed from {self.ids.shape[0]} to {ids.shape[0]} on one cache; "
+                               "use a new cache per batch")
+        self.ids = torch.cat([self.ids[:, :committed], ids], dim=1)
+
+    # -- recomputation ----------------------------------------------------------------
+    def _start_span(self) -> _Span:
+        """Plan this forward's rebuild: which tokens, up to which layer."""
+        recalling = [(i, layer.seen - layer.held()) for i, layer in enumerate(self.layers)
+                     if layer.seen - layer.held() > layer.needed_start()]
+        end = max(first_hot for _, first_hot in recalling)
+        positions = torch.arange(end, device=self.ids.device).unsqueeze(0)
+        hidden = self.driver.embed(self.ids[:, :end].long())
+        return _Span(self._forward, end, recalling[-1][0], 0, hidden, positions)
+
+    @torch.no_grad()
+    def rebuild(self, layer: RecallLayer, start: int, end: int, like: torch.Tensor):
+        """Exact K/V of tokens ``start .. end`` at ``layer`` (called in layer order in one pass)."""
+        span = self._span
+        if span is None or span.forward != self._forward:
+            span = self._span = self._start_span()
+        l = layer.layer_idx
+        if l < span.layer or end > span.end:
+            raise RuntimeError(f"kv-direct: layer {l} asked for tokens {start}..{end} out of order")
+        while span.layer < l:  # layers that need no rebuild still move the span's residual up
+            span.hidden, _, _ = self.driver.run_layer(span.layer, span.hidden, span.positions)
+            span.layer += 1
+        if l == span.last:  # nothing above needs the residual: project K/V only
+            k, v = self.driver.project_kv(l, span.hidden, span.positions)
+            nxt = None
+        else:
+            nxt, k, v = self.driver.run_layer(l, span.hidden, span.positions)
+        span_kv = nbytes(k, v)
+        k, v = k[..., start:end, :], v[..., start:end, :]
+        # alive together at the peak of this layer's update: residual in and out, the span's
+        # K/V (k, v are views of them) and the concatenation update() builds from k, v, hot, new.
+        concat = nbytes(k, v, layer.keys, layer.values) + 2 * nbytes(like)
+        self.note_transient(nbytes(span.hidden, nxt) + span_kv + concat)
+        span.hidden, span.layer = nxt, l + 1
+        if l == span.last:
+            self._span = None
+        return k, v
+
+    # -- memory -------------------------------------------------------------------------
+    def extra_tiers(self) -> dict[str, int]:
+        return {"checkpoints": nbytes(self.ids)}

@@ -1,0 +1,123 @@
+"""``residual``: exact bounded-memory cache that rebuilds evicted K/V from per-layer residuals.
+
+The per-layer variant of KV-Direct ("The Residual Stream Is All You Need", 2026): for every
+token the cache stores the pre-norm residual entering each layer, and rebuilds an evicted
+token's K/V at layer ``l`` by projection only (``input_layernorm -> k/v_proj -> k_norm ->
+RoPE`` at the original positions, :meth:`~kvbound.recompute.LayerDriver.project_kv`), with
+no attention recompute.
+
+A token's residual must be kept from the step it is seen, because it is needed when the
+token leaves the hot window steps later. Memory, honestly split in ``bytes_by_tier``:
+
+* ``hot_kv`` -- K/V of the ``budget`` most recent tokens per layer;
+* ``checkpoints`` -- residuals of evicted tokens still reachable by attention;
+* ``pending_residuals`` -- residuals of tokens that are still hot;
+* ``residual_slack`` -- unused capacity of the residual buffers (grown by a quarter at a
+  time, so an append is not a full copy each step).
+
+It pays only when ``d_model < 2 * kv_heads * head_dim`` (multi-head attention); for GQA models
+(SmolLM2: 576 vs 384 numbers per token per layer) residuals cost more than the K/V they replace.
+Sliding-window layers keep residuals only for tokens still inside their window.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import KVBoundError
+from .base import KVBoundCache, NoOptions, nbytes, parse_options, register
+from .kv_direct import RecallLayer, RecomputingCache
+
+
+class ResidualStore:
+    """Residuals of tokens ``lo .. lo+n`` for one layer, in a buffer grown by a quarter at a time."""
+
+    def __init__(self) -> None:
+        self.buf: torch.Tensor | None = None  # [batch, capacity, d]
+        self.lo = 0  # token index of the first live row
+        self.head = 0  # buffer row of token ``lo``
+        self.n = 0  # live rows
+
+    def append(self, hidden: torch.Tensor) -> None:
+        steps = hidden.shape[-2]
+        if self.buf is not None and hidden.shape[0] != self.buf.shape[0]:
+            raise KVBoundError(f"batch size changed from {self.buf.shape[0]} to {hidden.shape[0]} on one cache; "
+                               "use a new cache per batch")
+        if self.buf is None or self.head + self.n + steps > self.buf.shape[1]:
+            live = self.n + steps
+            cap = live + max(64, live // 4)  # grow by a quarter: slack <= 20% of the buffer
+            buf = hidden.new_empty((hidden.shape[0], cap, hidden.shape[-1]))
+            if self.buf is not None:
+                buf[:, : self.n] = self.buf[:, self.head: self.head + self.n]
+            self.buf, self.head = buf, 0
+        self.buf[:, self.head + self.n: self.head + self.n + steps] = hidden
+        self.n += steps
+
+    def drop_before(self, token: int) -> None:
+        """Forget tokens older than ``token`` (never needed again)."""
+        k = min(self.n, max(0, token - self.lo))
+        self.lo, self.head, self.n = self.lo + k, self.head + k, self.n - k
+
+    def keep_until(self, token: int) -> None:
+        """Forget tokens from ``token`` on (rows of an interrupted forward pass)."""
+        self.n = max(0, min(self.n, token - self.lo))
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        return self.buf[:, self.head + start - self.lo: self.head + end - self.lo]
+
+    def split_bytes(self, first_hot: int) -> tuple[int, int, int]:
+        """(evicted, hot, unused) bytes of the buffer."""
+        if self.buf is None:
+            return 0, 0, 0
+        row = self.buf.shape[0] * self.buf.shape[-1] * self.buf.element_size()
+        evicted = max(0, min(self.n, first_hot - self.lo))
+        return evicted * row, (self.n - evicted) * row, nbytes(self.buf) - self.n * row
+
+
+class ResidualLayer(RecallLayer):
+    """Hot-window layer that stores each token's input residual for later projection."""
+
+    def __init__(self, cache: KVBoundCache, layer_idx: int, sliding_window: int | None, hot: int) -> None:
+        super().__init__(cache, layer_idx, sliding_window, hot)
+        self.store = ResidualStore()
+        # a sliding layer whose hot window covers its whole attention window never recalls
+        self.keeps_residuals = sliding_window is None or self.hot < sliding_window - 1
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        self.store.drop_before(self.needed_start())
+        return out
+
+    def tiers(self) -> dict[str, int]:
+        evicted, hot, unused = self.store.split_bytes(self.seen - self.held())
+        return {**super().tiers(), "checkpoints": evicted, "pending_residuals": hot, "residual_slack": unused}
+
+
+@register("residual", "exact: hot window of `budget` tokens; older K/V projected from stored per-layer residuals",
+          exact=True)
+class ResidualCache(RecomputingCache):
+    layer_cls = ResidualLayer
+
+    def __init__(self, model, budget: int, **options: Any) -> None:
+        super().__init__(model, budget, parse_options(NoOptions, options, "residual"))
+
+    def observe_layer_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        super().observe_layer_input(layer_idx, hidden_states, kwargs)
+        layer = self.layers[layer_idx]
+        if layer.keeps_residuals:
+            layer.store.keep_until(layer.seen)  # rows of an interrupted pass, if any
+            layer.store.append(hidden_states)
+
+    @torch.no_grad()
+    def rebuild(self, layer: ResidualLayer, start: int, end: int, like: torch.Tensor):
+        """Exact K/V of tokens ``start .. end`` at ``layer``, projected from their residuals."""
+        residual = layer.store.rows(start, end)
+        positions = torch.arange(start, end, device=residual.device).unsqueeze(0)
+        k, v = self.driver.project_kv(layer.layer_idx, residual, positions)
+        # alive together: the normed residual inside project_kv, the rebuilt K/V and the
+        # concatenation update() builds from them, the hot K/V and the new K/V.
+        concat = nbytes(k, v, layer.keys, layer.values) + 2 * nbytes(like)
+        self.note_transient(nbytes(residual) + nbytes(k, v) + concat)
+        return k, v
