@@ -310,3 +310,30 @@ def test_padded_batch_is_refused(policy, attn):
     with pytest.raises(KVBoundError, match="padded batches"):
         model.generate(ids, attention_mask=mask, past_key_values=kvbound.make_cache(model, policy, 6),
                        max_new_tokens=2, do_sample=False)
+
+
+@pytest.mark.slow
+def test_real_model_policies_respect_budget_and_rank_like_eager():
+    """SmolLM2: every policy keeps its budget; tova's kept tokens = the last query's top attention."""
+    from conftest import real_model
+
+    model, tok = real_model()
+    ids = tok("The canal age began when a duke wanted cheaper coal for the town of Manchester, "
+              "so his engineer dug a waterway from the mines to the mills and the price fell.",
+              return_tensors="pt").input_ids
+    assert ids.shape[1] > 16
+    for policy in POLICIES:
+        cache = kvbound.make_cache(model, policy, 16, **({"window": 4} if policy == "snapkv" else {}))
+        nxt = forward(model, cache, ids)
+        for _ in range(3):
+            nxt = forward(model, cache, nxt)
+            check_held(cache, 16)
+    cache = kvbound.make_cache(model, "tova", 16)
+    forward(model, cache, ids)
+    model.set_attn_implementation("eager")
+    try:
+        attn = reference_attention(model, ids)
+    finally:
+        model.set_attn_implementation("sdpa")
+    for layer, probs in zip(cache.layers, attn):
+        assert_kept(layer, probs[:, :, -1].mean(1, keepdim=True), 16)
