@@ -220,10 +220,10 @@ class _HostStore(_Store):
         self.host[slot:need].copy_(data)
 
     def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty((n, *self.shape), dtype=self.dtype, pin_memory=like.device.type == "cuda")
+        return torch.empty((n, *self.shape), dtype=self.dtype, device=like.device)  # on the model's device
 
     def _get(self, slot: int, out: torch.Tensor) -> None:
-        out.copy_(self.host[slot:slot + out.shape[0]])
+        out.copy_(self.host[slot:slot + out.shape[0]], non_blocking=True)  # pinned -> device, async
 
     def close(self) -> None:
         self.host = None
