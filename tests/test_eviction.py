@@ -337,3 +337,31 @@ def test_real_model_policies_respect_budget_and_rank_like_eager():
         model.set_attn_implementation("sdpa")
     for layer, probs in zip(cache.layers, attn):
         assert_kept(layer, probs[:, :, -1].mean(1, keepdim=True), 16)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_reset_forgets_everything(policy):
+    model = tiny("tiny-qwen3")
+    ids = prompt_ids(12, seed=4)
+    cache = kvbound.make_cache(model, policy, 5, **SMALL.get(policy, {}))
+    first = run_greedy(model, ids, cache, 6)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert run_greedy(model, ids, cache, 6) == first
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_beam_search_reorders_policy_state(policy):
+    """Beams reorder keys, positions and scores together: with room for everything it is full's beam search."""
+    model = tiny("tiny-llama")
+    ids = prompt_ids(10, seed=6)
+    kw = dict(num_beams=3, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(ids))
+    ref = model.generate(ids, past_key_values=kvbound.make_cache(model, "full"), **kw)
+    assert torch.equal(model.generate(ids, past_key_values=kvbound.make_cache(model, policy, 20), **kw), ref)
+    cache = kvbound.make_cache(model, policy, 5, **SMALL.get(policy, {}))
+    forward(model, cache, prompt_ids(12, seed=6, batch=2))  # two sequences, different kept tokens
+    layer = cache.layers[-1]
+    before = {name: getattr(layer, name).clone() for name in layer.batch_state}
+    cache.reorder_cache(torch.tensor([1, 0]))
+    for name, t in before.items():
+        assert torch.equal(getattr(layer, name), t.flip(0)), name

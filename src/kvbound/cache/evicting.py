@@ -173,12 +173,39 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         """Bytes of policy state besides K/V (scores, stored queries)."""
         return {}
 
+    def reset_policy(self) -> None:
+        """Drop policy state (called by :meth:`reset`)."""
+
     # -- cache protocol -------------------------------------------------------------------
     def tiers(self) -> dict[str, int]:
         return {"hot_kv": nbytes(self.keys, self.values), "positions": nbytes(self.positions), **self.policy_tiers()}
 
     def scaling(self) -> float:
         return self.cache.driver.attention_scaling(self.layer_idx)
+
+    def reset(self) -> None:
+        """Forget everything (transformers' ``Cache.reset``), policy state included."""
+        DynamicLayer.reset(self)
+        self.seen = 0
+        self.positions = self.pending_query = None
+        self.reset_policy()
+
+    # -- beam search / several sequences per prompt: every per-sequence tensor follows --------
+    batch_state: tuple[str, ...] = ("keys", "values", "positions")
+
+    def _map_batch(self, fn) -> None:
+        for name in self.batch_state:
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices, ...])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:

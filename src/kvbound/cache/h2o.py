@@ -26,6 +26,8 @@ class H2OOptions:
 
 
 class H2OLayer(EvictingLayer):
+    batch_state = (*EvictingLayer.batch_state, "scores")
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.scores: torch.Tensor | None = None  # [B, kv_heads, held] accumulated attention
@@ -35,6 +37,9 @@ class H2OLayer(EvictingLayer):
 
     def policy_tiers(self) -> dict[str, int]:
         return {"scores": nbytes(self.scores)}
+
+    def reset_policy(self) -> None:
+        self.scores = None
 
     def select(self, keys, positions, query, query_pos):
         mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap)

@@ -36,6 +36,8 @@ def snapkv_scores(votes: torch.Tensor, protect: int, kernel: int) -> torch.Tenso
 
 
 class SnapKVLayer(EvictingLayer):
+    batch_state = (*EvictingLayer.batch_state, "window_query")
+
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.window_query: torch.Tensor | None = None  # [B, heads, <= window, D]
@@ -46,6 +48,9 @@ class SnapKVLayer(EvictingLayer):
 
     def policy_tiers(self) -> dict[str, int]:
         return {"queries": nbytes(self.window_query, self.window_pos)}
+
+    def reset_policy(self) -> None:
+        self.window_query = self.window_pos = None
 
     def select(self, keys, positions, query, query_pos):
         window = self.cache.options.window
