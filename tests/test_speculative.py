@@ -36,6 +36,26 @@ def test_offload_speculation_matches_full(name, budget, k):
     cache.close()
 
 
+@pytest.mark.parametrize("policy", ["kv-direct", "residual"])
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])
+def test_recomputing_speculation_matches_full(name, policy):
+    model = tiny(name)
+    for budget, k in [(1, 8), (7, 4)]:
+        cache = kvbound.make_cache(model, policy, budget=budget)
+        new, _ = speculative_greedy(model, prompt_ids(PROMPT), cache, k=k, max_new_tokens=NEW)
+        assert new[0].tolist() == full_greedy(name)
+
+
+def test_kv_direct_speculation_matches_full_on_sliding_layers():
+    model = tiny("tiny-gemma3")
+    cache = kvbound.make_cache(model, "kv-direct", budget=2)
+    new, _ = speculative_greedy(model, prompt_ids(PROMPT), cache, k=4, max_new_tokens=NEW)
+    assert new[0].tolist() == full_greedy("tiny-gemma3")
+    with pytest.raises(KVBoundError, match="cannot roll back"):  # residuals outside the window are gone
+        speculative_greedy(model, prompt_ids(PROMPT), kvbound.make_cache(model, "residual", budget=2),
+                           k=4, max_new_tokens=NEW)
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3", "tiny-mha"])
 def test_drafts_accepted_when_draft_sees_everything(name):
     """A draft window covering the whole context drafts the exact tokens: all accepted."""

@@ -90,6 +90,17 @@ class ResidualLayer(RecallLayer):
         self.store.drop_before(self.needed_start())
         return out
 
+    def truncate(self, n: int) -> None:
+        """Roll back ``n`` tokens (speculative decoding); refused when attention would then
+        need residuals this layer already dropped (sliding-window layers)."""
+        new_seen = self.seen - n
+        first_hot = min(self.seen - self.held(), new_seen)
+        need = 0 if self.sliding_window is None else max(0, new_seen - (self.sliding_window - 1))
+        if need < first_hot and (not self.keeps_residuals or need < self.store.lo):
+            raise KVBoundError(f"policy 'residual' cannot roll back {n} tokens on sliding-window layer "
+                               f"{self.layer_idx} (their residuals are gone); use kv-direct or offload")
+        super().truncate(n)
+
     def tiers(self) -> dict[str, int]:
         evicted, hot, unused = self.store.split_bytes(self.seen - self.held())
         return {**super().tiers(), "checkpoints": evicted, "pending_residuals": hot, "residual_slack": unused}
