@@ -12,7 +12,7 @@ from ..errors import KVBoundError
 SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency")
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_BUDGETS = {"budget-sweep": "64,128,256", "multiturn": "128", "bytes": "128", "latency": "128"}
-DEFAULT_NEW_TOKENS = {"budget-sweep": 32, "multiturn": 32, "bytes": 16, "latency": 0}
+DEFAULT_NEW_TOKENS = {"budget-sweep": 32, "multiturn": 16, "bytes": 16, "latency": 0}
 DEFAULT_LENGTHS = "128,512,1024,4096"
 DEFAULT_BATCHES = "1,8,64"
 
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(0,1] (0.25,0.5); default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BUDGETS.items()
                                                                         if k != "latency"))
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="new tokens per run / per reply (default: 32 for budget-sweep and multiturn, 16 for bytes)")
+                        help="new tokens per run / per reply (default: 32 for budget-sweep, 16 for multiturn and bytes)")
     parser.add_argument("--prompt-file", action="append", default=None, metavar="PATH",
                         help="a prompt text file (repeatable); default: the built-in long prompts")
     parser.add_argument("--prompts-dir", default=None, metavar="DIR",

@@ -72,6 +72,11 @@ def _meta_section(data: dict[str, Any]) -> str:
         f"- **Command**: `{meta.get('command', '?')}`",
         f"- **Date**: {meta.get('date', '?')} (finished {meta.get('finished', 'not yet')})",
     ]
+    load = [hw.get("load_average_start"), hw.get("load_average_end")]
+    if any(load):
+        lines.append(f"- **Load average** (1/5/15 min) at start {load[0]}, at end {load[1]} -- with {hw.get('cpu_count', '?')} "
+                     "CPUs, a load above that count means other processes competed for the CPU and absolute "
+                     "timings are inflated (ratios to `full` measured in the same run are less affected).")
     if meta.get("interrupted"):
         lines.append("- **Interrupted**: yes -- only the runs finished before Ctrl-C are included.")
     return "\n".join(lines)

@@ -79,6 +79,7 @@ class Results:
 
     def finish(self, interrupted: bool) -> None:
         self.data["meta"]["finished"] = _now()
+        self.data["meta"]["hardware"]["load_average_end"] = _loadavg()
         self.data["meta"]["interrupted"] = interrupted
         self.save()
 
@@ -119,6 +120,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def _loadavg() -> list[float] | None:
+    """1/5/15-minute load averages: other processes competing for the CPU skew timings."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # pragma: no cover - not on every platform
+        return None
+
+
 def hardware(device: str = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
@@ -127,6 +136,7 @@ def hardware(device: str = "cpu") -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "device": device,
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "load_average_start": _loadavg(),
     }
     try:
         with open("/proc/meminfo") as fh:
