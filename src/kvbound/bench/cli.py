@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Any, Callable
 
@@ -11,8 +12,8 @@ from ..errors import KVBoundError
 
 SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency")
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_BUDGETS = {"budget-sweep": "64,128,256", "multiturn": "128", "bytes": "128", "latency": "128"}
-DEFAULT_NEW_TOKENS = {"budget-sweep": 32, "multiturn": 16, "bytes": 16, "latency": 0}
+DEFAULT_BUDGETS = {"budget-sweep": "64,256", "multiturn": "128", "bytes": "128", "latency": "128"}
+DEFAULT_NEW_TOKENS = {"budget-sweep": 16, "multiturn": 16, "bytes": 16, "latency": 0}
 DEFAULT_LENGTHS = "128,512,1024,4096"
 DEFAULT_BATCHES = "1,8,64"
 
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(0,1] (0.25,0.5); default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_BUDGETS.items()
                                                                         if k != "latency"))
     parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="new tokens per run / per reply (default: 32 for budget-sweep, 16 for multiturn and bytes)")
+                        help="new tokens per run / per reply (default: 16)")
     parser.add_argument("--prompt-file", action="append", default=None, metavar="PATH",
                         help="a prompt text file (repeatable); default: the built-in long prompts")
     parser.add_argument("--prompts-dir", default=None, metavar="DIR",
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCHES,
                         help=f"latency: batch sizes (default: {DEFAULT_BATCHES})")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", default="bench-results", metavar="DIR",
                         help="output directory for results.json, report.md and plots (default: bench-results)")
@@ -77,6 +80,20 @@ def _check(args: argparse.Namespace) -> None:
         raise KVBoundError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.turns < 1:
         raise KVBoundError(f"--turns must be >= 1, got {args.turns}")
+    if args.threads is not None and args.threads < 1:
+        raise KVBoundError(f"--threads must be >= 1, got {args.threads}")
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _sigterm_as_interrupt():
+    """Treat SIGTERM like Ctrl-C (keep finished runs, render the report); returns the old handler."""
+    try:
+        return signal.signal(signal.SIGTERM, _raise_interrupt)
+    except ValueError:  # not the main thread
+        return None
 
 
 def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None = None,
@@ -104,6 +121,10 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
     if args.scenario == "multiturn" and budgets[0].is_fraction:
         raise KVBoundError("multiturn needs a budget in tokens (the context grows each turn), e.g. --budgets 128")
 
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if model_and_tokenizer is None:
         from ..models import load
 
@@ -130,6 +151,7 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
     bench = scenarios.Bench(model, tokenizer, policies, results, max_new, args.seed, progress,
                             on_record or (lambda record: None))
     interrupted = False
+    previous = _sigterm_as_interrupt()
     try:
         if args.scenario == "budget-sweep":
             scenarios.budget_sweep(bench, prompts, budgets)
@@ -144,6 +166,8 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
         print(f"\ninterrupted: keeping the {len(results.runs)} finished run(s)", file=sys.stderr)
     finally:
         results.finish(interrupted)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for path in report.render(args.out):
         print(path)
     failed = [r for r in results.runs if r.get("status") == "error"]
