@@ -150,6 +150,7 @@ def _add_bench(sub) -> None:
     try:
         from .bench import cli as bench_cli
 
+        bench_cli.add_arguments(_Parser(prog="kvbound bench"))  # dry run: a failure leaves no half parser
         bench = sub.add_parser("bench", help="hold every policy to the same test: token match, memory, speed",
                                description=(bench_cli.__doc__ or "").strip() or None,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -157,8 +158,6 @@ def _add_bench(sub) -> None:
         bench.set_defaults(func=bench_cli.run)
     except Exception as exc:  # noqa: BLE001 -- report it when 'bench' is actually used
         reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        if "bench" in sub.choices:
-            del sub.choices["bench"]  # half-registered: replace with the stub below
         stub = sub.add_parser("bench", help=f"(unavailable: {reason})")
         stub.add_argument("rest", nargs=argparse.REMAINDER)
 
