@@ -33,6 +33,24 @@ class StreamingLayer(EvictingLayer):
                          torch.arange(n - (cap - sinks), n, device=keys.device)])
         return idx.view(1, 1, -1)
 
+    def adopt_recent(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Restart from exact K/V (draft of :mod:`kvbound.speculative`): keep the sinks held
+        now, fill the rest of the capacity with the last tokens of ``keys``/``values`` (the
+        K/V of tokens ``seen - n .. seen``). Held tensors are replaced, never written."""
+        if not self.is_initialized:
+            self.lazy_initialization(keys, values)
+        sinks = 0 if self.is_sliding else self.cache.options.sinks
+        n = min(keys.shape[-2], self.capacity)
+        kept = int((self.positions[0, 0] < min(sinks, seen - n)).sum()) if self.held() else 0
+        n = min(n, self.capacity - kept)
+        b, h = keys.shape[:2]
+        recent = torch.arange(seen - n, seen, device=keys.device).expand(b, h, n)
+        self.keys = torch.cat([self.keys[..., :kept, :], keys[..., keys.shape[-2] - n:, :]], dim=-2)
+        self.values = torch.cat([self.values[..., :kept, :], values[..., values.shape[-2] - n:, :]], dim=-2)
+        self.positions = torch.cat([self.positions[..., :kept], recent], dim=-1)
+        self.seen = seen
+        self.cache.account(self.layer_idx)
+
 
 @register("streaming", "lossy: StreamingLLM (Xiao et al. 2023) -- `sinks` first tokens + the most recent ones",
           exact=False)
