@@ -99,8 +99,23 @@ def _plt():
     return plt
 
 
-def _style(policy: str, exact: bool) -> dict[str, Any]:
-    return {"linestyle": "-" if exact else "--", "marker": "o" if exact else "s", "linewidth": 2 if exact else 1.5}
+_MARKERS = "oDs^vP*Xh<>"
+
+
+def _styles(policies: list[str], exact: dict[str, bool]) -> dict[str, dict[str, Any]]:
+    """Solid lines for exact policies, dashed for lossy; markers shrink in drawing order so lines that
+    coincide (exact policies all at 100%) stay visible as nested markers."""
+    out = {}
+    for i, policy in enumerate(policies):
+        ex = exact.get(policy, False)
+        out[policy] = {"linestyle": "-" if ex else "--", "marker": _MARKERS[i % len(_MARKERS)],
+                       "markersize": max(3.0, 12.0 - 1.0 * i), "linewidth": max(1.0, 3.2 - 0.25 * i),
+                       "alpha": 0.9}
+    return out
+
+
+def _legend(ax) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
 # --------------------------------------------------------------------------- budget sweep
@@ -200,11 +215,13 @@ def _sweep_plots(data: dict[str, Any], out: Path) -> list[str]:
         ("time_ratio_vs_full", "time_ratio.png", "decode time per token ÷ full's", "Decode speed relative to full"),
         ("peak_hot_kv_bytes", "hot_kv.png", "peak hot K/V (MiB)", "K/V held for attention"),
     ]:
-        fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for policy in _policy_order(_ok(data["runs"])):
+        fig, ax = plt.subplots(figsize=(9, 4.8))
+        order = _policy_order(_ok(data["runs"]))
+        styles = _styles(order, {r["policy"]: bool(r["exact"]) for r in rows})
+        for policy in order:
             mine = [r for r in rows if r["policy"] == policy]
             scale = 100 if key == "token_match" else (1 / MiB if key == "peak_hot_kv_bytes" else 1)
-            style = _style(policy, bool(mine[0]["exact"]))
+            style = styles[policy]
             if mine[0]["budget_label"] is None:  # full / budget-free policies: a horizontal reference line
                 if mine[0][key] is not None:
                     ax.axhline(mine[0][key] * scale, color="black" if policy == REFERENCE else None, linestyle=":",
@@ -224,7 +241,7 @@ def _sweep_plots(data: dict[str, Any], out: Path) -> list[str]:
         ax.set_ylabel(ylabel)
         ax.set_title(f"{title} -- {model}, mean over prompts")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
+        _legend(ax)
         fig.tight_layout()
         fig.savefig(out / fname, dpi=110)
         plt.close(fig)
@@ -271,10 +288,12 @@ def _multiturn_plots(data: dict[str, Any], out: Path) -> list[str]:
     plt = _plt()
     exact = {r["policy"]: bool(r.get("exact")) for r in data["runs"]}
     model = data["meta"].get("model", {}).get("name", "?")
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharex=True)
-    for policy in _policy_order(turns):
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharex=True)
+    order = _policy_order(turns)
+    styles = _styles(order, exact)
+    for policy in order:
         mine = [t for t in turns if t["policy"] == policy]
-        style = _style(policy, exact.get(policy, False))
+        style = styles[policy]
         xs = [t["turn"] for t in mine]
         axes[0].plot(xs, [t["total_cache_bytes"] / MiB for t in mine], label=policy, **style)
         axes[1].plot(xs, [t["hot_kv_bytes"] / MiB for t in mine], label=policy, **style)
@@ -284,7 +303,7 @@ def _multiturn_plots(data: dict[str, Any], out: Path) -> list[str]:
         ax.grid(True, alpha=0.3)
     axes[0].set_title(f"Cache memory over a chat -- {model}")
     axes[1].set_title("K/V held for attention")
-    axes[0].legend(fontsize=8, ncol=2)
+    _legend(axes[1])
     fig.tight_layout()
     fig.savefig(out / "cache_bytes.png", dpi=110)
     plt.close(fig)
