@@ -157,6 +157,14 @@ def test_next_turn_ids_match_the_template():
     assert tok.decode(ids[0]) == "user: hi\nassistant: ok\nuser: more\nassistant:"
 
 
+def test_chat_needs_a_chat_template():
+    tok = models.byte_tokenizer()
+    tok.chat_template = None  # like the bundled Gemma 3 270M base model
+    args = cli.build_parser().parse_args(["generate", "--chat", "--prompt", "hi", "--model", "gemma3-270m"])
+    with pytest.raises(kvbound.KVBoundError, match="'gemma3-270m' has no chat template; drop --chat"):
+        cli._apply_template(tok, [{"role": "user", "content": "hi"}], args)
+
+
 @pytest.mark.parametrize("breakage", ["import", "add_arguments"])
 def test_broken_bench_never_breaks_generate(capsys, monkeypatch, breakage):
     import kvbound.bench
