@@ -1,5 +1,7 @@
 """Lossy eviction policies: streaming, h2o, tova, snapkv (see kvbound.cache.evicting)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -55,17 +57,21 @@ def test_budget_respected_after_every_step(name, policy):
     assert cache.get_seq_length() == 15 + 10 + 4
 
 
+@functools.lru_cache(maxsize=None)
+def full_reference(name: str) -> list[int]:
+    model = tiny(name)
+    return run_greedy(model, prompt_ids(14), kvbound.make_cache(model, "full"), 12)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("name", FAMILIES)
 def test_budget_beyond_length_matches_full(name, policy):
     model = tiny(name)
-    ids = prompt_ids(14)
-    assert run_greedy(model, ids, kvbound.make_cache(model, policy, 26), 12) == \
-        run_greedy(model, ids, kvbound.make_cache(model, "full"), 12)
+    assert run_greedy(model, prompt_ids(14), kvbound.make_cache(model, policy, 26), 12) == full_reference(name)
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+@pytest.mark.parametrize("name", ["tiny-gemma3"])  # sliding + full layers: the hardest masks
 def test_sdpa_and_eager_agree_under_eviction(name, policy):
     """Masks stay consistent with the keys returned for both attention implementations."""
     ids = prompt_ids(16)
@@ -73,9 +79,9 @@ def test_sdpa_and_eager_agree_under_eviction(name, policy):
     for attn in ["sdpa", "eager"]:
         model = tiny(name, attn)
         cache = kvbound.make_cache(model, policy, 6, **SMALL.get(policy, {}))
-        first = run_greedy(model, ids, cache, 8)
+        first = run_greedy(model, ids, cache, 6)
         more = torch.cat([ids, torch.tensor([first]), prompt_ids(5, seed=3)], dim=1)  # second turn
-        outs.append(first + run_greedy(model, more, cache, 8))
+        outs.append(first + run_greedy(model, more, cache, 6))
     assert outs[0] == outs[1]
 
 

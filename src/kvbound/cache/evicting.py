@@ -8,7 +8,8 @@ rectangular ``[batch, kv_heads, n, head_dim]`` tensor. Inside a step a layer ret
 past plus the step's new tokens to attention, then evicts down to the budget at the end of
 ``update`` and stores *fresh* tensors (``gather`` / ``clone``), so evicted K/V are really freed
 and the accounting (which counts elements) measures what is held. The concatenation returned
-to attention and any scoring buffers are reported as transient bytes.
+to attention and the step's query are reported as transient bytes; the scoring buffers (float32
+logits of at most ``QUERY_CHUNK`` query rows x held keys, per head) are not.
 
 Every kept token keeps its original RoPE rotation; ``positions`` records, per head, which
 token each kept entry is (ascending). Masks stay consistent because ``get_mask_sizes`` reports
@@ -32,7 +33,8 @@ number of keys (one mask serves them all). The policy proper runs on full-attent
 
 Batches
 -------
-Batches without padding work (each sequence selects its own tokens). Padded batches are
+Batches without padding work (each sequence selects its own tokens), and beam search reorders
+every per-sequence tensor (K/V, positions, scores, stored queries) together. Padded batches are
 refused: after eviction the padding mask would be applied to the wrong keys.
 """
 
