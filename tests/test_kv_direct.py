@@ -156,7 +156,7 @@ def test_memory_bounded_every_step(policy, name):
             out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache)
             tiers = cache.bytes_by_tier()
             assert tiers["hot_kv"] <= budget * per_token
-            assert cache.peak_hot_kv_bytes <= (budget + prompt) * per_token
+            assert cache.peak_hot_kv_bytes <= (budget + 1) * per_token  # running peak, one token per step
             assert tiers["checkpoints"] > 0
     assert cache.peak_transient_bytes > 0
 
