@@ -259,6 +259,21 @@ def test_snapkv_keeps_what_the_window_attends_to():
     assert layer.window_pos.tolist() == [9, 10]
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_snapkv_with_budget_below_window_keeps_what_window_keeps(name):
+    """budget <= window: the window fills the budget; stored queries older than every held key
+    (they see nothing) must not disturb the choice."""
+    model = tiny(name)
+    caches = [kvbound.make_cache(model, "snapkv", 4, window=8), kvbound.make_cache(model, "window", 4)]
+    nxt = [forward(model, c, prompt_ids(12)) for c in caches]
+    for _ in range(6):
+        nxt = [forward(model, c, t) for c, t in zip(caches, nxt)]
+        seen = caches[0].get_seq_length()
+        for layer, wl in zip(caches[0].layers, caches[1].layers):
+            assert torch.equal(layer.positions, torch.arange(seen - 4, seen).expand_as(layer.positions))
+            assert torch.equal(layer.keys, wl.keys)
+
+
 def test_attention_mass_is_causal_and_sums_to_queries():
     q = torch.randn(1, 4, 3, 16)
     k = torch.randn(1, 2, 5, 16)

@@ -91,15 +91,16 @@ def attention_mass(
             logits = torch.tanh(logits / softcap) * softcap
         visible = key_pos[:, :, None, None, :] <= query_pos[start:start + tc][None, None, None, :, None]
         logits = logits.masked_fill(~visible, float("-inf"))
-        out += logits.softmax(-1).sum(dim=(2, 3))
+        # a stored query older than every held key sees nothing: it gives no attention (not NaN)
+        out += logits.softmax(-1).nan_to_num(0.0).sum(dim=(2, 3))
     return out
 
 
 def keep_top(scores: torch.Tensor, k: int, protect_last: int = 0) -> torch.Tensor:
     """Indices (ascending) of the ``k`` highest ``scores`` along the last dim; the last
     ``protect_last`` entries are always kept. ``scores`` is ``[..., n]``, ``n >= k >= protect_last``."""
+    scores = scores.nan_to_num(nan=float("-inf"))  # topk ranks NaN above +inf
     if protect_last:
-        scores = scores.clone()
         scores[..., scores.shape[-1] - protect_last:] = float("inf")
     return scores.topk(k, dim=-1).indices.sort(dim=-1).values
 
