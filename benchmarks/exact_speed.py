@@ -6,7 +6,9 @@ registered exact policy but ``full`` (``offload``, ``kv-direct``... pick with ``
 plain greedy and speculative greedy (``--k`` drafts by a ``--draft`` cache at the budget). All
 timings are decode-only (the prompt minus its last token is prefilled untimed; timing starts at
 the last prompt token) and are divided by ``full``'s time/token measured in the same run, at
-the same context, just before. Every run's tokens are checked against ``full``'s.
+the same context, just before. Times are the process's CPU time (``time.process_time``) with one
+torch thread by default, so other load on a shared machine does not skew the ratios (wall
+times are kept in the JSON). Every run's tokens are checked against ``full``'s.
 
 Slow configurations stop after ``--max-seconds`` (at least ``--min-new`` tokens): the row says
 how many tokens were measured. Where the time goes: draft vs verification time, and the
@@ -43,7 +45,7 @@ def prompt_ids(tok, n: int) -> torch.Tensor:
 
 
 class ReadTimer:
-    """Adds up the time this cache's layers spend in ``recall`` (offload store reads)."""
+    """Adds up the CPU time this cache's layers spend in ``recall`` (offload store reads)."""
 
     def __init__(self, cache) -> None:
         self.seconds = 0.0
@@ -51,9 +53,9 @@ class ReadTimer:
             inner = layer.recall
 
             def timed(*args, _inner=inner):
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 out = _inner(*args)
-                self.seconds += time.perf_counter() - t0
+                self.seconds += time.process_time() - t0
                 return out
 
             layer.recall = timed
@@ -78,41 +80,41 @@ def plain(model, ids, policy, budget, args) -> dict:
     cache = prefilled(model, ids, policy, budget)
     reads = ReadTimer(cache) if policy == "offload" else None
     tok, out = ids[:, -1:], []
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode():
         while len(out) < args.new:
             tok = model(tok, past_key_values=cache).logits[:, -1:].argmax(-1)
             out.append(int(tok))
             if len(out) >= args.min_new and time.perf_counter() - t0 > args.max_seconds:
                 break
-    seconds = time.perf_counter() - t0
-    row = {"tokens": out, "seconds": seconds, **memory(cache)}
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    row = {"tokens": out, "seconds": seconds, "cpu_seconds": cpu, **memory(cache)}
     if reads:
         row["read_seconds"] = reads.seconds
     cache.close()
     return row
 
 
-def speculative(model, ids, policy, budget, args) -> dict:
-    """Speculative greedy, in chunks of ``--chunk`` tokens so slow runs can stop early."""
+def speculative(model, ids, policy, budget, args, chunk: int) -> dict:
+    """Speculative greedy, in calls of ``chunk`` tokens so slow runs can stop early."""
     cache = prefilled(model, ids, policy, budget)
     reads = ReadTimer(cache) if policy == "offload" else None
     out: list[int] = []
     totals = {"verifications": 0, "drafted": 0, "accepted": 0, "draft_seconds": 0.0, "verify_seconds": 0.0}
     draft_peak, margin = 0, float("inf")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     while len(out) < args.new:
         seq = torch.cat([ids, torch.tensor([out], dtype=ids.dtype)], dim=1) if out else ids
         new, stats = speculative_greedy(model, seq, cache, draft=args.draft, budget=budget, k=args.k,
-                                        max_new_tokens=min(args.chunk, args.new - len(out)))
+                                        max_new_tokens=min(chunk, args.new - len(out)))
         out += new[0].tolist()
         for key in totals:
             totals[key] += getattr(stats, key)
         draft_peak, margin = max(draft_peak, stats.draft_peak_hot_kv_bytes), min(margin, stats.min_margin)
         if len(out) >= args.min_new and time.perf_counter() - t0 > args.max_seconds:
             break
-    seconds = time.perf_counter() - t0
-    row = {"tokens": out, "seconds": seconds, **memory(cache), **totals, "draft_peak_hot_kv_bytes": draft_peak,
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+    row = {"tokens": out, "seconds": seconds, "cpu_seconds": cpu, **memory(cache), **totals, "draft_peak_hot_kv_bytes": draft_peak,
            "min_margin": margin,
            "mean_accepted": totals["accepted"] / max(1, totals["verifications"]),
            "draft_time_share": totals["draft_seconds"] / max(1e-9, seconds)}
@@ -130,7 +132,8 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=64)
     parser.add_argument("--k", type=int, default=4)
     parser.add_argument("--draft", default="streaming")
-    parser.add_argument("--chunk", type=int, default=32, help="speculative tokens per call (time checks between)")
+    parser.add_argument("--chunk", type=int, default=16,
+                        help="speculative tokens per call for policies > 3x full (time checks between calls)")
     parser.add_argument("--max-seconds", type=float, default=90.0)
     parser.add_argument("--min-new", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
@@ -151,7 +154,7 @@ def main() -> None:
     for ctx in args.contexts:
         ids = prompt_ids(tok, ctx)
         ref = plain(model, ids, "full", None, args)
-        full_tpt = ref["seconds"] / len(ref["tokens"])
+        full_tpt = ref["cpu_seconds"] / len(ref["tokens"])
         rows.append({"context": ctx, "budget": None, "policy": "full", "speculate": None,
                      **{k: v for k, v in ref.items() if k != "tokens"}, "n": len(ref["tokens"]),
                      "s_per_token": full_tpt, "ratio": 1.0, "identical": True})
@@ -159,14 +162,19 @@ def main() -> None:
         for frac in args.budgets:
             budget = max(1, round(frac * ctx))
             for policy in policies:
+                slow = False
                 for spec in (None, args.k):
-                    run = (plain if spec is None else speculative)(model, ids, policy, budget, args)
+                    if spec is None:
+                        run = plain(model, ids, policy, budget, args)
+                    else:  # slow policies run in chunks so they can stop after --max-seconds
+                        run = speculative(model, ids, policy, budget, args, args.chunk if slow else args.new)
                     n = len(run["tokens"])
-                    tpt = run["seconds"] / n
+                    tpt = run["cpu_seconds"] / n
                     row = {"context": ctx, "budget": budget, "budget_frac": frac, "policy": policy, "speculate": spec,
                            **{k: v for k, v in run.items() if k != "tokens"}, "n": n, "s_per_token": tpt,
                            "ratio": tpt / full_tpt, "identical": run["tokens"] == ref["tokens"][:n]}
                     rows.append(row)
+                    slow = row["ratio"] > 3
                     print(f"ctx {ctx} budget {budget} {policy}{' +spec k=' + str(spec) if spec else ''}: "
                           f"{tpt * 1e3:.1f} ms/token = {row['ratio']:.2f}x full over {n} tokens, "
                           f"identical={row['identical']}"
@@ -197,12 +205,13 @@ def render(meta: dict, rows: list[dict]) -> str:
         f"{meta['new']} new tokens, speculation k={meta['k']} with a `{meta['draft']}` draft at the budget; "
         f"{meta['machine']}, torch {meta['torch']}, {meta['time']}.",
         "",
-        "Ratio = decode time/token divided by `full`'s, measured in the same run at the same context. "
+        "Ratio = decode CPU time/token divided by `full`'s, measured in the same run at the same context "
+        "(CPU time of the process, 1 thread: robust to other load on the machine). "
         "`n` = tokens timed (slow rows stop early). `identical` = same tokens as `full`. "
         "Bytes in MiB: peak hot K/V (exact cache; the draft holds at most as much again), offload store, "
         "peak transient (read-back / rebuild buffers + the concatenation handed to attention).",
         "",
-        "| context | budget | policy | ratio to full | ms/token | n | mean accepted | draft share | store read share "
+        "| context | budget | policy | ratio to full | CPU ms/token | n | mean accepted | draft share (wall) | store read share "
         "| hot K/V | offloaded | transient | identical |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -211,7 +220,7 @@ def render(meta: dict, rows: list[dict]) -> str:
         budget = "-" if r["budget"] is None else f"{r['budget']} ({r['budget_frac']:.0%})"
         acc = f"{r['mean_accepted']:.2f}" if r["speculate"] else "-"
         share = f"{r['draft_time_share']:.0%}" if r["speculate"] else "-"
-        read = f"{r['read_seconds'] / r['seconds']:.0%}" if "read_seconds" in r else "-"
+        read = f"{r['read_seconds'] / r['cpu_seconds']:.0%}" if "read_seconds" in r else "-"
         lines.append(f"| {r['context']} | {budget} | {name} | {r['ratio']:.2f}x | {r['s_per_token'] * 1e3:.0f} | {r['n']} "
                      f"| {acc} | {share} | {read} | {mib(r['peak_hot_kv_bytes'])} | {mib(r['offloaded_bytes'])} "
                      f"| {mib(r['peak_transient_bytes'])} | {r['identical']} |")

@@ -125,6 +125,7 @@ def speculative_greedy(
     eos_token_id: int | list[int] | None = None,
     draft_options: dict[str, Any] | None = None,
     do_sample: bool = False,
+    adaptive: bool = True,
 ) -> tuple[torch.Tensor, SpeculationStats]:
     """Greedy-decode up to ``max_new_tokens`` after ``input_ids`` with exact output, drafting
     ``k`` tokens at a time with a lossy ``draft`` cache at ``budget`` (default: the exact
@@ -133,6 +134,8 @@ def speculative_greedy(
     ``input_ids`` may start with tokens already in ``exact_cache`` (earlier turns). Stops after
     an ``eos_token_id`` like greedy does. Returns ``(new_ids [1, n], stats)``; afterwards the
     exact cache holds the prompt and every new token but the last (as after ``generate``).
+    With ``adaptive`` the draft length follows acceptance (up to ``k``: +2 after a fully
+    accepted block, -1 after a rejection, like transformers' assisted generation heuristic).
     """
     _check_args(model, input_ids, exact_cache, draft, k, max_new_tokens, do_sample)
     budget = exact_cache.budget if budget is None else budget
@@ -163,13 +166,14 @@ def speculative_greedy(
     nxt = int(logits.argmax(-1))
     out.append(nxt)
 
+    k_now = k
     while len(out) < max_new_tokens and nxt not in eos:
         _restart_draft(draft_cache, exact_cache)
         # draft: at most what is still needed (the verification adds one token of its own)
         t0 = time.perf_counter()
         drafts: list[int] = []
         tok = nxt
-        for _ in range(min(k, max_new_tokens - len(out) - 1)):
+        for _ in range(min(k_now, max_new_tokens - len(out) - 1)):
             step = torch.tensor([[tok]], device=input_ids.device)
             tok = int(model(step, past_key_values=draft_cache, use_cache=True).logits[0, -1].argmax())
             drafts.append(tok)
@@ -191,6 +195,8 @@ def speculative_greedy(
         stats.verifications += 1
         stats.drafted += len(drafts)
         stats.accepted += m
+        if adaptive:
+            k_now = min(k, k_now + 2) if m == len(drafts) else max(1, k_now - 1)
         stats.min_margin = min(stats.min_margin, _margins(logits[: m + 1]))
 
         for tok in [*drafts[:m], exact_next[m]]:
