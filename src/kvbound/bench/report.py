@@ -297,7 +297,10 @@ def _multiturn_plots(data: dict[str, Any], out: Path) -> list[str]:
         xs = [t["turn"] for t in mine]
         axes[0].plot(xs, [t["total_cache_bytes"] / MiB for t in mine], label=policy, **style)
         axes[1].plot(xs, [t["hot_kv_bytes"] / MiB for t in mine], label=policy, **style)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, what in zip(axes, ["cache bytes, all tiers", "hot K/V bytes"]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("turn")
         ax.set_ylabel(f"{what} (MiB)")
         ax.grid(True, alpha=0.3)
