@@ -44,7 +44,7 @@ class SpeculationStats:
 
     k: int
     draft: str
-    verifications: int = 0  # exact forward passes after the prefill
+    verifications: int = 0  # exact forward passes after the prefill (which gives the first token)
     drafted: int = 0  # draft tokens proposed
     accepted: int = 0  # draft tokens the exact model agreed with
     new_tokens: int = 0
@@ -66,7 +66,7 @@ class SpeculationStats:
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.update(mean_accepted=self.mean_accepted, draft_time_share=self.draft_time_share,
-                   tokens_per_verification=self.new_tokens / self.verifications if self.verifications else 0.0)
+                   tokens_per_verification=(self.new_tokens - 1) / self.verifications if self.verifications else 0.0)
         return out
 
 
