@@ -10,12 +10,12 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from .errors import KVBoundError
+from .prompts import read_prompt_file
 
 EXAMPLES_GENERATE = """\
 examples:
@@ -216,13 +216,7 @@ def _read_prompt(args) -> str:
     elif args.prompt_file == "-":
         text = sys.stdin.read()
     else:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise KVBoundError(f"prompt file {path} does not exist")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise KVBoundError(f"cannot read prompt file {path}: {exc}") from None
+        text = read_prompt_file(args.prompt_file)
     if not text.strip():
         raise KVBoundError("the prompt is empty; give some text with --prompt or --prompt-file")
     return text

@@ -171,22 +171,14 @@ def _on_base(module, args, kwargs):
         cache.observe_input_ids(ids)
 
 
-def _on_layer(layer_idx: int):
+def _on_module(layer_idx: int, observe: str):
+    """Pre-hook that hands module ``layer_idx``'s first input to ``cache.<observe>``."""
+
     def hook(module, args, kwargs):
         cache = _cache_of(kwargs)
         if cache is not None:
             hidden = args[0] if args else kwargs["hidden_states"]
-            cache.observe_layer_input(layer_idx, hidden, kwargs)
-
-    return hook
-
-
-def _on_attention(layer_idx: int):
-    def hook(module, args, kwargs):
-        cache = _cache_of(kwargs)
-        if cache is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            cache.observe_attention_input(layer_idx, hidden, kwargs)
+            getattr(cache, observe)(layer_idx, hidden, kwargs)
 
     return hook
 
@@ -204,8 +196,9 @@ def attach(model: "PreTrainedModel") -> None:
     base = _base_model(model)
     handles = [base.register_forward_pre_hook(_on_base, with_kwargs=True)]
     for i, layer in enumerate(base.layers):
-        handles.append(layer.register_forward_pre_hook(_on_layer(i), with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_pre_hook(_on_attention(i), with_kwargs=True))
+        handles.append(layer.register_forward_pre_hook(_on_module(i, "observe_layer_input"), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_pre_hook(_on_module(i, "observe_attention_input"),
+                                                               with_kwargs=True))
     _ATTACHED[model] = handles
 
 

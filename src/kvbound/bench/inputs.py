@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import KVBoundError
+from ..prompts import read_prompt_file
 
 ANSWERS_FILE = "answers.json"
 
@@ -44,15 +45,7 @@ def _answers(folder: Path) -> dict[str, str]:
 
 
 def _read(path: Path) -> str:
-    if not path.is_file():
-        raise KVBoundError(f"prompt file {path} does not exist")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KVBoundError(f"cannot read prompt file {path} as UTF-8 text: {exc}") from None
-    if not text.strip():
-        raise KVBoundError(f"prompt file {path} is empty")
-    return text.rstrip("\n")
+    return read_prompt_file(path).rstrip("\n")
 
 
 def load_prompts(files: list[str] | None = None, directory: str | None = None) -> list[Prompt]:
