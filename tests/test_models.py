@@ -1,7 +1,6 @@
 """kvbound.models: built-in names, local folders, the GGUF -> safetensors cache and its errors."""
 
 import importlib.util
-import os
 from pathlib import Path
 
 import pytest

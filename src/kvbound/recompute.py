@@ -55,13 +55,6 @@ def check_supported(model: "PreTrainedModel") -> None:
     _base_model(model)
 
 
-class _Capture(DynamicCache):
-    """Throw-away cache that records the K/V a decoder layer computes for the span."""
-
-    def __init__(self) -> None:
-        super().__init__()
-
-
 class LayerDriver:
     """Runs pieces of ``model`` on a span of tokens, layer by layer."""
 
@@ -99,7 +92,7 @@ class LayerDriver:
         Returns ``(next_hidden, keys, values)``: the residual entering the next layer and this
         layer's K/V for the span (post k_norm and RoPE, exactly as attention caches them).
         """
-        capture = _Capture()
+        capture = DynamicCache()  # throw-away: records the K/V the layer computes for the span
         layer = self.base.layers[layer_idx]
         out = layer(
             hidden,

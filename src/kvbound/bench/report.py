@@ -68,7 +68,7 @@ def _meta_section(data: dict[str, Any]) -> str:
         f"- **Model**: `{model.get('name', '?')}` ({model.get('model_type', '?')}, {model.get('layers', '?')} layers, "
         f"hidden {model.get('hidden_size', '?')}, {model.get('kv_heads', '?')} KV heads x {model.get('head_dim', '?')}, "
         f"{model.get('dtype', '?')})",
-        f"- **Versions**: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+        "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
         f"- **Command**: `{meta.get('command', '?')}`",
         f"- **Date**: {meta.get('date', '?')} (finished {meta.get('finished', 'not yet')})",
     ]
@@ -174,7 +174,7 @@ def _sweep_md(data: dict[str, Any], plots: list[str]) -> str:
     n_new = next((r.get("new_tokens") for r in _ok(runs)), "?")
     parts = [
         f"# kvbound bench: budget sweep\n\n{_meta_section(data)}",
-        f"- **Prompts**: " + ", ".join(f"`{p}` ({t} tokens)" for p, t in prompts) + f"; {n_new} new tokens each, greedy",
+        "- **Prompts**: " + ", ".join(f"`{p}` ({t} tokens)" for p, t in prompts) + f"; {n_new} new tokens each, greedy",
         "\n## Token match with `full` (mean over prompts)\n\n"
         f"Budget = {unit}. Token match = fraction of the {n_new} greedy tokens equal to `full`'s at the same position.\n\n"
         + _table(["policy", "kind", *labels], headline),

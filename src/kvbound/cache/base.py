@@ -14,7 +14,7 @@ Memory is measured on the tensors actually held, never estimated:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .base import KVBoundCache, NoOptions, PolicyLayer, layer_windows, nbytes, parse_options, register
+from .base import KVBoundCache, NoOptions, PolicyLayer, layer_windows, parse_options, register
 
 
 class FullLayer(PolicyLayer, DynamicLayer):
