@@ -224,7 +224,7 @@ def test_residual_accepts_inputs_embeds():
 # --------------------------------------------------------------------------- SmolLM2
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_smollm2_long_generation_matches_full():
     """200 new tokens on a 500-token prompt at budgets 16, 64, 256: token-identical to full.
 
