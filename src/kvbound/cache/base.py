@@ -32,6 +32,24 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+# ----------------------------------------------------------------- batch maps (beam search)
+
+
+def by_beam(beam_idx: torch.Tensor):
+    """Batch map of ``reorder_cache``: row ``i`` becomes row ``beam_idx[i]``."""
+    return lambda t: t.index_select(0, beam_idx.to(t.device))
+
+
+def repeated(repeats: int):
+    """Batch map of ``batch_repeat_interleave``."""
+    return lambda t: t.repeat_interleave(repeats, dim=0)
+
+
+def selected(indices: torch.Tensor):
+    """Batch map of ``batch_select_indices``."""
+    return lambda t: t[indices, ...]
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -84,6 +102,28 @@ class PolicyLayer:
         n = -tokens_to_remove if tokens_to_remove < 0 else self.seen - tokens_to_remove
         if n > 0:
             self.truncate(n)
+
+    # -- reset and batch reordering (beam search) -------------------------------------
+    def reset(self) -> None:
+        """Forget everything (transformers' ``Cache.reset``): the layer is as new."""
+        super().reset()  # the transformers layer class this mixin is combined with
+        self.seen = 0
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (a map of the batch dimension) to every per-sequence tensor held.
+        Layers holding more per-sequence state than the hot K/V extend it."""
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+        self.cache.account(self.layer_idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map_batch(by_beam(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map_batch(repeated(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map_batch(selected(indices))
 
     # -- memory ---------------------------------------------------------------------
     def tiers(self) -> dict[str, int]:
@@ -178,6 +218,41 @@ class KVBoundCache(DynamicCache):
         if n:
             for layer in self.layers:
                 layer.truncate(n)
+
+    # -- reset and batch reordering ---------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything, as a new cache: every layer, the policy's own state and the peaks."""
+        super().reset()
+        self.reset_state()
+        self._hot_by_layer = [0] * len(self.layers)
+        self.peak_hot_kv_bytes = 0
+        self.peak_transient_bytes = 0
+
+    def reset_state(self) -> None:
+        """Drop per-cache policy state kept outside the layers (e.g. token ids); see :meth:`reset`."""
+
+    def map_batch_state(self, fn) -> None:
+        """Apply ``fn`` (a map of the batch dimension) to per-cache per-sequence state (e.g. token ids)."""
+
+    def _batch_op(self, op: str, arg: Any, fn) -> None:
+        """Run the layers' ``op`` (they map their own state), then the cache's own state; refused
+        with a clear error when the registry says the policy cannot reorder batches."""
+        if not get_policy(self.policy_name).beams:
+            raise KVBoundError(f"policy {self.policy_name!r} does not support {op} (beam search and batch "
+                               "reordering); use num_beams=1, or a policy that does (see kvbound --help)")
+        for layer in self.layers:
+            getattr(layer, op)(arg)
+        self.map_batch_state(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: every sequence's state follows its beam (hot K/V, stores, token ids)."""
+        self._batch_op("reorder_cache", beam_idx, by_beam(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_op("batch_repeat_interleave", repeats, repeated(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_op("batch_select_indices", indices, selected(indices))
 
     def close(self) -> None:
         """Release external resources (files); a no-op for in-memory policies."""

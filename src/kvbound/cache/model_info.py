@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..recompute import attention_types
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
@@ -15,11 +17,10 @@ def text_config(model: "PreTrainedModel"):
 
 
 def layer_windows(model: "PreTrainedModel") -> list[int | None]:
-    """Per layer: the sliding window for sliding-attention layers, else ``None``."""
+    """Per layer: the sliding window for sliding-attention layers, else ``None`` (attention types
+    derived as transformers does, :func:`kvbound.recompute.attention_types`)."""
     cfg = text_config(model)
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    window = getattr(cfg, "sliding_window", None)
-    return [window if t == "sliding_attention" else None for t in types]
+    return [cfg.sliding_window if t == "sliding_attention" else None for t in attention_types(cfg)]
 
 
 def first_full_layer(model: "PreTrainedModel") -> int | None:
