@@ -284,9 +284,13 @@ def _speculate(model, input_ids: torch.Tensor, args) -> tuple[torch.Tensor, Any,
         raise
     cache = _make_cache(model, args)
     draft = {} if args.draft is None else {"draft": args.draft}
-    new_ids, stats = speculative_greedy(model, input_ids, cache, budget=args.budget, k=args.speculate,
-                                        max_new_tokens=args.max_new_tokens,
-                                        eos_token_id=model.generation_config.eos_token_id, **draft)
+    try:
+        new_ids, stats = speculative_greedy(model, input_ids, cache, budget=args.budget, k=args.speculate,
+                                            max_new_tokens=args.max_new_tokens,
+                                            eos_token_id=model.generation_config.eos_token_id, **draft)
+    except BaseException:
+        cache.close()
+        raise
     report = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in stats.as_dict().items()}
     return new_ids, cache, report
 
@@ -304,15 +308,20 @@ def cmd_generate(args) -> int:
         raise KVBoundError("the prompt tokenized to zero tokens; give some text")
     _check_length(model, args, input_ids.shape[1])
 
-    speculation = None
-    if args.speculate is not None:
-        start = time.perf_counter()
-        new, cache, speculation = _speculate(model, input_ids, args)
-    else:
-        cache = _make_cache(model, args)
-        start = time.perf_counter()
-        new = greedy(model, input_ids, cache, args.max_new_tokens)
-    seconds = time.perf_counter() - start
+    speculation = cache = None
+    try:
+        if args.speculate is not None:
+            start = time.perf_counter()
+            new, cache, speculation = _speculate(model, input_ids, args)
+        else:
+            cache = _make_cache(model, args)
+            start = time.perf_counter()
+            new = greedy(model, input_ids, cache, args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        report = cache.memory_report()
+    finally:
+        if cache is not None:
+            cache.close()  # offload: the store's files go now, not at exit
     token_ids = new[0].tolist()
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     result = {
@@ -323,7 +332,7 @@ def cmd_generate(args) -> int:
         "prompt_tokens": int(input_ids.shape[1]),
         "token_ids": token_ids,
         "text": text,
-        "cache": cache.memory_report(),
+        "cache": report,
         "seconds": round(seconds, 4),
         "tokens_per_s": round(len(token_ids) / seconds, 3) if seconds > 0 else None,
     }
@@ -333,7 +342,6 @@ def cmd_generate(args) -> int:
         print(json.dumps(result))
     else:
         print(text)
-        report = result["cache"]
         print(f"[{len(token_ids)} tokens in {seconds:.2f}s, {result['tokens_per_s']} tok/s; "
               f"{args.policy} cache: {report['tokens_seen']} tokens seen, "
               f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
@@ -370,12 +378,24 @@ def _eos_ids(tokenizer) -> set[int]:
 
 
 def cmd_chat(args) -> int:
-    from .generation import greedy
-
     model, tokenizer = _load(args)
     if not getattr(tokenizer, "chat_template", None):
         raise KVBoundError(f"model {args.model!r} has no chat template, so 'kvbound chat' cannot format turns")
     cache = _make_cache(model, args)
+    try:
+        messages = _chat_loop(model, tokenizer, cache, args)
+        report = cache.memory_report()
+    finally:
+        cache.close()
+    print(f"[{len(messages) // 2} turns; {args.policy} cache: {report['tokens_seen']} tokens seen, "
+          f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+def _chat_loop(model, tokenizer, cache, args) -> list[dict]:
+    """Read user lines until EOF or /exit, reply to each on one cache; returns the messages."""
+    from .generation import greedy
+
     messages: list[dict] = []
     history: torch.Tensor | None = None
     interactive = sys.stdin.isatty()
@@ -392,15 +412,19 @@ def cmd_chat(args) -> int:
             continue
         ids = next_turn_ids(tokenizer, messages, history, text, args)
         _check_length(model, args, ids.shape[1])
+        seen = cache.get_seq_length()
+        if seen and not torch.equal(ids[:, :seen], history[:, :seen]):
+            # The template rewrote earlier turns: the cache holds another past. Rebuild it from the
+            # full rendering rather than continue from a misaligned context.
+            cache.reset()
+            print("[the chat template rewrote earlier turns: cache rebuilt from the whole conversation]",
+                  file=sys.stderr)
         new = greedy(model, ids, cache, args.max_new_tokens)
         reply = tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
         print(reply, flush=True)
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         history = torch.cat([ids, new], dim=1)
-    report = cache.memory_report()
-    print(f"[{len(messages) // 2} turns; {args.policy} cache: {report['tokens_seen']} tokens seen, "
-          f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
-    return 0
+    return messages
 
 
 # --------------------------------------------------------------------------- serve

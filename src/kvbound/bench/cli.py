@@ -16,6 +16,7 @@ DEFAULT_BUDGETS = {"budget-sweep": "64,256", "multiturn": "128", "bytes": "128",
 DEFAULT_NEW_TOKENS = {"budget-sweep": 16, "multiturn": 16, "bytes": 16, "latency": 0}
 DEFAULT_LENGTHS = "128,512,1024,4096"
 DEFAULT_BATCHES = "1,8,64"
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # --dtype -> torch attribute
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCHES,
                         help=f"latency: batch sizes (default: {DEFAULT_BATCHES})")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="model precision; every policy, the reference `full` included, runs in it "
+                             "(default: float32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -132,12 +136,15 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
     else:
         model, tokenizer = model_and_tokenizer
     try:
-        model = model.to(args.device)
+        import torch
+
+        model = model.to(device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
     except (RuntimeError, AssertionError) as exc:
         raise KVBoundError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
 
     options = {"scenario": args.scenario, "policies": policies, "budgets": [b.label for b in budgets],
-               "max_new_tokens": max_new, "seed": args.seed, "prompts": [p.name for p in prompts]}
+               "max_new_tokens": max_new, "seed": args.seed, "prompts": [p.name for p in prompts],
+               "dtype": args.dtype}
     if args.scenario == "multiturn":
         options["turns"] = args.turns
     if args.scenario == "latency":
