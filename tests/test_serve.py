@@ -349,6 +349,11 @@ def test_cli_serve_refuses_bad_arguments(capsys):
     assert main(["serve", "--model", MODEL, "--policy", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown policy" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--model", MODEL, "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- SmolLM2
