@@ -452,10 +452,27 @@ def cmd_serve(args) -> int:
                          memory_budget=None if args.memory_budget is None else parse_size(args.memory_budget),
                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                          max_conversations=args.max_conversations)
-    app = create_app(config)
-    print(f"kvbound serve: {args.model} ({args.policy} cache) on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    sock = _listen(args.host, args.port)  # a taken port fails here, before the model loads
+    with sock:
+        app = create_app(config)
+        print(f"kvbound serve: {args.model} ({args.policy} cache) on http://{args.host}:{args.port}/v1",
+              file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def _listen(host: str, port: int):
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise KVBoundError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 # --------------------------------------------------------------------------- entry point
