@@ -44,6 +44,13 @@ def head_dim(model) -> int:
     return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
+def refuse_budget(policy: str, budget: int | None, window: str) -> None:
+    """Quantizing policies keep every token: a budget would promise what they do not do."""
+    if budget is not None:
+        raise KVBoundError(f"{policy} keeps every token (quantized) and takes no budget; {window}, "
+                           "e.g. --option residual=64")
+
+
 class KiviLayer(PolicyLayer, DynamicLayer):
     """Quantized K/V of older tokens + full-precision ``keys``/``values`` of the newest ones."""
 
@@ -142,9 +149,7 @@ class KiviLayer(PolicyLayer, DynamicLayer):
 class KiviCache(KVBoundCache):
     def __init__(self, model, budget: int | None = None, **options: Any) -> None:
         opts = self.options = parse_options(KiviOptions, options, "kivi")
-        if budget is not None:
-            raise KVBoundError("kivi keeps every token (quantized) and takes no budget; its full-precision window "
-                               f"is the option residual (default {KiviOptions.residual}), e.g. --option residual=64")
+        refuse_budget("kivi", budget, f"its full-precision window is the option residual (default {KiviOptions.residual})")
         if isinstance(opts.residual, bool) or not isinstance(opts.residual, int) or opts.residual < 0:
             raise KVBoundError(f"kivi option residual must be a whole number >= 0, got {opts.residual!r}")
         self.codec = int_codec(opts.bits, head_dim(model), opts.group, "kivi")
