@@ -19,8 +19,14 @@ Layout: token ``p``'s K and V are one record ``[2, batch, kv_heads, head_dim]`` 
 so any span of tokens is one contiguous read. Gemma 3 sliding layers never need tokens older
 than the window: their store is a ring of ``window - 1 + max_rollback`` slots.
 
-Memory report: ``hot_kv`` (held in memory) and ``offloaded`` (bytes in the store); the
+Memory report: ``hot_kv`` (held in memory), ``offloaded`` (bytes of the tokens in the store) and
+``offload_slack`` (capacity allocated beyond them: the file is preallocated and the host buffer
+grown geometrically, so ``offloaded + offload_slack`` is the file size / buffer size); the
 read-back buffer plus the concatenation handed to attention are transient bytes.
+
+Beam search and batch reordering rewrite the records (each record holds every sequence of one
+token): in place for a reorder, a full read-back and rewrite when the batch size changes.
+A model on a GPU may use the file store too: records are copied to host memory first.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, layer_windows, nbytes, parse_options, register
+from .base import KVBoundCache, nbytes
+from .model_info import layer_windows
+from .registry import register
 from .hot_window import HotWindowLayer
 
 STORES = ("auto", "file", "host")
@@ -79,7 +87,12 @@ class _Store:
         self.record = 0  # bytes per token
 
     def nbytes(self) -> int:
+        """Bytes of the tokens stored (live records)."""
         return (self.end - self.start) * self.record
+
+    def allocated_bytes(self) -> int:
+        """Bytes of backing capacity actually allocated (file size, host buffer): >= :meth:`nbytes`."""
+        return 0
 
     def _slots(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """(slot, first token offset in the span, count) chunks: 1 (append-only) or <= 2 (ring)."""
@@ -97,6 +110,14 @@ class _Store:
         """Store tokens ``start .. start+n`` (must continue the store: ``start == end``)."""
         if start != self.end:
             raise RuntimeError(f"offload store: spill at {start} does not continue the store at {self.end}")
+        end = start + keys.shape[-2]
+        self._write_records(start, keys, values)
+        self.end = end
+        if self.ring is not None:
+            self.start = max(self.start, end - self.ring)
+
+    def _write_records(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the records of tokens ``start .. start+n`` at their slots (new or rewritten)."""
         if self.shape is None:
             b, h, _, d = keys.shape
             self.shape, self.dtype = (2, b, h, d), keys.dtype
@@ -109,9 +130,44 @@ class _Store:
             data = torch.stack([keys[..., cut:, :], values[..., cut:, :]]).permute(3, 0, 1, 2, 4).contiguous()
             for slot, off, n in self._slots(first, end):
                 self._put(slot, data[off:off + n])
-        self.end = end
-        if self.ring is not None:
-            self.start = max(self.start, end - self.ring)
+
+    def map_batch(self, fn, like: torch.Tensor, chunk: int = 512) -> None:
+        """Apply a batch map (beam reorder, repeat, select) to every stored record by rewriting it.
+
+        Each record holds every sequence of one token, so a reorder that keeps the batch size
+        is rewritten in place, ``chunk`` tokens at a time; a change of batch size reads the whole
+        store back (transient) and writes it again with the new record size.
+        """
+        if self.shape is None:
+            return
+        rows = fn(torch.arange(self.shape[1]))
+        if self.end == self.start:
+            self._new_layout()
+            return
+        if torch.equal(rows, torch.arange(self.shape[1])):
+            return
+        if rows.numel() == self.shape[1]:
+            for s in range(self.start, self.end, chunk):
+                k, v = self.read(s, min(s + chunk, self.end), like)
+                self._write_records(s, fn(k), fn(v))
+            return
+        start = self.start
+        k, v = self.read(start, self.end, like)
+        k, v = fn(k), fn(v)
+        self._new_layout()
+        self.end = start
+        self._write_records(start, k, v)
+        self.end = start + k.shape[-2]
+
+    def reset(self) -> None:
+        """Forget every token (``Cache.reset``): as a new store."""
+        self.start = self.end = 0
+        self._new_layout()
+
+    def _new_layout(self) -> None:
+        """Drop the record layout (the next write sets it) and the backing memory."""
+        self.shape, self.dtype, self.record = None, None, 0
+        self.close()
 
     def read(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of tokens ``start .. end`` as ``[B, H, n, D]`` views of a transient buffer."""
@@ -179,8 +235,25 @@ class _FileStore(_Store):
             os.ftruncate(self.fd, target)  # filesystem without fallocate: sparse file
         self.allocated = target
 
+    def allocated_bytes(self) -> int:
+        return self.allocated
+
+    def close(self) -> None:
+        """Delete this layer's file (``reset``; the cache's finalizer removes the folder)."""
+        if self.fd is not None and self.fd in self.cache.fds:  # not yet closed by the finalizer
+            self.cache.fds.remove(self.fd)
+            os.close(self.fd)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self.fd = None
+        self.allocated = 0
+
     def _put(self, slot: int, data: torch.Tensor) -> None:
         fd = self._open()
+        if data.device.type != "cpu":  # a model on a GPU: records go through host memory
+            data = data.to("cpu", copy=True)
         raw = memoryview(data.view(torch.uint8).numpy()).cast("B")
         offset = slot * self.record
         self._reserve(offset + len(raw) if self.ring is None else self.ring * self.record)
@@ -219,6 +292,9 @@ class _HostStore(_Store):
             self.host = grown
         self.host[slot:need].copy_(data)
 
+    def allocated_bytes(self) -> int:
+        return 0 if self.host is None else nbytes(self.host)
+
     def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
         return torch.empty((n, *self.shape), dtype=self.dtype, device=like.device)  # on the model's device
 
@@ -232,7 +308,7 @@ class _HostStore(_Store):
 class OffloadLayer(HotWindowLayer):
     """Hot window in memory; older tokens spilled to and recalled from an offload store."""
 
-    exact = True
+    recalls = True
 
     def __init__(self, cache: "OffloadCache", layer_idx: int, sliding_window: int | None, budget: int,
                  store: _Store) -> None:
@@ -248,6 +324,14 @@ class OffloadLayer(HotWindowLayer):
         self._recalled = nbytes(k, v)
         return k, v
 
+    def map_spilled(self, fn) -> None:
+        self.store.map_batch(fn, self.keys)
+        self.cache.release_readback()
+
+    def reset_spilled(self) -> None:
+        self.store.reset()
+        self.cache.release_readback()
+
     def forget_spilled(self, end: int) -> None:
         needed = 0 if self.sliding_window is None else max(0, end - (self.sliding_window - 1))
         self.store.forget(end, needed)
@@ -262,14 +346,16 @@ class OffloadLayer(HotWindowLayer):
         return keys, values
 
     def tiers(self) -> dict[str, int]:
-        return {"hot_kv": nbytes(self.keys, self.values), "offloaded": self.store.nbytes()}
+        live = self.store.nbytes()
+        return {"hot_kv": nbytes(self.keys, self.values), "offloaded": live,
+                "offload_slack": self.store.allocated_bytes() - live}
 
 
 @register("offload", "exact: hot window of `budget` tokens; older K/V offloaded to disk (CPU) or host memory "
-          "(GPU) and read back layer by layer", exact=True)
+          "(GPU) and read back layer by layer", exact=True, options=OffloadOptions, can_rollback=True, beams=True)
 class OffloadCache(KVBoundCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
-        opts = self.options = parse_options(OffloadOptions, options, "offload")
+        opts = self.options = self.parse_options(options)
         if opts.store not in STORES:
             raise KVBoundError(f"offload option store must be one of {', '.join(STORES)}, got {opts.store!r}")
         if isinstance(opts.max_rollback, bool) or not isinstance(opts.max_rollback, int) or opts.max_rollback < 0:
