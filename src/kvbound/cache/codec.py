@@ -225,46 +225,31 @@ class Codec:
     def roundtrip(self, x: torch.Tensor, axis: str = "token") -> torch.Tensor:
         return self.encode(x, axis).decode(x.dtype)
 
-    # -- token-major records (the offload store) ------------------------------------------
-    def record_bytes(self, batch: int, heads: int, head_dim: int) -> int:
-        """Bytes one token's K and V take as a record (exact: codes + scales + zero points)."""
+    # -- per-token bytes (the offload store) -------------------------------------------------
+    def token_bytes(self, head_dim: int) -> int:
+        """Bytes one token of one head takes in :meth:`to_bytes` (exact: codes + scales + zero points)."""
         if not self.is_int:
-            return 2 * batch * heads * head_dim * self.bits // 8
-        per_head = head_dim * self.bits // 8 + 2 * (head_dim // self.group) * 2
-        return 2 * batch * heads * per_head
+            return head_dim * self.bits // 8
+        return head_dim * self.bits // 8 + 2 * (head_dim // self.group) * META_DTYPE.itemsize
 
-    def to_records(self, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """K/V ``[B, H, n, D]`` -> ``[n, record_bytes]`` uint8, one self-contained record per token."""
-        n = keys.shape[-2]
-        cols = []
-        for x in (keys, values):
-            p = self.encode(x, "token")
-            for t in (p.data, p.scale, p.zero):
-                if t is not None:
-                    cols.append(t.permute(2, 0, 1, 3).contiguous().view(torch.uint8).view(n, -1))
-        return torch.cat(cols, dim=1)
+    def to_bytes(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, n, D]`` -> ``[B, H, n, token_bytes]`` uint8: each token's encoding stands alone
+        (per-token groups), so a store can keep, slice and reorder it like K/V of another width."""
+        p = self.encode(x, "token")
+        parts = [t.contiguous().view(torch.uint8) for t in (p.data, p.scale, p.zero) if t is not None]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def from_records(self, records: torch.Tensor, shape: tuple[int, int, int], dtype: torch.dtype
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inverse of :meth:`to_records`: ``[n, record_bytes]`` uint8 -> K, V ``[B, H, n, D]`` in ``dtype``."""
-        b, h, d = shape
-        n = records.shape[0]
-        if self.is_int:
-            widths = [(torch.uint8, d * self.bits // 8), (META_DTYPE, d // self.group), (META_DTYPE, d // self.group)]
-        else:
-            widths = [(torch.float32 if self.fmt == "fp32" else torch.bfloat16, d)]
-        out, col = [], 0
-        for _ in range(2):
-            ts = []
-            for dt, w in widths:
-                size = b * h * w * torch.empty((), dtype=dt).element_size()
-                ts.append(records[:, col:col + size].contiguous().view(dt).view(n, b, h, w).permute(1, 2, 0, 3))
-                col += size
-            if self.is_int:
-                out.append(Packed(ts[0], ts[1], ts[2], self.bits, "token", self.group).decode(dtype))
-            else:
-                out.append(ts[0].to(dtype))
-        return out[0], out[1]
+    def from_bytes(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Inverse of :meth:`to_bytes`: ``[B, H, n, token_bytes]`` uint8 -> ``[B, H, n, D]`` in ``dtype``."""
+        if not self.is_int:
+            return raw.contiguous().view(torch.float32 if self.fmt == "fp32" else torch.bfloat16).to(dtype)
+        w = raw.shape[-1]
+        g_bytes = 2 * META_DTYPE.itemsize  # scale + zero point per group
+        d = w * 8 * self.group // (self.bits * self.group + 8 * g_bytes)  # w = d*bits/8 + (d/group)*g_bytes
+        c, m = d * self.bits // 8, (d // self.group) * META_DTYPE.itemsize
+        scale = raw[..., c:c + m].contiguous().view(META_DTYPE)
+        zero = raw[..., c + m:].contiguous().view(META_DTYPE)
+        return Packed(raw[..., :c], scale, zero, self.bits, "token", self.group).decode(dtype)
 
 
 def parse_codec(name: object, head_dim: int, group: int | None = None, where: str = "codec") -> Codec:

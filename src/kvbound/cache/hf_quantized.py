@@ -22,9 +22,11 @@ from transformers.cache_utils import Fp8QuantizedLayer, HQQQuantizedLayer, Quant
 from transformers.utils import is_hqq_available, is_optimum_quanto_available
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, PolicyLayer, layer_windows, nbytes, parse_options, register
+from .base import KVBoundCache, PolicyLayer, nbytes
 from .codec import check_group
-from .kivi import head_dim, refuse_budget
+from .kivi import refuse_budget
+from .model_info import head_dim, layer_windows
+from .registry import register
 
 EXTRA = "pip install 'kvbound[quant]'"
 
@@ -91,10 +93,11 @@ class HfQuantizedOptions:
 
 
 @register("hf-quantized", "lossy: transformers' own QuantizedCache (option backend quanto/hqq/fp8, bits), "
-          "the peer of kivi; full-attention models only; takes no budget", exact=False, needs_budget=False)
+          "the peer of kivi; full-attention models only; takes no budget", exact=False, needs_budget=False,
+          options=HfQuantizedOptions)
 class HfQuantizedCache(KVBoundCache):
     def __init__(self, model, budget: int | None = None, **options: Any) -> None:
-        opts = self.options = parse_options(HfQuantizedOptions, options, "hf-quantized")
+        opts = self.options = self.parse_options(options)
         refuse_budget("hf-quantized", budget, "its full-precision window is the option residual (default 128)")
         if opts.backend not in BACKENDS:
             raise KVBoundError(f"hf-quantized option backend must be one of {', '.join(BACKENDS)}, got {opts.backend!r}")

@@ -26,10 +26,11 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, PolicyLayer, layer_windows, nbytes, parse_options, register, text_config
+from .base import KVBoundCache, PolicyLayer, nbytes
 from .codec import Codec, Packed, cat, int_codec
-from .evicting import EvictingLayer
 from .hot_window import HotWindowLayer
+from .model_info import head_dim, layer_windows
+from .registry import register
 
 
 @dataclass
@@ -37,11 +38,6 @@ class KiviOptions:
     bits: int = 4  # 2, 4 or 8
     group: int | None = None  # channels (values) / tokens (keys) per scale; default 32 or a divisor of head_dim
     residual: int = 128  # newest tokens kept in full precision
-
-
-def head_dim(model) -> int:
-    cfg = text_config(model)
-    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
 
 
 def refuse_budget(policy: str, budget: int | None, window: str) -> None:
@@ -126,29 +122,23 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         q = 0 if self.qk is None else self.qk.nbytes() + self.qv.nbytes()
         return {"hot_kv": nbytes(self.keys, self.values), "quantized": q}
 
-    # -- beam search: the quantized tensors follow the batch too -----------------------------
-    def _map_batch(self, fn) -> None:
-        if self.keys is not None:
-            self.keys, self.values = fn(self.keys), fn(self.values)
+    # -- beam search / reset: the quantized tensors follow the batch too --------------------
+    def map_batch(self, fn) -> None:
         if self.qk is not None:
             self.qk, self.qv = self.qk.index_batch(fn), self.qv.index_batch(fn)
-
-    reorder_cache = EvictingLayer.reorder_cache
-    batch_repeat_interleave = EvictingLayer.batch_repeat_interleave
-    batch_select_indices = EvictingLayer.batch_select_indices
+        super().map_batch(fn)
 
     def reset(self) -> None:
-        DynamicLayer.reset(self)
-        self.seen = 0
+        super().reset()
         self.qk = self.qv = None
 
 
 @register("kivi", "lossy: KIVI (Liu et al. 2024) -- every token kept, K per channel / V per token at `bits` "
           "2/4/8, newest `residual` tokens (option, default 128) in full precision; takes no budget",
-          exact=False, needs_budget=False)
+          exact=False, needs_budget=False, options=KiviOptions, beams=True)
 class KiviCache(KVBoundCache):
     def __init__(self, model, budget: int | None = None, **options: Any) -> None:
-        opts = self.options = parse_options(KiviOptions, options, "kivi")
+        opts = self.options = self.parse_options(options)
         refuse_budget("kivi", budget, f"its full-precision window is the option residual (default {KiviOptions.residual})")
         if isinstance(opts.residual, bool) or not isinstance(opts.residual, int) or opts.residual < 0:
             raise KVBoundError(f"kivi option residual must be a whole number >= 0, got {opts.residual!r}")
