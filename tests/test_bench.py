@@ -259,3 +259,17 @@ def test_dtype_runs_every_policy_in_it(tmp_path):
     assert {r["status"] for r in data["runs"]} == {"ok"} and len(data["runs"]) == 2 * 3
     full = next(r for r in data["runs"] if r["policy"] == "full")
     assert full["peak_hot_kv_bytes"] % 2 == 0 and model.dtype == torch.bfloat16
+
+
+def test_random_weights_model_from_a_config(tmp_path):
+    """--model random:CONFIG.json: the architecture of a config with seeded random weights (GPU timing runs)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "cfg")
+    model, tok = bench_cli.load_model(f"random:{tmp_path / 'cfg' / 'config.json'}", seed=3)
+    again, _ = bench_cli.load_model(f"random:{tmp_path / 'cfg'}", seed=3)
+    assert model.config.num_hidden_layers == 2 and tok("ab")["input_ids"]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    with pytest.raises(KVBoundError, match="cannot read a model config"):
+        bench_cli.load_model(f"random:{tmp_path / 'missing.json'}")

@@ -23,7 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``kvbound bench``'s options to ``parser``."""
     parser.add_argument("--scenario", choices=SCENARIOS, default="budget-sweep",
                         help="what to measure (default: budget-sweep)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model name or path, or random:CONFIG.json for that architecture with random weights "
+                             f"and a byte tokenizer (timing where no weights are available) (default: {DEFAULT_MODEL})")
     parser.add_argument("--policies", default=None,
                         help="comma-separated policies (default: every registered policy)")
     parser.add_argument("--budgets", default=None,
@@ -88,6 +90,30 @@ def _check(args: argparse.Namespace) -> None:
         raise KVBoundError(f"--threads must be >= 1, got {args.threads}")
 
 
+RANDOM_PREFIX = "random:"
+
+
+def load_model(name: str, seed: int = 0):
+    """``(model, tokenizer)`` for ``--model``: ``random:CONFIG.json`` builds that architecture with
+    random weights (seeded) and the tiny models' byte tokenizer; anything else is :func:`kvbound.models.load`."""
+    from .. import models
+
+    if not name.startswith(RANDOM_PREFIX):
+        return models.load(name)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = name[len(RANDOM_PREFIX):]
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise KVBoundError(f"--model {name}: cannot read a model config from {path!r} "
+                           f"({str(exc).splitlines()[0]})") from None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return model, models.byte_tokenizer()
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -130,9 +156,7 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
 
         torch.set_num_threads(args.threads)
     if model_and_tokenizer is None:
-        from ..models import load
-
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_model(args.model, args.seed)
     else:
         model, tokenizer = model_and_tokenizer
     try:
