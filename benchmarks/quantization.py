@@ -37,6 +37,7 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
     "kivi-8": ("kivi", None, {"bits": 8}),
     "kivi-4": ("kivi", None, {"bits": 4}),
     "kivi-2": ("kivi", None, {"bits": 2}),
+    "kivi-2-g16": ("kivi", None, {"bits": 2, "group": 16}),
     "hf-quanto-4": ("hf-quantized", None, {"backend": "quanto", "bits": 4}),
     "hf-quanto-2": ("hf-quantized", None, {"backend": "quanto", "bits": 2}),
     "hf-fp8": ("hf-quantized", None, {"backend": "fp8"}),
@@ -49,12 +50,15 @@ LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1
 LONG_TEXT = "/usr/share/common-licenses/GPL-3"  # ~7.6k SmolLM2 tokens of plain English, on any Debian
 
 
+try:
+    from kvbound.quality import perplexity as shared
+    PPL_SOURCE = "kvbound.quality.perplexity"
+except ImportError:
+    shared, PPL_SOURCE = None, "benchmarks/quantization.py (local loop)"
+
+
 def perplexity(model, input_ids: torch.Tensor, cache, chunk: int) -> float:
     """exp(mean NLL) of each next token, the text fed ``chunk`` tokens per pass through ``cache``."""
-    try:
-        from kvbound.quality import perplexity as shared
-    except ImportError:
-        shared = None
     if shared is not None:
         return float(shared(model, input_ids, cache, chunk=chunk))
     nll, n = 0.0, 0
@@ -109,7 +113,7 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=7500)
     ap.add_argument("--long-decode-tokens", type=int, default=16)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--skip", default="", help="stages to skip: ppl,decode,long")
+    ap.add_argument("--skip", default="", help="stages to skip (their earlier results in --out are kept): ppl,decode,long")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,6 +130,10 @@ def main() -> None:
                         "variants": {n: VARIANTS[n] for n in names}, "long_variants": LONG_VARIANTS},
                "ppl": {}, "decode": {}, "long": {}}
     path = out / "results.json"
+    if path.exists():  # stages skipped now keep their earlier results
+        old = json.loads(path.read_text())
+        results.update({k: old[k] for k in ("ppl", "decode", "long") if k in old and k in skip})
+        results["meta"]["earlier"] = old.get("meta")
 
     def save():
         path.write_text(json.dumps(results, indent=1))
@@ -139,7 +147,7 @@ def main() -> None:
             cache.close()
             results["ppl"][name] = {"perplexity": ppl, "seconds": time.perf_counter() - t,
                                     "bytes_by_tier": rep["bytes_by_tier"], "total_bytes": rep["total_bytes"],
-                                    "exact": rep.get("exact")}
+                                    "exact": rep["exact"], "perplexity_fn": PPL_SOURCE}
             print(f"{name:14s} ppl {ppl:.4f}  bytes {rep['total_bytes']:,}  {rep['bytes_by_tier']}", flush=True)
             save()
             gc.collect()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -126,7 +127,8 @@ class Packed:
             shape, dim = (b, h, n // g, g, d), -2
         if out is None:
             out = torch.empty((b, h, n, d), dtype=dtype, device=self.data.device)
-        torch.addcmul(self.zero.to(dtype).unsqueeze(dim), codes.view(shape).to(dtype), self.scale.to(dtype).unsqueeze(dim),
+        # uint8 codes promote to ``dtype`` inside addcmul: no float copy of the codes
+        torch.addcmul(self.zero.to(dtype).unsqueeze(dim), codes.view(shape), self.scale.to(dtype).unsqueeze(dim),
                       out=out.view(shape))
         return out
 
@@ -235,6 +237,8 @@ class Codec:
     def to_bytes(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, n, D]`` -> ``[B, H, n, token_bytes]`` uint8: each token's encoding stands alone
         (per-token groups), so a store can keep, slice and reorder it like K/V of another width."""
+        if x.shape[-2] == 0:
+            return torch.empty((*x.shape[:-1], self.token_bytes(x.shape[-1])), dtype=torch.uint8, device=x.device)
         p = self.encode(x, "token")
         parts = [t.contiguous().view(torch.uint8) for t in (p.data, p.scale, p.zero) if t is not None]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
@@ -272,3 +276,42 @@ def parse_codec(name: object, head_dim: int, group: int | None = None, where: st
 def int_codec(bits: object, head_dim: int, group: int | None, where: str) -> Codec:
     """The integer codec for ``bits`` in :data:`BITS`, with a checked ``group``."""
     return parse_codec(f"int{check_bits(bits, where)}", head_dim, group, where)
+
+
+# --------------------------------------------------------------------------- codec'd tiers
+
+
+@dataclass
+class CodecOptions:
+    """Options of a tier that can keep its K/V through a codec (the offload store, the eviction
+    policies' hot window). Any format but fp32 makes the tier lossy."""
+
+    codec: str | None = None  # fp32/bf16/int8/int4/int2; default: K/V as the model computes them
+    codec_group: int | None = None  # integer codecs: channels per scale (default: the head for int8, else 32)
+
+
+def tier_codec(options: Any, model, policy: str) -> Codec | None:
+    """The codec ``options`` (a :class:`CodecOptions`) ask for, checked against ``model``'s head_dim."""
+    from .model_info import head_dim
+
+    if options.codec is None:
+        if options.codec_group is not None:
+            raise KVBoundError(f"{policy} option codec_group applies to an integer codec; add codec=int8 (or int4/int2)")
+        return None
+    return parse_codec(options.codec, head_dim(model), options.codec_group, f"{policy} option codec")
+
+
+def encode_kv(codec: Codec | None, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V as a codec'd tier holds them: unchanged, or each token's codec bytes (``[B, H, n, width]``
+    uint8, :meth:`Codec.to_bytes`), which slice, gather and reorder along tokens like K/V."""
+    if codec is None:
+        return keys, values
+    return codec.to_bytes(keys), codec.to_bytes(values)
+
+
+def decode_kv(codec: Codec | None, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_kv`."""
+    if codec is None:
+        return keys, values
+    return codec.from_bytes(keys, dtype), codec.from_bytes(values, dtype)
