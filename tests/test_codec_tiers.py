@@ -59,9 +59,10 @@ def test_lossy_offload_cannot_verify_speculation():
 
 @pytest.mark.parametrize("options,message", [
     ({"codec": "int3"}, "unknown format 'int3'"),
-    ({"codec_group": 8}, "codec_group applies to an integer codec"),
+    ({"codec_group": 8}, "codec_group/codec_outliers apply to an integer codec"),
+    ({"codec": "int8", "codec_outliers": 16}, "outliers must be a whole number of channels in 0..15"),
     ({"codec": "int4", "codec_group": 5}, "group 5 does not divide head_dim 16"),
-    ({"codec": "bf16", "codec_group": 8}, "group applies to the integer formats"),
+    ({"codec": "bf16", "codec_group": 8}, "group and outliers apply to the integer formats"),
 ])
 def test_bad_codec_options(options, message):
     with pytest.raises(KVBoundError, match=message):
