@@ -197,6 +197,25 @@ def test_parked_conversations_restore_to_identical_replies(policy, budget):
         msgs.append({"role": "assistant", "content": reply})
 
 
+def test_parking_an_offload_conversation_deletes_its_files(tmp_path):
+    script = _script(n_conv=2, turns=2)
+    with serving(policy="offload", budget=4) as hot:
+        unbounded = _play(hot, script)
+    with serving(policy="offload", budget=4, options={"dir": str(tmp_path)}, memory_budget=1) as tight:
+        assert _play(tight, script) == unbounded
+        assert list(tmp_path.iterdir()) == []  # every idle conversation parked: its offload files are gone
+        assert tight.stats()["restores"] == 2
+
+
+def test_a_lossy_policy_continues_without_rollback():
+    with serving(policy="window", budget=8) as live:
+        msgs = [{"role": "user", "content": "first question"}]
+        msgs += [{"role": "assistant", "content": live.chat(msgs)}, {"role": "user", "content": "second"}]
+        assert live.chat(msgs)
+        s = live.stats()
+    assert s["conversations"] == 1 and s["prefix_hits"] == 1
+
+
 def test_memory_budget_keeps_the_most_recent_conversations_hot():
     model, _ = loaded()
     per_conv = make_cache(model, "full").kv_bytes_per_token * 60  # a conversation here holds ~60 tokens
@@ -349,6 +368,11 @@ def test_cli_serve_refuses_bad_arguments(capsys):
     assert main(["serve", "--model", MODEL, "--policy", "nope"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown policy" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--model", MODEL, "--port", str(taken.getsockname()[1])]) == 2
+    assert "cannot listen on" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- SmolLM2

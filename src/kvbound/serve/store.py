@@ -24,17 +24,22 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..cache.base import KVBoundCache
+from ..cache.registry import get_policy
 from ..errors import KVBoundError
 from .radix import Node, RadixTree, as_ids, common_prefix
 
 TOKEN_ID_BYTES = array("i").itemsize  # 4
 
 
+FILE_TIERS = ("offloaded", "offload_slack")  # the offload policy's file store: on disk, not in memory
+
+
 def held_bytes(cache: KVBoundCache) -> int:
     """Bytes a cache holds in memory: every tier except K/V offloaded to a file."""
     tiers = cache.bytes_by_tier()
-    on_disk = tiers.get("offloaded", 0) if getattr(cache, "store_kind", None) == "file" else 0
-    return sum(tiers.values()) - on_disk
+    if getattr(cache, "store_kind", None) == "file":
+        tiers = {k: v for k, v in tiers.items() if k not in FILE_TIERS}
+    return sum(tiers.values())
 
 
 @dataclass(eq=False)
@@ -97,16 +102,24 @@ class ConversationStore:
             if restored:
                 conv.cache = self.new_cache()
                 self.counters["restores"] += 1
-            elif conv.cache.get_seq_length() > keep:
-                try:
-                    conv.cache.truncate(conv.cache.get_seq_length() - keep)
-                except KVBoundError:  # a policy that cannot roll back: start over from the tokens
-                    conv.cache.close()
-                    conv.cache = self.new_cache()
+            elif conv.cache.get_seq_length() > keep and not self._roll_back(conv.cache, keep):
+                conv.cache.close()  # start over from the tokens
+                conv.cache = self.new_cache()
             reused = conv.cache.get_seq_length()
             self.counters["prefix_hits"] += 1
             self.counters["reused_tokens"] += reused
             return Lease(conv, reused, restored=restored, matched=True)
+
+    @staticmethod
+    def _roll_back(cache: KVBoundCache, keep: int) -> bool:
+        """Roll ``cache`` back to its first ``keep`` tokens; ``False`` if its policy cannot."""
+        if not get_policy(cache.policy_name).can_rollback:
+            return False
+        try:
+            cache.truncate(cache.get_seq_length() - keep)
+        except KVBoundError:  # e.g. residual on sliding-window layers whose residuals are gone
+            return False
+        return True
 
     def _match(self, tokens: array) -> tuple[Conversation | None, int]:
         """Longest continuation: stored prompts that are proper prefixes of ``tokens``, ranked by the
