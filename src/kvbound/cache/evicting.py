@@ -49,6 +49,7 @@ from transformers.cache_utils import DynamicLayer
 from ..recompute import LayerDriver
 from .base import KVBoundCache, PolicyLayer, nbytes
 from .checks import refuse_padding
+from .codec import decode_kv, encode_kv, tier_codec
 from .hooks import attach
 from .model_info import layer_windows
 
@@ -148,8 +149,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h = key_states.shape[:2]
-        self.keys = key_states.new_empty((b, h, 0, key_states.shape[-1]))
-        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.keys, self.values = encode_kv(self.cache.codec, key_states[..., :0, :], value_states[..., :0, :])
         self.positions = torch.empty((b, h, 0), dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
@@ -211,8 +211,9 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         b, h, new = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
         step_pos = torch.arange(self.seen, self.seen + new, device=key_states.device)
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
+        held_k, held_v = decode_kv(self.cache.codec, self.keys, self.values, key_states.dtype)
+        keys = torch.cat([held_k, key_states], dim=-2)
+        values = torch.cat([held_v, value_states], dim=-2)
         positions = torch.cat([self.positions, step_pos.expand(b, h, new)], dim=-1)
         query, self.pending_query = self.pending_query, None
         self.seen += new
@@ -226,10 +227,15 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
                 raise RuntimeError(f"{self.cache.policy_name}: no query for layer {self.layer_idx}; "
                                    "the attention hooks did not run (call the model with this cache)")
             idx = self.select(keys, positions, query, step_pos[new - rows:] if rows else step_pos[:0])
-        if idx is None:
-            self.keys, self.values, self.positions = keys, values, positions
+        if self.cache.codec is not None:  # held tokens keep their codes; only the new ones are encoded
+            new_k, new_v = encode_kv(self.cache.codec, key_states, value_states)
+            keep_k, keep_v = torch.cat([self.keys, new_k], dim=-2), torch.cat([self.values, new_v], dim=-2)
         else:
-            self.keys, self.values = gather_tokens(keys, idx), gather_tokens(values, idx)
+            keep_k, keep_v = keys, values
+        if idx is None:
+            self.keys, self.values, self.positions = keep_k, keep_v, positions
+        else:
+            self.keys, self.values = gather_tokens(keep_k, idx), gather_tokens(keep_v, idx)
             self.positions = gather_tokens(positions, idx)
         self.cache.note_transient(nbytes(keys, values, query))
         self.cache.account(self.layer_idx)
@@ -248,6 +254,7 @@ class EvictingCache(KVBoundCache):
 
     def __init__(self, model: "PreTrainedModel", budget: int, options: Any) -> None:
         self.options = options
+        self.codec = tier_codec(options, model, self.policy_name)  # hot window kept through a codec (option)
         self.driver = LayerDriver(model)  # clear error for unsupported families
         attach(model)
         windows = layer_windows(model)
