@@ -1,4 +1,5 @@
-"""``kvbound`` command line: ``generate`` (one prompt), ``chat`` (multi-turn on stdin), ``bench``, ``serve``.
+"""``kvbound`` command line: ``generate`` (one prompt), ``chat`` (multi-turn on stdin), ``perplexity``
+(of a text file), ``bench`` and ``serve``.
 
 Bad input (``KVBoundError``) exits with status 2 and one line on stderr, never a traceback.
 """
@@ -91,7 +92,7 @@ def _option(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, new_tokens: bool = True) -> None:
     from .models import DEFAULT_MODEL
 
     g = p.add_argument_group("model and cache")
@@ -101,6 +102,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=int, metavar="N", help="tokens of K/V kept hot per layer (policies that need one)")
     g.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (repeatable), e.g. --option sinks=4")
+    if not new_tokens:
+        return
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate per reply (default: 64)")
 
 
@@ -141,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+    _add_perplexity(sub, fmt)
     _add_bench(sub)
     _add_serve(sub, fmt)
     return parser
@@ -191,6 +195,37 @@ def _add_serve(sub, fmt) -> None:
                    help=f"prompt tokens per forward pass when prefilling or restoring (default: {DEFAULT_PREFILL_CHUNK})")
     s.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     serve.set_defaults(func=cmd_serve)
+
+
+EXAMPLES_PERPLEXITY = """\
+examples:
+  kvbound perplexity --text-file book.txt --max-tokens 1024 --json
+  kvbound perplexity --text-file book.txt --policy window --budget 64 --chunk 1   # strict token-by-token
+  kvbound perplexity --model tiny-llama --text-file README.md --max-tokens 200
+"""
+
+
+def _add_perplexity(sub, fmt) -> None:
+    from .quality import DEFAULT_CHUNK
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a long text, scored through a kvbound cache",
+                         description="Perplexity of a text file: the text is fed --chunk tokens per forward pass "
+                                     "through the policy's cache and every token is predicted from what the cache "
+                                     "holds at that point plus the chunk. --chunk 1 is strict token-by-token "
+                                     f"scoring; the default {DEFAULT_CHUNK} lets a lossy policy at budget B see "
+                                     f"B..B+{DEFAULT_CHUNK - 1} past tokens (exact policies are unaffected).",
+                         epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_PERPLEXITY,
+                         formatter_class=fmt)
+    ppl.add_argument("--text-file", required=True, metavar="PATH", help="UTF-8 text to score")
+    _add_model_args(ppl, new_tokens=False)
+    ppl.add_argument("--max-tokens", type=int, metavar="N",
+                     help="score only the first N tokens (default: the whole text, up to the model's positions)")
+    ppl.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, metavar="C",
+                     help=f"tokens per forward pass (default: {DEFAULT_CHUNK}; 1 = strict token-by-token)")
+    ppl.add_argument("--json", action="store_true",
+                     help="print one JSON object (perplexity, tokens, mean_nll, seconds, peak_rss_bytes, chunk, "
+                          "model, policy, budget, options, cache) on the last line of stdout")
+    ppl.set_defaults(func=cmd_perplexity)
 
 
 def _add_bench(sub) -> None:
@@ -285,9 +320,13 @@ def _speculate(model, input_ids: torch.Tensor, args) -> tuple[torch.Tensor, Any,
         raise
     cache = _make_cache(model, args)
     draft = {} if args.draft is None else {"draft": args.draft}
-    new_ids, stats = speculative_greedy(model, input_ids, cache, budget=args.budget, k=args.speculate,
-                                        max_new_tokens=args.max_new_tokens,
-                                        eos_token_id=model.generation_config.eos_token_id, **draft)
+    try:
+        new_ids, stats = speculative_greedy(model, input_ids, cache, budget=args.budget, k=args.speculate,
+                                            max_new_tokens=args.max_new_tokens,
+                                            eos_token_id=model.generation_config.eos_token_id, **draft)
+    except BaseException:
+        cache.close()
+        raise
     report = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in stats.as_dict().items()}
     return new_ids, cache, report
 
@@ -305,15 +344,20 @@ def cmd_generate(args) -> int:
         raise KVBoundError("the prompt tokenized to zero tokens; give some text")
     _check_length(model, args, input_ids.shape[1])
 
-    speculation = None
-    if args.speculate is not None:
-        start = time.perf_counter()
-        new, cache, speculation = _speculate(model, input_ids, args)
-    else:
-        cache = _make_cache(model, args)
-        start = time.perf_counter()
-        new = greedy(model, input_ids, cache, args.max_new_tokens)
-    seconds = time.perf_counter() - start
+    speculation = cache = None
+    try:
+        if args.speculate is not None:
+            start = time.perf_counter()
+            new, cache, speculation = _speculate(model, input_ids, args)
+        else:
+            cache = _make_cache(model, args)
+            start = time.perf_counter()
+            new = greedy(model, input_ids, cache, args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        report = cache.memory_report()
+    finally:
+        if cache is not None:
+            cache.close()  # offload: the store's files go now, not at exit
     token_ids = new[0].tolist()
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     result = {
@@ -324,7 +368,7 @@ def cmd_generate(args) -> int:
         "prompt_tokens": int(input_ids.shape[1]),
         "token_ids": token_ids,
         "text": text,
-        "cache": cache.memory_report(),
+        "cache": report,
         "seconds": round(seconds, 4),
         "tokens_per_s": round(len(token_ids) / seconds, 3) if seconds > 0 else None,
     }
@@ -334,10 +378,54 @@ def cmd_generate(args) -> int:
         print(json.dumps(result))
     else:
         print(text)
-        report = result["cache"]
         print(f"[{len(token_ids)} tokens in {seconds:.2f}s, {result['tokens_per_s']} tok/s; "
               f"{args.policy} cache: {report['tokens_seen']} tokens seen, "
               f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def cmd_perplexity(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .models import load
+    from .quality import perplexity
+    from .quality.perplexity import max_positions
+
+    if args.chunk < 1:
+        raise KVBoundError(f"--chunk must be >= 1 token, got {args.chunk}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise KVBoundError(f"--max-tokens must be >= 2 (one token to predict from, one to predict), got {args.max_tokens}")
+    text = read_prompt_file(args.text_file, "text file")
+    model, tokenizer = load(args.model)
+    limit = max_positions(model)
+    if args.max_tokens is not None and limit is not None and args.max_tokens > limit:
+        raise KVBoundError(f"--max-tokens {args.max_tokens} is beyond model {args.model!r}'s {limit} positions; "
+                           f"use --max-tokens {limit} or less")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    if ids.shape[1] < 2:
+        raise KVBoundError(f"text file {args.text_file} is {ids.shape[1]} token(s); perplexity needs at least 2")
+    if args.max_tokens is not None:
+        ids = ids[:, :args.max_tokens]
+    elif limit is not None and ids.shape[1] > limit:
+        raise KVBoundError(f"text file {args.text_file} is {ids.shape[1]} tokens but model {args.model!r} handles "
+                           f"at most {limit} positions; pass --max-tokens {limit} or less")
+    cache = _make_cache(model, args)
+    try:
+        with tqdm(total=ids.shape[1] - 1, unit="tok", desc=f"perplexity {args.policy}", disable=None,
+                  file=sys.stderr, leave=False) as bar:
+            result = perplexity(model, ids, cache, chunk=args.chunk, progress=lambda done: bar.update(done - bar.n))
+    finally:
+        cache.close()
+    out = {**result.as_dict(), "model": args.model, "policy": args.policy, "budget": args.budget,
+           "options": dict(args.option), "cache": cache.memory_report()}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (mean NLL {result.mean_nll:.4f} nats; "
+              f"chunk {result.chunk}; {result.seconds:.1f}s; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB)")
     return 0
 
 
@@ -371,12 +459,24 @@ def _eos_ids(tokenizer) -> set[int]:
 
 
 def cmd_chat(args) -> int:
-    from .generation import greedy
-
     model, tokenizer = _load(args)
     if not getattr(tokenizer, "chat_template", None):
         raise KVBoundError(f"model {args.model!r} has no chat template, so 'kvbound chat' cannot format turns")
     cache = _make_cache(model, args)
+    try:
+        messages = _chat_loop(model, tokenizer, cache, args)
+        report = cache.memory_report()
+    finally:
+        cache.close()
+    print(f"[{len(messages) // 2} turns; {args.policy} cache: {report['tokens_seen']} tokens seen, "
+          f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+def _chat_loop(model, tokenizer, cache, args) -> list[dict]:
+    """Read user lines until EOF or /exit, reply to each on one cache; returns the messages."""
+    from .generation import greedy
+
     messages: list[dict] = []
     history: torch.Tensor | None = None
     interactive = sys.stdin.isatty()
@@ -393,15 +493,19 @@ def cmd_chat(args) -> int:
             continue
         ids = next_turn_ids(tokenizer, messages, history, text, args)
         _check_length(model, args, ids.shape[1])
+        seen = cache.get_seq_length()
+        if seen and not torch.equal(ids[:, :seen], history[:, :seen]):
+            # The template rewrote earlier turns: the cache holds another past. Rebuild it from the
+            # full rendering rather than continue from a misaligned context.
+            cache.reset()
+            print("[the chat template rewrote earlier turns: cache rebuilt from the whole conversation]",
+                  file=sys.stderr)
         new = greedy(model, ids, cache, args.max_new_tokens)
         reply = tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
         print(reply, flush=True)
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         history = torch.cat([ids, new], dim=1)
-    report = cache.memory_report()
-    print(f"[{len(messages) // 2} turns; {args.policy} cache: {report['tokens_seen']} tokens seen, "
-          f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
-    return 0
+    return messages
 
 
 # --------------------------------------------------------------------------- serve

@@ -138,6 +138,7 @@ class KVBoundCache(DynamicCache):
     """Base cache: a ``DynamicCache`` whose layers follow one policy and report memory."""
 
     policy_name: str = "?"
+    lossless: bool = True  # False when an option makes this instance lossy (a K/V codec, kvbound.cache.codec)
 
     def __init__(self, model: "PreTrainedModel", budget: int | None, layers: list) -> None:
         # Skip DynamicCache.__init__ (it would build its own layers from the config).
@@ -154,6 +155,12 @@ class KVBoundCache(DynamicCache):
     def parse_options(cls, options: dict[str, Any]):
         """This policy's options dataclass (registered with it) built from ``options``."""
         return parse_options(get_policy(cls.policy_name).options, options, cls.policy_name)
+
+    @property
+    def exact(self) -> bool:
+        """This instance's promise: its policy's (the registry's ``exact``), unless its options made
+        it lossy (e.g. ``offload`` with ``codec=int8``)."""
+        return get_policy(self.policy_name).exact and self.lossless
 
     # -- hooks (see kvbound.cache.hooks); policies override what they need ------
     def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
@@ -196,6 +203,7 @@ class KVBoundCache(DynamicCache):
         tiers = self.bytes_by_tier()
         return {
             "policy": self.policy_name,
+            "exact": self.exact,
             "budget": self.budget,
             "tokens_seen": self.tokens_seen,
             "hot_kv_bytes": tiers.get("hot_kv", 0),

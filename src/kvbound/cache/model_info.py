@@ -28,10 +28,15 @@ def first_full_layer(model: "PreTrainedModel") -> int | None:
     return next((i for i, w in enumerate(layer_windows(model)) if w is None), None)
 
 
+def head_dim(model: "PreTrainedModel") -> int:
+    cfg = text_config(model)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def kv_bytes_per_token(model: "PreTrainedModel") -> int:
     """Analytic K+V bytes one token costs across all layers (batch 1, full attention)."""
     cfg = text_config(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d = head_dim(model)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+    return 2 * cfg.num_hidden_layers * kv_heads * d * itemsize

@@ -19,6 +19,11 @@ Layout: token ``p``'s K and V are one record ``[2, batch, kv_heads, head_dim]`` 
 so any span of tokens is one contiguous read. Gemma 3 sliding layers never need tokens older
 than the window: their store is a ring of ``window - 1 + max_rollback`` slots.
 
+Option ``codec`` (``int8``, ``int4``, ``int2``, ``bf16``, ``fp32``; :mod:`kvbound.cache.codec`) stores
+each spilled token as its codec bytes -- per-token groups of ``codec_group`` channels with float16
+scales, so every record still stands alone -- and decodes what it reads back: int8 reads and stores
+~3.8x fewer bytes than fp32 and makes the cache lossy (``cache.exact`` is then ``False``).
+
 Memory report: ``hot_kv`` (held in memory), ``offloaded`` (bytes of the tokens in the store) and
 ``offload_slack`` (capacity allocated beyond them: the file is preallocated and the host buffer
 grown geometrically, so ``offloaded + offload_slack`` is the file size / buffer size); the
@@ -43,7 +48,8 @@ import torch
 
 from ..errors import KVBoundError
 from .base import KVBoundCache, nbytes
-from .model_info import layer_windows
+from .codec import parse_codec
+from .model_info import head_dim, layer_windows
 from .registry import register
 from .hot_window import HotWindowLayer
 
@@ -55,6 +61,8 @@ class OffloadOptions:
     dir: str | None = None  # parent folder of the store's temp folder (file store); default: system temp
     store: str = "auto"  # "file", "host" (pinned host memory) or "auto" (file on CPU, host on GPU)
     max_rollback: int = 64  # sliding layers keep this many tokens beyond the window for rollback
+    codec: str | None = None  # store K/V as fp32/bf16/int8/int4/int2 (kvbound.cache.codec; lossy); default: as computed
+    codec_group: int | None = None  # integer codecs: channels per scale (default: the head for int8, else 32)
 
 
 def _disk_error(exc: OSError, where: str, need: int) -> KVBoundError:
@@ -317,11 +325,14 @@ class OffloadLayer(HotWindowLayer):
         self._recalled = 0
 
     def spill(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        self.store.write(start, keys, values)
+        self.store.write(start, *self.cache.encode(keys, values))
 
     def recall(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.store.read(start, end, like)
         self._recalled = nbytes(k, v)
+        if self.cache.codec is not None:  # the records read back and the K/V decoded from them
+            k, v = self.cache.decode(k, v, like.dtype)
+            self._recalled += nbytes(k, v)
         return k, v
 
     def map_spilled(self, fn) -> None:
@@ -360,6 +371,11 @@ class OffloadCache(KVBoundCache):
             raise KVBoundError(f"offload option store must be one of {', '.join(STORES)}, got {opts.store!r}")
         if isinstance(opts.max_rollback, bool) or not isinstance(opts.max_rollback, int) or opts.max_rollback < 0:
             raise KVBoundError(f"offload option max_rollback must be a whole number >= 0, got {opts.max_rollback!r}")
+        if opts.codec_group is not None and opts.codec is None:
+            raise KVBoundError("offload option codec_group applies to an integer codec; add codec=int8 (or int4/int2)")
+        self.codec = None if opts.codec is None else parse_codec(opts.codec, head_dim(model), opts.codec_group,
+                                                                  "offload option codec")
+        self.lossless = self.codec is None or self.codec.lossless
         on_gpu = next(model.parameters()).device.type != "cpu"
         kind = opts.store if opts.store != "auto" else ("host" if on_gpu else "file")
         self.closed = False
@@ -384,6 +400,17 @@ class OffloadCache(KVBoundCache):
             layers.append(OffloadLayer(self, i, w, budget, store))
         super().__init__(model, budget, layers)
         self.store_kind = kind
+
+    # -- codec: what the store keeps ---------------------------------------------------------
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V as the store keeps them: unchanged, or each token's codec bytes (``[B, H, n, width]``
+        uint8, :meth:`~kvbound.cache.codec.Codec.to_bytes`), which the store handles like K/V."""
+        if self.codec is None:
+            return keys, values
+        return self.codec.to_bytes(keys), self.codec.to_bytes(values)
+
+    def decode(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codec.from_bytes(k, dtype), self.codec.from_bytes(v, dtype)
 
     # -- read-back buffer shared by the layers of one forward pass ---------------------------
     def readback(self, size: int) -> torch.Tensor:
