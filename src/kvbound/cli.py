@@ -166,7 +166,8 @@ def _add_serve(sub, fmt) -> None:
                     "/v1/models, /health, /stats). Each conversation keeps one cache under --policy; a request "
                     "continues the stored conversation that shares its longest token prefix. When the caches of "
                     "all conversations hold more than --memory-budget, the least recently used idle ones are "
-                    "parked as token ids (4 bytes per token) and restored exactly on their next request. "
+                    "parked as token ids (4 bytes per token) and restored by a prefill on their next request: with an "
+                    "exact policy the replies are those of a server without a budget. "
                     "Needs the serve extra: pip install 'kvbound[serve]'.",
         epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_SERVE, formatter_class=fmt)
     from .models import DEFAULT_MODEL
