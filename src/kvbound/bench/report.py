@@ -408,6 +408,11 @@ def render(out_dir: str | Path) -> list[Path]:
     elif scenario == "latency":
         plots = _latency_plots(data, out)
         md = _latency_md(data, plots)
+    elif scenario == "long":
+        from .long_report import long_md, long_plots
+
+        plots = long_plots(data, out)
+        md = long_md(data, plots)
     else:
         from ..errors import KVBoundError
 
