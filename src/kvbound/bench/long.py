@@ -1,7 +1,9 @@
 """``kvbound bench --scenario long``: every policy on one long prompt, each run in a fresh process.
 
 A fresh Python process per (model, length, policy) makes the process's peak RSS that run's own:
-the worker loads the model, lowers the RSS high-water mark to the loaded model's resident size
+the worker loads the model, runs an 8-token forward (weights loaded from safetensors are mapped
+from the file and only become resident when first read), lowers the RSS high-water mark to the
+loaded model's resident size
 (:func:`kvbound.rss.reset_peak_rss`), generates, and reports the peak, the RSS added above the
 loaded model, the cache's tensor bytes by tier, the time to the first token (every prompt chunk)
 and the decode time per token after it. The prompt is :func:`~kvbound.bench.inputs.haystack_ids`:
@@ -63,6 +65,8 @@ def run_job(job: LongJob) -> dict[str, Any]:
     record: dict[str, Any] = {**asdict(job), "exact": registered()[job.policy].exact}
     model, tokenizer = load(job.model)
     ids, answer = haystack_ids(tokenizer, job.tokens)
+    with torch.no_grad():  # touch every weight: file-mapped weight pages count in RSS once read
+        model(ids[:, :8], use_cache=False, logits_to_keep=1)
     gc.collect()
     record["load_peak_rss_bytes"] = peak_rss_bytes()
     record["loaded_rss_bytes"] = loaded = current_rss_bytes()
