@@ -6,18 +6,14 @@ Two services, both built from the model's own modules (no copied math):
   residual stream (producing layer ``l``'s K/V and the residual entering ``l+1``), project
   a stored residual to K/V (norm -> k/v proj -> k_norm -> RoPE), or compute the query of the
   current step (for attention-scored eviction).
-* :func:`attach` -- stateless forward pre-hooks that tell a kvbound cache what it cannot see
-  through ``Cache.update``: the step's input ids, each layer's residual input and each
-  attention module's normed input. The hooks hold no state: they look up the cache in the
-  call's ``past_key_values`` and do nothing for any other cache.
+(The observation hooks that feed kvbound caches live in :mod:`kvbound.cache.hooks`.)
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,7 +30,32 @@ if TYPE_CHECKING:  # pragma: no cover
 SUPPORTED_FAMILIES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 
 
-def _base_model(model: "PreTrainedModel") -> nn.Module:
+# Families whose modeling code slides every layer when ``config.sliding_window`` is set (one mask
+# function for the whole model) and ignores any ``layer_types`` (transformers 5.23).
+UNIFORM_SLIDING = ("mistral", "mixtral", "phi3", "phimoe", "qwen3_moe", "starcoder2")
+
+
+def attention_types(config) -> list[str]:
+    """Each layer's attention type (``"sliding_attention"`` / ``"full_attention"``) exactly as
+    transformers' modeling code picks it (5.23):
+
+    * Mistral-style families (:data:`UNIFORM_SLIDING`) and configs without ``layer_types``: every
+      layer slides iff ``sliding_window`` is set;
+    * otherwise ``layer_types``, which the config itself derives when not given (Qwen2/Qwen3:
+      ``use_sliding_window`` and layers ``>= max_window_layers``; Gemma 3: every 6th layer full).
+
+    A sliding type without a window (Qwen2 with ``use_sliding_window=False``) attends fully.
+    """
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if config.model_type in UNIFORM_SLIDING or types is None:
+        types = ["sliding_attention" if window is not None else "full_attention"] * n
+    return ["sliding_attention" if t == "sliding_attention" and window is not None else "full_attention"
+            for t in types]
+
+
+def base_model(model: "PreTrainedModel") -> nn.Module:
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "layers"):
         raise KVBoundError(
@@ -52,7 +73,7 @@ def check_supported(model: "PreTrainedModel") -> None:
             f"model family {model_type!r} is not supported for K/V recomputation; "
             f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    _base_model(model)
+    base_model(model)
 
 
 class LayerDriver:
@@ -61,10 +82,9 @@ class LayerDriver:
     def __init__(self, model: "PreTrainedModel") -> None:
         check_supported(model)
         self.model = model
-        self.base = _base_model(model)
+        self.base = base_model(model)
         self.config = model.config.get_text_config(decoder=True)
-        n = self.config.num_hidden_layers
-        self.layer_types: list[str] = list(getattr(self.config, "layer_types", None) or ["full_attention"] * n)
+        self.layer_types = attention_types(self.config)
         self._rope_takes_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
         attn0 = self.base.layers[0].self_attn
         self._apply_rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
@@ -145,57 +165,3 @@ class LayerDriver:
 
     def kv_groups(self) -> int:
         return self.config.num_attention_heads // self.config.num_key_value_heads
-
-
-# --------------------------------------------------------------------------- hooks
-
-
-def _cache_of(kwargs: dict):
-    from .cache.base import KVBoundCache
-
-    cache = kwargs.get("past_key_values")
-    return cache if isinstance(cache, KVBoundCache) else None
-
-
-def _on_base(module, args, kwargs):
-    cache = _cache_of(kwargs)
-    if cache is not None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        cache.observe_input_ids(ids)
-
-
-def _on_module(layer_idx: int, observe: str):
-    """Pre-hook that hands module ``layer_idx``'s first input to ``cache.<observe>``."""
-
-    def hook(module, args, kwargs):
-        cache = _cache_of(kwargs)
-        if cache is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            getattr(cache, observe)(layer_idx, hidden, kwargs)
-
-    return hook
-
-
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list[Any]]" = weakref.WeakKeyDictionary()
-
-
-def attach(model: "PreTrainedModel") -> None:
-    """Register kvbound's observation hooks on ``model`` once (idempotent).
-
-    The hooks are stateless dispatchers: a forward pass without a kvbound cache is unaffected.
-    """
-    if model in _ATTACHED:
-        return
-    base = _base_model(model)
-    handles = [base.register_forward_pre_hook(_on_base, with_kwargs=True)]
-    for i, layer in enumerate(base.layers):
-        handles.append(layer.register_forward_pre_hook(_on_module(i, "observe_layer_input"), with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_pre_hook(_on_module(i, "observe_attention_input"),
-                                                               with_kwargs=True))
-    _ATTACHED[model] = handles
-
-
-def detach(model: "PreTrainedModel") -> None:
-    """Remove the hooks :func:`attach` registered (for tidy tests; never required)."""
-    for h in _ATTACHED.pop(model, []):
-        h.remove()

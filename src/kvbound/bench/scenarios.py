@@ -18,7 +18,8 @@ import torch
 from transformers import LogitsProcessor
 
 from ..cache import make_cache, registered
-from ..cache.base import KVBoundCache, kv_bytes_per_token, text_config
+from ..cache.base import KVBoundCache
+from ..cache.model_info import kv_bytes_per_token, text_config
 from ..errors import KVBoundError
 from ..generation import DEFAULT_PREFILL_CHUNK, Timings, generate
 from . import metrics

@@ -1,4 +1,4 @@
-"""Layer protocol, memory accounting and the policy registry.
+"""Layer protocol and memory accounting (the registry is :mod:`kvbound.cache.registry`).
 
 Every policy is a :class:`PolicyLayer` subclass (one per model layer) living inside a
 :class:`KVBoundCache`, which is a transformers ``DynamicCache`` and therefore plugs into
@@ -14,13 +14,14 @@ Memory is measured on the tensors actually held, never estimated:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from ..errors import KVBoundError
+from .model_info import kv_bytes_per_token, text_config
+from .registry import get_policy, parse_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -31,50 +32,22 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-# --------------------------------------------------------------------------- registry
+# ----------------------------------------------------------------- batch maps (beam search)
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    """A registered policy: how to build its layers and what it promises."""
-
-    name: str
-    description: str
-    build: Callable[..., "KVBoundCache"]
-    exact: bool
-    needs_budget: bool
+def by_beam(beam_idx: torch.Tensor):
+    """Batch map of ``reorder_cache``: row ``i`` becomes row ``beam_idx[i]``."""
+    return lambda t: t.index_select(0, beam_idx.to(t.device))
 
 
-_REGISTRY: dict[str, PolicySpec] = {}
+def repeated(repeats: int):
+    """Batch map of ``batch_repeat_interleave``."""
+    return lambda t: t.repeat_interleave(repeats, dim=0)
 
 
-def register(name: str, description: str, *, exact: bool, needs_budget: bool = True):
-    """Class decorator: register a :class:`KVBoundCache` subclass under ``name``.
-
-    The class must accept ``(model, budget, **options)``.
-    """
-
-    def deco(cls):
-        if name in _REGISTRY:
-            raise RuntimeError(f"policy {name!r} registered twice")
-        _REGISTRY[name] = PolicySpec(name, description, cls, exact, needs_budget)
-        cls.policy_name = name
-        return cls
-
-    return deco
-
-
-def get_policy(name: str) -> PolicySpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KVBoundError(
-            f"unknown policy {name!r}; valid policies: {', '.join(sorted(_REGISTRY))}"
-        ) from None
-
-
-def registered() -> dict[str, PolicySpec]:
-    return dict(sorted(_REGISTRY.items()))
+def selected(indices: torch.Tensor):
+    """Batch map of ``batch_select_indices``."""
+    return lambda t: t[indices, ...]
 
 
 # --------------------------------------------------------------------------- layers
@@ -130,6 +103,28 @@ class PolicyLayer:
         if n > 0:
             self.truncate(n)
 
+    # -- reset and batch reordering (beam search) -------------------------------------
+    def reset(self) -> None:
+        """Forget everything (transformers' ``Cache.reset``): the layer is as new."""
+        super().reset()  # the transformers layer class this mixin is combined with
+        self.seen = 0
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (a map of the batch dimension) to every per-sequence tensor held.
+        Layers holding more per-sequence state than the hot K/V extend it."""
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+        self.cache.account(self.layer_idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map_batch(by_beam(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map_batch(repeated(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map_batch(selected(indices))
+
     # -- memory ---------------------------------------------------------------------
     def tiers(self) -> dict[str, int]:
         """Bytes this layer holds between forward passes, by tier."""
@@ -143,6 +138,7 @@ class KVBoundCache(DynamicCache):
     """Base cache: a ``DynamicCache`` whose layers follow one policy and report memory."""
 
     policy_name: str = "?"
+    lossless: bool = True  # False when an option makes this instance lossy (a K/V codec, kvbound.cache.codec)
 
     def __init__(self, model: "PreTrainedModel", budget: int | None, layers: list) -> None:
         # Skip DynamicCache.__init__ (it would build its own layers from the config).
@@ -152,11 +148,21 @@ class KVBoundCache(DynamicCache):
         self._hot_by_layer = [0] * len(layers)
         self.peak_hot_kv_bytes = 0
         self.peak_transient_bytes = 0
-        text_cfg = model.config.get_text_config(decoder=True)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
-        self.num_layers = text_cfg.num_hidden_layers
+        self.num_layers = text_config(model).num_hidden_layers
 
-    # -- hooks (see kvbound.recompute.attach); policies override what they need ------
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]):
+        """This policy's options dataclass (registered with it) built from ``options``."""
+        return parse_options(get_policy(cls.policy_name).options, options, cls.policy_name)
+
+    @property
+    def exact(self) -> bool:
+        """This instance's promise: its policy's (the registry's ``exact``), unless its options made
+        it lossy (e.g. ``offload`` with ``codec=int8``)."""
+        return get_policy(self.policy_name).exact and self.lossless
+
+    # -- hooks (see kvbound.cache.hooks); policies override what they need ------
     def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
         """Called before each forward pass with its input ids (``None`` for embeddings)."""
 
@@ -197,6 +203,7 @@ class KVBoundCache(DynamicCache):
         tiers = self.bytes_by_tier()
         return {
             "policy": self.policy_name,
+            "exact": self.exact,
             "budget": self.budget,
             "tokens_seen": self.tokens_seen,
             "hot_kv_bytes": tiers.get("hot_kv", 0),
@@ -220,41 +227,40 @@ class KVBoundCache(DynamicCache):
             for layer in self.layers:
                 layer.truncate(n)
 
+    # -- reset and batch reordering ---------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything, as a new cache: every layer, the policy's own state and the peaks."""
+        super().reset()
+        self.reset_state()
+        self._hot_by_layer = [0] * len(self.layers)
+        self.peak_hot_kv_bytes = 0
+        self.peak_transient_bytes = 0
+
+    def reset_state(self) -> None:
+        """Drop per-cache policy state kept outside the layers (e.g. token ids); see :meth:`reset`."""
+
+    def map_batch_state(self, fn) -> None:
+        """Apply ``fn`` (a map of the batch dimension) to per-cache per-sequence state (e.g. token ids)."""
+
+    def _batch_op(self, op: str, arg: Any, fn) -> None:
+        """Run the layers' ``op`` (they map their own state), then the cache's own state; refused
+        with a clear error when the registry says the policy cannot reorder batches."""
+        if not get_policy(self.policy_name).beams:
+            raise KVBoundError(f"policy {self.policy_name!r} does not support {op} (beam search and batch "
+                               "reordering); use num_beams=1, or a policy that does (see kvbound --help)")
+        for layer in self.layers:
+            getattr(layer, op)(arg)
+        self.map_batch_state(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: every sequence's state follows its beam (hot K/V, stores, token ids)."""
+        self._batch_op("reorder_cache", beam_idx, by_beam(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_op("batch_repeat_interleave", repeats, repeated(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_op("batch_select_indices", indices, selected(indices))
+
     def close(self) -> None:
         """Release external resources (files); a no-op for in-memory policies."""
-
-
-def text_config(model: "PreTrainedModel"):
-    return model.config.get_text_config(decoder=True)
-
-
-def layer_windows(model: "PreTrainedModel") -> list[int | None]:
-    """Per layer: the sliding window for sliding-attention layers, else ``None``."""
-    cfg = text_config(model)
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    window = getattr(cfg, "sliding_window", None)
-    return [window if t == "sliding_attention" else None for t in types]
-
-
-def kv_bytes_per_token(model: "PreTrainedModel") -> int:
-    """Analytic K+V bytes one token costs across all layers (batch 1, full attention)."""
-    cfg = text_config(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
-
-
-@dataclass
-class NoOptions:
-    """Options dataclass for policies that take none."""
-
-
-def parse_options(cls: type, options: dict[str, Any], policy: str):
-    """Build the policy's options dataclass, with a clear error for unknown names."""
-    names = {f for f in cls.__dataclass_fields__}
-    unknown = set(options) - names
-    if unknown:
-        valid = ", ".join(sorted(names)) or "none"
-        raise KVBoundError(f"policy {policy!r} got unknown option(s) {sorted(unknown)}; valid options: {valid}")
-    return cls(**options)

@@ -2,7 +2,7 @@
 
 A :class:`HotWindowLayer` keeps the K/V of the ``hot`` most recent tokens. Tokens leaving
 the window are handed to :meth:`HotWindowLayer.spill` (a lossy policy drops them; an exact
-policy checkpoints or offloads them). Exact policies set ``exact = True`` and implement
+policy checkpoints or offloads them). Layers of exact policies set ``recalls = True`` and implement
 :meth:`HotWindowLayer.recall`, which returns the K/V of every older token attention still
 needs, so each step sees exactly what the full cache would hold.
 
@@ -22,7 +22,7 @@ from .base import KVBoundCache, PolicyLayer, nbytes
 
 
 class HotWindowLayer(PolicyLayer, DynamicLayer):
-    exact: bool = False
+    recalls: bool = False  # True: spilled tokens are recalled for attention (exact policies)
 
     def __init__(self, cache: KVBoundCache, layer_idx: int, sliding_window: int | None, hot: int) -> None:
         DynamicLayer.__init__(self)
@@ -51,6 +51,25 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         elsewhere (kv-direct's token ids follow ``seen``); stores override it.
         """
 
+    def map_spilled(self, fn) -> None:
+        """Apply ``fn`` (a batch map: beam reorder, repeat, select) to the spilled tokens' state.
+
+        Nothing to do for lossy layers or when the per-token state lives on the cache
+        (kv-direct's token ids, :meth:`KVBoundCache.map_batch_state`); stores override it.
+        """
+
+    def reset_spilled(self) -> None:
+        """Forget every spilled token (:meth:`reset`); stores override it."""
+
+    # -- reset and batch maps (beam search) -------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        self.reset_spilled()
+
+    def map_batch(self, fn) -> None:
+        self.map_spilled(fn)
+        super().map_batch(fn)
+
     # -- rollback and draft refresh (kvbound.speculative) ---------------------------------
     def truncate(self, n: int) -> None:
         """Forget the last ``n`` tokens: crop the hot window; if ``n`` reaches past it the
@@ -71,7 +90,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
 
         The tensors are shared, not copied: ``update`` never writes into held tensors.
         """
-        if self.exact:
+        if self.recalls:
             raise RuntimeError("adopt_recent is for lossy draft layers")
         n = min(self.hot, keys.shape[-2])
         if not self.is_initialized:
@@ -91,7 +110,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         return max(0, self.seen - (self.sliding_window - 1))
 
     def past_visible(self) -> int:
-        return self.seen - self.needed_start() if self.exact else self.held()
+        return self.seen - self.needed_start() if self.recalls else self.held()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -99,7 +118,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         held, new = self.held(), key_states.shape[-2]
         first_hot = self.seen - held
         parts_k, parts_v = [self.keys, key_states], [self.values, value_states]
-        if self.exact and first_hot > self.needed_start():
+        if self.recalls and first_hot > self.needed_start():
             old_k, old_v = self.recall(self.needed_start(), first_hot, key_states)
             parts_k.insert(0, old_k)
             parts_v.insert(0, old_v)

@@ -19,8 +19,19 @@ Layout: token ``p``'s K and V are one record ``[2, batch, kv_heads, head_dim]`` 
 so any span of tokens is one contiguous read. Gemma 3 sliding layers never need tokens older
 than the window: their store is a ring of ``window - 1 + max_rollback`` slots.
 
-Memory report: ``hot_kv`` (held in memory) and ``offloaded`` (bytes in the store); the
+Option ``codec`` (``int8``, ``int4``, ``int2``, ``bf16``, ``fp32``; :mod:`kvbound.cache.codec`) stores
+each spilled token as its codec bytes -- per-token groups of ``codec_group`` channels with float16
+scales, so every record still stands alone -- and decodes what it reads back: int8 reads and stores
+~3.8x fewer bytes than fp32 and makes the cache lossy (``cache.exact`` is then ``False``).
+
+Memory report: ``hot_kv`` (held in memory), ``offloaded`` (bytes of the tokens in the store) and
+``offload_slack`` (capacity allocated beyond them: the file is preallocated and the host buffer
+grown geometrically, so ``offloaded + offload_slack`` is the file size / buffer size); the
 read-back buffer plus the concatenation handed to attention are transient bytes.
+
+Beam search and batch reordering rewrite the records (each record holds every sequence of one
+token): in place for a reorder, a full read-back and rewrite when the batch size changes.
+A model on a GPU may use the file store too: records are copied to host memory first.
 """
 
 from __future__ import annotations
@@ -36,7 +47,10 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, layer_windows, nbytes, parse_options, register
+from .base import KVBoundCache, nbytes
+from .codec import parse_codec
+from .model_info import head_dim, layer_windows
+from .registry import register
 from .hot_window import HotWindowLayer
 
 STORES = ("auto", "file", "host")
@@ -47,6 +61,8 @@ class OffloadOptions:
     dir: str | None = None  # parent folder of the store's temp folder (file store); default: system temp
     store: str = "auto"  # "file", "host" (pinned host memory) or "auto" (file on CPU, host on GPU)
     max_rollback: int = 64  # sliding layers keep this many tokens beyond the window for rollback
+    codec: str | None = None  # store K/V as fp32/bf16/int8/int4/int2 (kvbound.cache.codec; lossy); default: as computed
+    codec_group: int | None = None  # integer codecs: channels per scale (default: the head for int8, else 32)
 
 
 def _disk_error(exc: OSError, where: str, need: int) -> KVBoundError:
@@ -79,7 +95,12 @@ class _Store:
         self.record = 0  # bytes per token
 
     def nbytes(self) -> int:
+        """Bytes of the tokens stored (live records)."""
         return (self.end - self.start) * self.record
+
+    def allocated_bytes(self) -> int:
+        """Bytes of backing capacity actually allocated (file size, host buffer): >= :meth:`nbytes`."""
+        return 0
 
     def _slots(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """(slot, first token offset in the span, count) chunks: 1 (append-only) or <= 2 (ring)."""
@@ -97,6 +118,14 @@ class _Store:
         """Store tokens ``start .. start+n`` (must continue the store: ``start == end``)."""
         if start != self.end:
             raise RuntimeError(f"offload store: spill at {start} does not continue the store at {self.end}")
+        end = start + keys.shape[-2]
+        self._write_records(start, keys, values)
+        self.end = end
+        if self.ring is not None:
+            self.start = max(self.start, end - self.ring)
+
+    def _write_records(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write the records of tokens ``start .. start+n`` at their slots (new or rewritten)."""
         if self.shape is None:
             b, h, _, d = keys.shape
             self.shape, self.dtype = (2, b, h, d), keys.dtype
@@ -109,9 +138,44 @@ class _Store:
             data = torch.stack([keys[..., cut:, :], values[..., cut:, :]]).permute(3, 0, 1, 2, 4).contiguous()
             for slot, off, n in self._slots(first, end):
                 self._put(slot, data[off:off + n])
-        self.end = end
-        if self.ring is not None:
-            self.start = max(self.start, end - self.ring)
+
+    def map_batch(self, fn, like: torch.Tensor, chunk: int = 512) -> None:
+        """Apply a batch map (beam reorder, repeat, select) to every stored record by rewriting it.
+
+        Each record holds every sequence of one token, so a reorder that keeps the batch size
+        is rewritten in place, ``chunk`` tokens at a time; a change of batch size reads the whole
+        store back (transient) and writes it again with the new record size.
+        """
+        if self.shape is None:
+            return
+        rows = fn(torch.arange(self.shape[1]))
+        if self.end == self.start:
+            self._new_layout()
+            return
+        if torch.equal(rows, torch.arange(self.shape[1])):
+            return
+        if rows.numel() == self.shape[1]:
+            for s in range(self.start, self.end, chunk):
+                k, v = self.read(s, min(s + chunk, self.end), like)
+                self._write_records(s, fn(k), fn(v))
+            return
+        start = self.start
+        k, v = self.read(start, self.end, like)
+        k, v = fn(k), fn(v)
+        self._new_layout()
+        self.end = start
+        self._write_records(start, k, v)
+        self.end = start + k.shape[-2]
+
+    def reset(self) -> None:
+        """Forget every token (``Cache.reset``): as a new store."""
+        self.start = self.end = 0
+        self._new_layout()
+
+    def _new_layout(self) -> None:
+        """Drop the record layout (the next write sets it) and the backing memory."""
+        self.shape, self.dtype, self.record = None, None, 0
+        self.close()
 
     def read(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of tokens ``start .. end`` as ``[B, H, n, D]`` views of a transient buffer."""
@@ -179,8 +243,25 @@ class _FileStore(_Store):
             os.ftruncate(self.fd, target)  # filesystem without fallocate: sparse file
         self.allocated = target
 
+    def allocated_bytes(self) -> int:
+        return self.allocated
+
+    def close(self) -> None:
+        """Delete this layer's file (``reset``; the cache's finalizer removes the folder)."""
+        if self.fd is not None and self.fd in self.cache.fds:  # not yet closed by the finalizer
+            self.cache.fds.remove(self.fd)
+            os.close(self.fd)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self.fd = None
+        self.allocated = 0
+
     def _put(self, slot: int, data: torch.Tensor) -> None:
         fd = self._open()
+        if data.device.type != "cpu":  # a model on a GPU: records go through host memory
+            data = data.to("cpu", copy=True)
         raw = memoryview(data.view(torch.uint8).numpy()).cast("B")
         offset = slot * self.record
         self._reserve(offset + len(raw) if self.ring is None else self.ring * self.record)
@@ -219,6 +300,9 @@ class _HostStore(_Store):
             self.host = grown
         self.host[slot:need].copy_(data)
 
+    def allocated_bytes(self) -> int:
+        return 0 if self.host is None else nbytes(self.host)
+
     def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
         return torch.empty((n, *self.shape), dtype=self.dtype, device=like.device)  # on the model's device
 
@@ -232,7 +316,7 @@ class _HostStore(_Store):
 class OffloadLayer(HotWindowLayer):
     """Hot window in memory; older tokens spilled to and recalled from an offload store."""
 
-    exact = True
+    recalls = True
 
     def __init__(self, cache: "OffloadCache", layer_idx: int, sliding_window: int | None, budget: int,
                  store: _Store) -> None:
@@ -241,12 +325,23 @@ class OffloadLayer(HotWindowLayer):
         self._recalled = 0
 
     def spill(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        self.store.write(start, keys, values)
+        self.store.write(start, *self.cache.encode(keys, values))
 
     def recall(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         k, v = self.store.read(start, end, like)
         self._recalled = nbytes(k, v)
+        if self.cache.codec is not None:  # the records read back and the K/V decoded from them
+            k, v = self.cache.decode(k, v, like.dtype)
+            self._recalled += nbytes(k, v)
         return k, v
+
+    def map_spilled(self, fn) -> None:
+        self.store.map_batch(fn, self.keys)
+        self.cache.release_readback()
+
+    def reset_spilled(self) -> None:
+        self.store.reset()
+        self.cache.release_readback()
 
     def forget_spilled(self, end: int) -> None:
         needed = 0 if self.sliding_window is None else max(0, end - (self.sliding_window - 1))
@@ -262,18 +357,25 @@ class OffloadLayer(HotWindowLayer):
         return keys, values
 
     def tiers(self) -> dict[str, int]:
-        return {"hot_kv": nbytes(self.keys, self.values), "offloaded": self.store.nbytes()}
+        live = self.store.nbytes()
+        return {"hot_kv": nbytes(self.keys, self.values), "offloaded": live,
+                "offload_slack": self.store.allocated_bytes() - live}
 
 
 @register("offload", "exact: hot window of `budget` tokens; older K/V offloaded to disk (CPU) or host memory "
-          "(GPU) and read back layer by layer", exact=True)
+          "(GPU) and read back layer by layer", exact=True, options=OffloadOptions, can_rollback=True, beams=True)
 class OffloadCache(KVBoundCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
-        opts = self.options = parse_options(OffloadOptions, options, "offload")
+        opts = self.options = self.parse_options(options)
         if opts.store not in STORES:
             raise KVBoundError(f"offload option store must be one of {', '.join(STORES)}, got {opts.store!r}")
         if isinstance(opts.max_rollback, bool) or not isinstance(opts.max_rollback, int) or opts.max_rollback < 0:
             raise KVBoundError(f"offload option max_rollback must be a whole number >= 0, got {opts.max_rollback!r}")
+        if opts.codec_group is not None and opts.codec is None:
+            raise KVBoundError("offload option codec_group applies to an integer codec; add codec=int8 (or int4/int2)")
+        self.codec = None if opts.codec is None else parse_codec(opts.codec, head_dim(model), opts.codec_group,
+                                                                  "offload option codec")
+        self.lossless = self.codec is None or self.codec.lossless
         on_gpu = next(model.parameters()).device.type != "cpu"
         kind = opts.store if opts.store != "auto" else ("host" if on_gpu else "file")
         self.closed = False
@@ -298,6 +400,17 @@ class OffloadCache(KVBoundCache):
             layers.append(OffloadLayer(self, i, w, budget, store))
         super().__init__(model, budget, layers)
         self.store_kind = kind
+
+    # -- codec: what the store keeps ---------------------------------------------------------
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V as the store keeps them: unchanged, or each token's codec bytes (``[B, H, n, width]``
+        uint8, :meth:`~kvbound.cache.codec.Codec.to_bytes`), which the store handles like K/V."""
+        if self.codec is None:
+            return keys, values
+        return self.codec.to_bytes(keys), self.codec.to_bytes(values)
+
+    def decode(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codec.from_bytes(k, dtype), self.codec.from_bytes(v, dtype)
 
     # -- read-back buffer shared by the layers of one forward pass ---------------------------
     def readback(self, size: int) -> torch.Tensor:

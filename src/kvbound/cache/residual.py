@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, NoOptions, nbytes, parse_options, register
-from .kv_direct import RecallLayer, RecomputingCache
+from .base import KVBoundCache, nbytes
+from .recall import RecallLayer, RecomputingCache
+from .registry import register
 
 
 class ResidualStore:
@@ -90,6 +91,13 @@ class ResidualLayer(RecallLayer):
         self.store.drop_before(self.needed_start())
         return out
 
+    def map_spilled(self, fn) -> None:
+        if self.store.buf is not None:  # [batch, capacity, d]: every row follows its sequence
+            self.store.buf = fn(self.store.buf)
+
+    def reset_spilled(self) -> None:
+        self.store = ResidualStore()
+
     def truncate(self, n: int) -> None:
         """Roll back ``n`` tokens (speculative decoding); refused when attention would then
         need residuals this layer already dropped (sliding-window layers)."""
@@ -107,12 +115,12 @@ class ResidualLayer(RecallLayer):
 
 
 @register("residual", "exact: hot window of `budget` tokens; older K/V projected from stored per-layer residuals",
-          exact=True)
+          exact=True, can_rollback=True, beams=True)
 class ResidualCache(RecomputingCache):
     layer_cls = ResidualLayer
 
     def __init__(self, model, budget: int, **options: Any) -> None:
-        super().__init__(model, budget, parse_options(NoOptions, options, "residual"))
+        super().__init__(model, budget, self.parse_options(options))
 
     def observe_layer_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
         super().observe_layer_input(layer_idx, hidden_states, kwargs)
