@@ -22,6 +22,7 @@ from ..cache.base import KVBoundCache
 from ..cache.model_info import kv_bytes_per_token, text_config
 from ..errors import KVBoundError
 from ..generation import DEFAULT_PREFILL_CHUNK, Timings, generate
+from ..rss import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from . import metrics
 from .inputs import Budget, Conversation, Prompt
 from .results import Results
@@ -52,6 +53,8 @@ class Decoded:
     logits: torch.Tensor | None  # [N, vocab] raw next-token logits, float32 on CPU
     prefill_seconds: float
     seconds_per_token: float  # decode steps after the prefill
+    peak_rss_bytes: int = 0  # process high-water mark during this call (reset to the RSS at its start)
+    rss_added_bytes: int | None = None  # that peak minus the RSS at the start (None: the OS cannot reset it)
 
 
 @torch.no_grad()
@@ -62,12 +65,16 @@ def decode(model, input_ids: torch.Tensor, cache: KVBoundCache, max_new_tokens: 
     uses), optionally teacher-forced on ``force``; returns tokens, raw logits and step timings."""
     n = len(force) if force is not None else max_new_tokens
     timings = Timings()
+    gc.collect()
+    base, reset = current_rss_bytes(), reset_peak_rss()
     out = generate(model, input_ids, cache, n, stop_at_eos=stop_at_eos, prefill_chunk=prefill_chunk,
                    processors=[_Force(force)] if force is not None else None, output_logits=keep_logits,
                    timings=timings)
     tokens = out.sequences[0, input_ids.shape[1]:].tolist()
     logits = torch.cat(out.logits).float().cpu() if keep_logits else None
-    return Decoded(tokens, logits, timings.prefill_seconds, timings.seconds_per_token)
+    peak = peak_rss_bytes()
+    return Decoded(tokens, logits, timings.prefill_seconds, timings.seconds_per_token, peak,
+                   peak - base if reset else None)
 
 
 def _seed(seed: int) -> None:
@@ -225,6 +232,8 @@ def _sweep_record(bench: Bench, policy: str, budget: int | None, label: str | No
         "first_divergence": metrics.first_divergence(ref.tokens, got.tokens),
         "mean_kl": kl,
         **_memory(cache),
+        "peak_rss_bytes": got.peak_rss_bytes,
+        "rss_added_bytes": got.rss_added_bytes,
         "prefill_seconds": got.prefill_seconds,
         "seconds_per_token": got.seconds_per_token,
         "time_ratio_vs_full": got.seconds_per_token / ref.seconds_per_token,
@@ -338,8 +347,9 @@ def bytes_per_token(bench: Bench, prompt: Prompt, budgets: list[Budget]) -> None
             try:
                 _seed(bench.seed)
                 cache = _cache_for(bench.model, policy, tokens)
-                decode(bench.model, ids, cache, bench.max_new_tokens, keep_logits=False, prefill_chunk=bench.prefill_chunk)
-                mem = _memory(cache)
+                got = decode(bench.model, ids, cache, bench.max_new_tokens, keep_logits=False,
+                             prefill_chunk=bench.prefill_chunk)
+                mem = {**_memory(cache), "peak_rss_bytes": got.peak_rss_bytes, "rss_added_bytes": got.rss_added_bytes}
                 seen = max(1, mem["tokens_seen"])
                 record.update(mem)
                 record["bytes_per_token"] = mem["total_cache_bytes"] / seen
