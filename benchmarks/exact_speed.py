@@ -31,7 +31,7 @@ import torch
 
 import kvbound
 from kvbound import models
-from kvbound.cache.base import registered
+from kvbound.cache.registry import registered
 from kvbound.speculative import speculative_greedy
 
 

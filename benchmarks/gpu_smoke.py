@@ -19,7 +19,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvbound
-from kvbound.cache.base import registered
+from kvbound.cache.registry import registered
 from kvbound.generation import greedy
 from kvbound.tiny import build_tiny
 

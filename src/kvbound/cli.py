@@ -50,7 +50,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _policies_epilog() -> str:
     from . import policies
-    from .cache.base import registered
+    from .cache.registry import registered
 
     specs = registered()
     width = max(len(n) for n in policies())

@@ -6,18 +6,14 @@ Two services, both built from the model's own modules (no copied math):
   residual stream (producing layer ``l``'s K/V and the residual entering ``l+1``), project
   a stored residual to K/V (norm -> k/v proj -> k_norm -> RoPE), or compute the query of the
   current step (for attention-scored eviction).
-* :func:`attach` -- stateless forward pre-hooks that tell a kvbound cache what it cannot see
-  through ``Cache.update``: the step's input ids, each layer's residual input and each
-  attention module's normed input. The hooks hold no state: they look up the cache in the
-  call's ``past_key_values`` and do nothing for any other cache.
+(The observation hooks that feed kvbound caches live in :mod:`kvbound.cache.hooks`.)
 """
 
 from __future__ import annotations
 
 import inspect
 import sys
-import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -34,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SUPPORTED_FAMILIES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 
 
-def _base_model(model: "PreTrainedModel") -> nn.Module:
+def base_model(model: "PreTrainedModel") -> nn.Module:
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "layers"):
         raise KVBoundError(
@@ -52,7 +48,7 @@ def check_supported(model: "PreTrainedModel") -> None:
             f"model family {model_type!r} is not supported for K/V recomputation; "
             f"supported families: {', '.join(SUPPORTED_FAMILIES)}"
         )
-    _base_model(model)
+    base_model(model)
 
 
 class LayerDriver:
@@ -61,7 +57,7 @@ class LayerDriver:
     def __init__(self, model: "PreTrainedModel") -> None:
         check_supported(model)
         self.model = model
-        self.base = _base_model(model)
+        self.base = base_model(model)
         self.config = model.config.get_text_config(decoder=True)
         n = self.config.num_hidden_layers
         self.layer_types: list[str] = list(getattr(self.config, "layer_types", None) or ["full_attention"] * n)
@@ -145,57 +141,3 @@ class LayerDriver:
 
     def kv_groups(self) -> int:
         return self.config.num_attention_heads // self.config.num_key_value_heads
-
-
-# --------------------------------------------------------------------------- hooks
-
-
-def _cache_of(kwargs: dict):
-    from .cache.base import KVBoundCache
-
-    cache = kwargs.get("past_key_values")
-    return cache if isinstance(cache, KVBoundCache) else None
-
-
-def _on_base(module, args, kwargs):
-    cache = _cache_of(kwargs)
-    if cache is not None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        cache.observe_input_ids(ids)
-
-
-def _on_module(layer_idx: int, observe: str):
-    """Pre-hook that hands module ``layer_idx``'s first input to ``cache.<observe>``."""
-
-    def hook(module, args, kwargs):
-        cache = _cache_of(kwargs)
-        if cache is not None:
-            hidden = args[0] if args else kwargs["hidden_states"]
-            getattr(cache, observe)(layer_idx, hidden, kwargs)
-
-    return hook
-
-
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list[Any]]" = weakref.WeakKeyDictionary()
-
-
-def attach(model: "PreTrainedModel") -> None:
-    """Register kvbound's observation hooks on ``model`` once (idempotent).
-
-    The hooks are stateless dispatchers: a forward pass without a kvbound cache is unaffected.
-    """
-    if model in _ATTACHED:
-        return
-    base = _base_model(model)
-    handles = [base.register_forward_pre_hook(_on_base, with_kwargs=True)]
-    for i, layer in enumerate(base.layers):
-        handles.append(layer.register_forward_pre_hook(_on_module(i, "observe_layer_input"), with_kwargs=True))
-        handles.append(layer.self_attn.register_forward_pre_hook(_on_module(i, "observe_attention_input"),
-                                                               with_kwargs=True))
-    _ATTACHED[model] = handles
-
-
-def detach(model: "PreTrainedModel") -> None:
-    """Remove the hooks :func:`attach` registered (for tidy tests; never required)."""
-    for h in _ATTACHED.pop(model, []):
-        h.remove()

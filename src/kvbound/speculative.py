@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .cache import make_cache
-from .cache.base import KVBoundCache, get_policy, registered
+from .cache.base import KVBoundCache
+from .cache.registry import get_policy, registered
 from .errors import KVBoundError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,8 +72,8 @@ class SpeculationStats:
 
 
 def draft_policies() -> list[str]:
-    """Registered lossy policies (candidates for ``draft``)."""
-    return [name for name, spec in registered().items() if not spec.exact]
+    """Registered lossy policies that can draft (restart from an exact hot window)."""
+    return [name for name, spec in registered().items() if not spec.exact and spec.can_draft]
 
 
 def _check_args(model, input_ids, exact_cache, draft: str, k: int, max_new_tokens: int, do_sample: bool) -> None:
@@ -86,8 +87,8 @@ def _check_args(model, input_ids, exact_cache, draft: str, k: int, max_new_token
         raise KVBoundError(f"speculate (draft tokens per verification) must be a whole number >= 1, got {k!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise KVBoundError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-    if not isinstance(exact_cache, KVBoundCache) or not get_policy(exact_cache.policy_name).exact:
-        exact = [name for name, spec in registered().items() if spec.exact]
+    if not isinstance(exact_cache, KVBoundCache) or not get_policy(exact_cache.policy_name).can_rollback:
+        exact = [name for name, spec in registered().items() if spec.exact and spec.can_rollback]
         raise KVBoundError(f"speculative decoding verifies with an exact cache; got "
                            f"{getattr(exact_cache, 'policy_name', type(exact_cache).__name__)!r}, valid: {', '.join(exact)}")
     if get_policy(draft).exact:
@@ -99,13 +100,6 @@ def _restart_draft(draft_cache: KVBoundCache, exact_cache: KVBoundCache) -> None
     """The draft's hot window becomes the exact cache's (same tokens, exact K/V)."""
     for dl, el in zip(draft_cache.layers, exact_cache.layers):
         dl.adopt_recent(el.keys, el.values, el.seen)
-
-
-def _can_draft(model, name: str, budget: int) -> bool:
-    try:
-        return all(hasattr(layer, "adopt_recent") for layer in make_cache(model, name, budget).layers)
-    except KVBoundError:
-        return False
 
 
 def _margins(logits: torch.Tensor) -> float:
@@ -142,11 +136,10 @@ def speculative_greedy(
     if budget is None:
         raise KVBoundError(f"the draft cache needs a budget (tokens kept hot); pass budget=... "
                            f"(the exact policy {exact_cache.policy_name!r} has none)")
+    if not get_policy(draft).can_draft:
+        raise KVBoundError(f"draft policy {draft!r} cannot restart from the exact cache's hot window; "
+                           f"valid drafts: {', '.join(draft_policies())}")
     draft_cache = make_cache(model, draft, budget, **(draft_options or {}))
-    if not all(hasattr(layer, "adopt_recent") for layer in draft_cache.layers):
-        able = [name for name in draft_policies() if name != draft and _can_draft(model, name, budget)]
-        raise KVBoundError(f"draft policy {draft!r} cannot restart from the exact cache's hot window "
-                           f"(its layers lack adopt_recent); valid drafts: {', '.join(able)}")
     eos = set() if eos_token_id is None else {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
     stats = SpeculationStats(k=k, draft=draft)
     seen = exact_cache.get_seq_length()

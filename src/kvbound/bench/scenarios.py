@@ -18,7 +18,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from ..cache import make_cache, registered
-from ..cache.base import KVBoundCache, kv_bytes_per_token, text_config
+from ..cache.base import KVBoundCache
+from ..cache.model_info import kv_bytes_per_token, text_config
 from ..errors import KVBoundError
 from . import metrics
 from .inputs import Budget, Conversation, Prompt

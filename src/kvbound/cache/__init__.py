@@ -7,13 +7,17 @@ import pkgutil
 from typing import TYPE_CHECKING, Any
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, PolicyLayer, get_policy, nbytes, register, registered
+from .base import KVBoundCache, PolicyLayer, nbytes
+from .registry import exact_policies, get_policy, register, registered
+
+# Neutral modules that hold shared pieces (no policy registers there); every other module is a policy.
+_SHARED = {"base", "checks", "evicting", "hooks", "hot_window", "model_info", "recall", "registry"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
 for _mod in pkgutil.iter_modules(__path__):
-    if _mod.name != "base":
+    if _mod.name not in _SHARED:
         importlib.import_module(f"{__name__}.{_mod.name}")
 
 
@@ -41,4 +45,4 @@ def make_cache(model: "PreTrainedModel", policy: str = "full", budget: int | Non
     return spec.build(model, budget, **options)
 
 
-__all__ = ["KVBoundCache", "PolicyLayer", "make_cache", "nbytes", "policies", "register", "registered"]
+__all__ = ["KVBoundCache", "PolicyLayer", "exact_policies", "make_cache", "nbytes", "policies", "register", "registered"]

@@ -1,4 +1,4 @@
-"""Layer protocol, memory accounting and the policy registry.
+"""Layer protocol and memory accounting (the registry is :mod:`kvbound.cache.registry`).
 
 Every policy is a :class:`PolicyLayer` subclass (one per model layer) living inside a
 :class:`KVBoundCache`, which is a transformers ``DynamicCache`` and therefore plugs into
@@ -14,13 +14,14 @@ Memory is measured on the tensors actually held, never estimated:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from ..errors import KVBoundError
+from .model_info import kv_bytes_per_token, text_config
+from .registry import get_policy, parse_options
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -29,52 +30,6 @@ if TYPE_CHECKING:  # pragma: no cover
 def nbytes(*tensors: torch.Tensor | None) -> int:
     """Bytes held by the given tensors (``None`` counts as 0)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-# --------------------------------------------------------------------------- registry
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A registered policy: how to build its layers and what it promises."""
-
-    name: str
-    description: str
-    build: Callable[..., "KVBoundCache"]
-    exact: bool
-    needs_budget: bool
-
-
-_REGISTRY: dict[str, PolicySpec] = {}
-
-
-def register(name: str, description: str, *, exact: bool, needs_budget: bool = True):
-    """Class decorator: register a :class:`KVBoundCache` subclass under ``name``.
-
-    The class must accept ``(model, budget, **options)``.
-    """
-
-    def deco(cls):
-        if name in _REGISTRY:
-            raise RuntimeError(f"policy {name!r} registered twice")
-        _REGISTRY[name] = PolicySpec(name, description, cls, exact, needs_budget)
-        cls.policy_name = name
-        return cls
-
-    return deco
-
-
-def get_policy(name: str) -> PolicySpec:
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise KVBoundError(
-            f"unknown policy {name!r}; valid policies: {', '.join(sorted(_REGISTRY))}"
-        ) from None
-
-
-def registered() -> dict[str, PolicySpec]:
-    return dict(sorted(_REGISTRY.items()))
 
 
 # --------------------------------------------------------------------------- layers
@@ -152,11 +107,15 @@ class KVBoundCache(DynamicCache):
         self._hot_by_layer = [0] * len(layers)
         self.peak_hot_kv_bytes = 0
         self.peak_transient_bytes = 0
-        text_cfg = model.config.get_text_config(decoder=True)
         self.kv_bytes_per_token = kv_bytes_per_token(model)
-        self.num_layers = text_cfg.num_hidden_layers
+        self.num_layers = text_config(model).num_hidden_layers
 
-    # -- hooks (see kvbound.recompute.attach); policies override what they need ------
+    @classmethod
+    def parse_options(cls, options: dict[str, Any]):
+        """This policy's options dataclass (registered with it) built from ``options``."""
+        return parse_options(get_policy(cls.policy_name).options, options, cls.policy_name)
+
+    # -- hooks (see kvbound.cache.hooks); policies override what they need ------
     def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
         """Called before each forward pass with its input ids (``None`` for embeddings)."""
 
@@ -222,39 +181,3 @@ class KVBoundCache(DynamicCache):
 
     def close(self) -> None:
         """Release external resources (files); a no-op for in-memory policies."""
-
-
-def text_config(model: "PreTrainedModel"):
-    return model.config.get_text_config(decoder=True)
-
-
-def layer_windows(model: "PreTrainedModel") -> list[int | None]:
-    """Per layer: the sliding window for sliding-attention layers, else ``None``."""
-    cfg = text_config(model)
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    window = getattr(cfg, "sliding_window", None)
-    return [window if t == "sliding_attention" else None for t in types]
-
-
-def kv_bytes_per_token(model: "PreTrainedModel") -> int:
-    """Analytic K+V bytes one token costs across all layers (batch 1, full attention)."""
-    cfg = text_config(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-    itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
-
-
-@dataclass
-class NoOptions:
-    """Options dataclass for policies that take none."""
-
-
-def parse_options(cls: type, options: dict[str, Any], policy: str):
-    """Build the policy's options dataclass, with a clear error for unknown names."""
-    names = {f for f in cls.__dataclass_fields__}
-    unknown = set(options) - names
-    if unknown:
-        valid = ", ".join(sorted(names)) or "none"
-        raise KVBoundError(f"policy {policy!r} got unknown option(s) {sorted(unknown)}; valid options: {valid}")
-    return cls(**options)

@@ -18,7 +18,7 @@ the number of keys returned (see :class:`~kvbound.cache.base.PolicyLayer`).
 Attention scores
 ----------------
 Scored policies never switch the model to eager attention. The attention pre-hook
-(:func:`kvbound.recompute.attach`) hands each layer's normed input to
+(:func:`kvbound.cache.hooks.attach`) hands each layer's normed input to
 :meth:`EvictingCache.observe_attention_input`, which computes the post-RoPE query of the rows
 the policy needs with :meth:`kvbound.recompute.LayerDriver.query` and parks it on the layer;
 ``update`` then computes softmax(q·Kᵀ·scaling) over the keys it returns (causal by position,
@@ -46,9 +46,11 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
-from ..errors import KVBoundError
-from ..recompute import LayerDriver, attach
-from .base import KVBoundCache, PolicyLayer, layer_windows, nbytes
+from ..recompute import LayerDriver
+from .base import KVBoundCache, PolicyLayer, nbytes
+from .checks import refuse_padding
+from .hooks import attach
+from .model_info import layer_windows
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -121,12 +123,6 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     if x.dim() == 4:
         return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
     return x.gather(2, idx)
-
-
-def check_int(value: Any, name: str, policy: str, minimum: int) -> None:
-    """Options must be whole numbers >= ``minimum`` (one clear error line otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise KVBoundError(f"{policy} option {name} must be a whole number >= {minimum}, got {value!r}")
 
 
 # --------------------------------------------------------------------------- layer
@@ -272,17 +268,3 @@ class EvictingCache(KVBoundCache):
             layer.pending_query = self.driver.query(
                 layer_idx, hidden_states[:, -rows:], (cos[..., -rows:, :], sin[..., -rows:, :])
             )
-
-
-def refuse_padding(mask: torch.Tensor | None, policy: str) -> None:
-    """Raise if the 4-D attention mask of a full-attention layer hides any key from the step's
-    last query: without padding the last query sees every key returned (past and new)."""
-    if mask is None or not isinstance(mask, torch.Tensor) or mask.dim() != 4:
-        return
-    last = mask[..., -1, :]
-    visible = last if last.dtype == torch.bool else last == 0
-    if not bool(visible.all()):
-        raise KVBoundError(
-            f"policy {policy!r} does not support padded batches (attention_mask has zeros); "
-            "run sequences of equal length or one at a time"
-        )

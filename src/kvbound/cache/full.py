@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-from .base import KVBoundCache, NoOptions, PolicyLayer, layer_windows, parse_options, register
+from .base import KVBoundCache, PolicyLayer
+from .model_info import layer_windows
+from .registry import register
 
 
 class FullLayer(PolicyLayer, DynamicLayer):
@@ -55,10 +57,11 @@ class FullSlidingLayer(PolicyLayer, DynamicSlidingWindowLayer):
         return DynamicSlidingWindowLayer.get_max_length(self)
 
 
-@register("full", "reference: keeps every token's K/V (same as transformers' DynamicCache)", exact=True, needs_budget=False)
+@register("full", "reference: keeps every token's K/V (same as transformers' DynamicCache)", exact=True, needs_budget=False,
+          can_rollback=True, beams=True)
 class FullCache(KVBoundCache):
     def __init__(self, model, budget: int | None = None, **options: Any) -> None:
-        self.options = parse_options(NoOptions, options, "full")
+        self.options = self.parse_options(options)
         layers = [
             FullLayer(self, i) if w is None else FullSlidingLayer(self, i, w)
             for i, w in enumerate(layer_windows(model))

@@ -16,8 +16,10 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import nbytes, parse_options, register
-from .evicting import EvictingCache, EvictingLayer, attention_mass, check_int, gather_tokens, keep_top
+from .base import nbytes
+from .checks import check_int
+from .evicting import EvictingCache, EvictingLayer, attention_mass, gather_tokens, keep_top
+from .registry import register
 
 
 @dataclass
@@ -54,12 +56,12 @@ class H2OLayer(EvictingLayer):
 
 
 @register("h2o", "lossy: H2O (Zhang et al. 2023) -- heavy hitters by accumulated attention + `recent` newest tokens",
-          exact=False)
+          exact=False, options=H2OOptions, beams=True)
 class H2OCache(EvictingCache):
     layer_cls = H2OLayer
 
     def __init__(self, model, budget: int, **options: Any) -> None:
-        opts = parse_options(H2OOptions, options, "h2o")
+        opts = self.parse_options(options)
         if opts.recent is None:
             opts.recent = budget // 2
         check_int(opts.recent, "recent", "h2o", 0)

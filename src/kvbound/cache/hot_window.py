@@ -2,7 +2,7 @@
 
 A :class:`HotWindowLayer` keeps the K/V of the ``hot`` most recent tokens. Tokens leaving
 the window are handed to :meth:`HotWindowLayer.spill` (a lossy policy drops them; an exact
-policy checkpoints or offloads them). Exact policies set ``exact = True`` and implement
+policy checkpoints or offloads them). Layers of exact policies set ``recalls = True`` and implement
 :meth:`HotWindowLayer.recall`, which returns the K/V of every older token attention still
 needs, so each step sees exactly what the full cache would hold.
 
@@ -22,7 +22,7 @@ from .base import KVBoundCache, PolicyLayer, nbytes
 
 
 class HotWindowLayer(PolicyLayer, DynamicLayer):
-    exact: bool = False
+    recalls: bool = False  # True: spilled tokens are recalled for attention (exact policies)
 
     def __init__(self, cache: KVBoundCache, layer_idx: int, sliding_window: int | None, hot: int) -> None:
         DynamicLayer.__init__(self)
@@ -71,7 +71,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
 
         The tensors are shared, not copied: ``update`` never writes into held tensors.
         """
-        if self.exact:
+        if self.recalls:
             raise RuntimeError("adopt_recent is for lossy draft layers")
         n = min(self.hot, keys.shape[-2])
         if not self.is_initialized:
@@ -91,7 +91,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         return max(0, self.seen - (self.sliding_window - 1))
 
     def past_visible(self) -> int:
-        return self.seen - self.needed_start() if self.exact else self.held()
+        return self.seen - self.needed_start() if self.recalls else self.held()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
@@ -99,7 +99,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         held, new = self.held(), key_states.shape[-2]
         first_hot = self.seen - held
         parts_k, parts_v = [self.keys, key_states], [self.values, value_states]
-        if self.exact and first_hot > self.needed_start():
+        if self.recalls and first_hot > self.needed_start():
             old_k, old_v = self.recall(self.needed_start(), first_hot, key_states)
             parts_k.insert(0, old_k)
             parts_v.insert(0, old_v)

@@ -25,45 +25,9 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from ..recompute import LayerDriver, attach, check_supported
-from .base import KVBoundCache, NoOptions, layer_windows, nbytes, parse_options, register
-from .evicting import refuse_padding
-from .hot_window import HotWindowLayer
-
-
-def check_unpadded(cache: KVBoundCache, hidden: torch.Tensor, kwargs: dict) -> None:
-    """Refuse a forward pass that is padded or whose positions are not ``seen .. seen+T``.
-
-    Recomputing policies rebuild K/V at positions ``0 .. n-1`` with a plain causal mask;
-    padded batches (or custom ``position_ids``) would be rebuilt wrongly, so they get a clear
-    error. Call it with the inputs of the first full-attention layer.
-    """
-    if cache.layers[cache.check_layer].sliding_window is None:  # a sliding mask hides old keys anyway
-        refuse_padding(kwargs.get("attention_mask"), cache.policy_name)
-    pos = kwargs.get("position_ids")
-    if pos is None:
-        return
-    seen, steps = cache.layers[cache.check_layer].seen, hidden.shape[-2]
-    expected = torch.arange(seen, seen + steps, device=pos.device)
-    if pos.shape[-1] != steps or not bool((pos == expected).all()):
-        raise KVBoundError(
-            f"policy {cache.policy_name!r} needs unpadded input at positions {seen}..{seen + steps - 1}; "
-            "padded batches and custom position_ids are not supported (run each sequence on its own cache)"
-        )
-
-
-def first_full_layer(model) -> int:
-    """Index of the first full-attention layer (0 if every layer is sliding)."""
-    return next((i for i, w in enumerate(layer_windows(model)) if w is None), 0)
-
-
-class RecallLayer(HotWindowLayer):
-    """Hot-window layer whose evicted tokens are rebuilt by the owning cache."""
-
-    exact = True
-
-    def recall(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.rebuild(self, start, end, like)
+from .base import nbytes
+from .recall import RecallLayer, RecomputingCache
+from .registry import register
 
 
 @dataclass
@@ -78,35 +42,11 @@ class _Span:
     positions: torch.Tensor
 
 
-class RecomputingCache(KVBoundCache):
-    """Base of the exact recomputing caches: one ``layer_cls`` hot window per layer, the
-    model's :class:`LayerDriver`, the observation hooks, and unpadded input enforced."""
-
-    layer_cls: type[RecallLayer] = RecallLayer
-
-    def __init__(self, model, budget: int, options: Any) -> None:
-        self.options = options
-        check_supported(model)
-        layers = [self.layer_cls(self, i, w, budget) for i, w in enumerate(layer_windows(model))]
-        super().__init__(model, budget, layers)
-        self.driver = LayerDriver(model)
-        self.check_layer = first_full_layer(model)
-        attach(model)
-
-    def observe_layer_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
-        if layer_idx == self.check_layer:
-            check_unpadded(self, hidden_states, kwargs)
-
-    def rebuild(self, layer: RecallLayer, start: int, end: int, like: torch.Tensor):
-        """Exact K/V of tokens ``start .. end`` at ``layer``."""
-        raise NotImplementedError
-
-
 @register("kv-direct", "exact: hot window of `budget` tokens; older K/V recomputed from token ids each step",
-          exact=True)
+          exact=True, can_rollback=True)
 class KVDirectCache(RecomputingCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
-        super().__init__(model, budget, parse_options(NoOptions, options, "kv-direct"))
+        super().__init__(model, budget, self.parse_options(options))
         vocab = self.driver.base.embed_tokens.num_embeddings
         self._id_dtype = torch.int32 if vocab < 2**31 else torch.int64
         self.ids: torch.Tensor | None = None  # [batch, tokens seen]: the checkpoint

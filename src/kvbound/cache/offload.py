@@ -36,7 +36,9 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, layer_windows, nbytes, parse_options, register
+from .base import KVBoundCache, nbytes
+from .model_info import layer_windows
+from .registry import register
 from .hot_window import HotWindowLayer
 
 STORES = ("auto", "file", "host")
@@ -232,7 +234,7 @@ class _HostStore(_Store):
 class OffloadLayer(HotWindowLayer):
     """Hot window in memory; older tokens spilled to and recalled from an offload store."""
 
-    exact = True
+    recalls = True
 
     def __init__(self, cache: "OffloadCache", layer_idx: int, sliding_window: int | None, budget: int,
                  store: _Store) -> None:
@@ -266,10 +268,10 @@ class OffloadLayer(HotWindowLayer):
 
 
 @register("offload", "exact: hot window of `budget` tokens; older K/V offloaded to disk (CPU) or host memory "
-          "(GPU) and read back layer by layer", exact=True)
+          "(GPU) and read back layer by layer", exact=True, options=OffloadOptions, can_rollback=True)
 class OffloadCache(KVBoundCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
-        opts = self.options = parse_options(OffloadOptions, options, "offload")
+        opts = self.options = self.parse_options(options)
         if opts.store not in STORES:
             raise KVBoundError(f"offload option store must be one of {', '.join(STORES)}, got {opts.store!r}")
         if isinstance(opts.max_rollback, bool) or not isinstance(opts.max_rollback, int) or opts.max_rollback < 0:

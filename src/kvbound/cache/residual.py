@@ -27,8 +27,9 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, NoOptions, nbytes, parse_options, register
-from .kv_direct import RecallLayer, RecomputingCache
+from .base import KVBoundCache, nbytes
+from .recall import RecallLayer, RecomputingCache
+from .registry import register
 
 
 class ResidualStore:
@@ -107,12 +108,12 @@ class ResidualLayer(RecallLayer):
 
 
 @register("residual", "exact: hot window of `budget` tokens; older K/V projected from stored per-layer residuals",
-          exact=True)
+          exact=True, can_rollback=True)
 class ResidualCache(RecomputingCache):
     layer_cls = ResidualLayer
 
     def __init__(self, model, budget: int, **options: Any) -> None:
-        super().__init__(model, budget, parse_options(NoOptions, options, "residual"))
+        super().__init__(model, budget, self.parse_options(options))
 
     def observe_layer_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
         super().observe_layer_input(layer_idx, hidden_states, kwargs)

@@ -18,8 +18,10 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import nbytes, parse_options, register
-from .evicting import EvictingCache, EvictingLayer, attention_mass, check_int, keep_top, pool_votes
+from .base import nbytes
+from .checks import check_int
+from .evicting import EvictingCache, EvictingLayer, attention_mass, keep_top, pool_votes
+from .registry import register
 
 
 @dataclass
@@ -67,12 +69,12 @@ class SnapKVLayer(EvictingLayer):
 
 
 @register("snapkv", "lossy: SnapKV (Li et al. 2024) -- the last `window` queries vote (max-pooled) for tokens to keep",
-          exact=False)
+          exact=False, options=SnapKVOptions, beams=True)
 class SnapKVCache(EvictingCache):
     layer_cls = SnapKVLayer
 
     def __init__(self, model, budget: int, **options: Any) -> None:
-        opts = parse_options(SnapKVOptions, options, "snapkv")
+        opts = self.parse_options(options)
         check_int(opts.window, "window", "snapkv", 1)
         check_int(opts.kernel, "kernel", "snapkv", 1)
         if opts.kernel % 2 == 0:

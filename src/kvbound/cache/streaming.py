@@ -14,8 +14,9 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import parse_options, register
-from .evicting import EvictingCache, EvictingLayer, check_int
+from .checks import check_int
+from .evicting import EvictingCache, EvictingLayer
+from .registry import register
 
 
 @dataclass
@@ -53,12 +54,12 @@ class StreamingLayer(EvictingLayer):
 
 
 @register("streaming", "lossy: StreamingLLM (Xiao et al. 2023) -- `sinks` first tokens + the most recent ones",
-          exact=False)
+          exact=False, options=StreamingOptions, can_draft=True, beams=True)
 class StreamingCache(EvictingCache):
     layer_cls = StreamingLayer
 
     def __init__(self, model, budget: int, **options: Any) -> None:
-        opts = parse_options(StreamingOptions, options, "streaming")
+        opts = self.parse_options(options)
         check_int(opts.sinks, "sinks", "streaming", 0)
         if budget <= opts.sinks:
             raise KVBoundError(f"streaming needs budget > sinks, got budget {budget} and sinks {opts.sinks}")

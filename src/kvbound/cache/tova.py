@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import NoOptions, parse_options, register
+from .registry import register
 from .evicting import EvictingCache, EvictingLayer, attention_mass, keep_top
 
 
@@ -28,9 +28,9 @@ class TOVALayer(EvictingLayer):
 
 
 @register("tova", "lossy: TOVA (Oren et al. 2024) -- evicts the token the current query attends to least",
-          exact=False)
+          exact=False, beams=True)
 class TOVACache(EvictingCache):
     layer_cls = TOVALayer
 
     def __init__(self, model, budget: int, **options: Any) -> None:
-        super().__init__(model, budget, parse_options(NoOptions, options, "tova"))
+        super().__init__(model, budget, self.parse_options(options))

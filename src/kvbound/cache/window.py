@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import KVBoundCache, NoOptions, layer_windows, parse_options, register
+from .base import KVBoundCache
+from .model_info import layer_windows
+from .registry import register
 from .hot_window import HotWindowLayer
 
 
-@register("window", "lossy: keeps only the K/V of the most recent `budget` tokens", exact=False)
+@register("window", "lossy: keeps only the K/V of the most recent `budget` tokens", exact=False,
+          can_draft=True, beams=True)
 class WindowCache(KVBoundCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
-        self.options = parse_options(NoOptions, options, "window")
+        self.options = self.parse_options(options)
         layers = [HotWindowLayer(self, i, w, budget) for i, w in enumerate(layer_windows(model))]
         super().__init__(model, budget, layers)

@@ -1,0 +1,68 @@
+"""Stateless forward pre-hooks that tell a kvbound cache what it cannot see through ``Cache.update``:
+the step's input ids, each layer's residual input and each attention module's normed input.
+
+The hooks hold no state: they look up the cache in the call's ``past_key_values`` and do
+nothing for any other cache, so a model with hooks attached runs unchanged without kvbound.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from ..recompute import base_model
+from .base import KVBoundCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+
+def _cache_of(kwargs: dict):
+    cache = kwargs.get("past_key_values")
+    return cache if isinstance(cache, KVBoundCache) else None
+
+
+def _on_base(module, args, kwargs):
+    cache = _cache_of(kwargs)
+    if cache is not None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        cache.observe_input_ids(ids)
+
+
+def _on_module(layer_idx: int, observe: str):
+    """Pre-hook that hands module ``layer_idx``'s first input to ``cache.<observe>``."""
+
+    def hook(module, args, kwargs):
+        cache = _cache_of(kwargs)
+        if cache is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            getattr(cache, observe)(layer_idx, hidden, kwargs)
+
+    return hook
+
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, list[Any]]" = weakref.WeakKeyDictionary()
+
+
+def attach(model: "PreTrainedModel") -> None:
+    """Register kvbound's observation hooks on ``model`` once (idempotent).
+
+    The hooks are stateless dispatchers: a forward pass without a kvbound cache is unaffected.
+    """
+    if model in _ATTACHED:
+        return
+    base = base_model(model)
+    handles = [base.register_forward_pre_hook(_on_base, with_kwargs=True)]
+    for i, layer in enumerate(base.layers):
+        handles.append(layer.register_forward_pre_hook(_on_module(i, "observe_layer_input"), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_pre_hook(_on_module(i, "observe_attention_input"),
+                                                               with_kwargs=True))
+    _ATTACHED[model] = handles
+
+
+def detach(model: "PreTrainedModel") -> None:
+    """Remove the hooks :func:`attach` registered (for tidy tests; never required)."""
+    for h in _ATTACHED.pop(model, []):
+        h.remove()

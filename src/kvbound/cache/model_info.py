@@ -1,0 +1,36 @@
+"""What kvbound needs to know about a model's layers: attention type per layer, K/V sizes."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+
+def text_config(model: "PreTrainedModel"):
+    return model.config.get_text_config(decoder=True)
+
+
+def layer_windows(model: "PreTrainedModel") -> list[int | None]:
+    """Per layer: the sliding window for sliding-attention layers, else ``None``."""
+    cfg = text_config(model)
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    window = getattr(cfg, "sliding_window", None)
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def first_full_layer(model: "PreTrainedModel") -> int | None:
+    """Index of the first full-attention layer (``None`` if every layer is sliding)."""
+    return next((i for i, w in enumerate(layer_windows(model)) if w is None), None)
+
+
+def kv_bytes_per_token(model: "PreTrainedModel") -> int:
+    """Analytic K+V bytes one token costs across all layers (batch 1, full attention)."""
+    cfg = text_config(model)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
