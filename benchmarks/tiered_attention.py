@@ -1,0 +1,134 @@
+"""Decode speed and process memory at ~7.5k tokens (SmolLM2, budget 512): the tiered-attention goals of issue 13.
+
+Thin wrapper, not the bench (``kvbound bench --scenario long`` is the real one):
+
+* ``speed``: one process; each policy prefills the same prompt in chunks (``generation.prefill``),
+  then the policies decode round-robin, one token each in turn, so every policy's steps run under
+  the same load. Reports the median decode ms/token, its ratio to ``full`` and token match.
+* ``rss``: a fresh process per policy; peak RSS (VmHWM) minus the RSS after loading the model.
+
+    PYTHONPATH=src python3 benchmarks/tiered_attention.py speed --tokens 7500 > out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import kvbound
+from kvbound import models, rss
+from kvbound.generation import prefill
+
+PROMPTS = Path(kvbound.__file__).parent / "data" / "prompts"
+POLICIES = ["full", "offload", "window", "h2o", "tova", "snapkv"]
+
+
+def prompt(tok, n: int) -> torch.Tensor:
+    """``n`` token ids of the bundled prompts, repeated (a long technical text)."""
+    text = "\n\n".join(p.read_text() for p in sorted(PROMPTS.glob("*.txt")))
+    ids = tok(text, return_tensors="pt").input_ids
+    return ids.repeat(1, n // ids.shape[1] + 1)[:, :n]
+
+
+class Run:
+    """One policy: prefilled cache, the next token, decode times and tokens."""
+
+    def __init__(self, model, policy: str, ids: torch.Tensor, budget: int, chunk: int) -> None:
+        self.policy = policy
+        self.cache = kvbound.make_cache(model, policy, None if policy == "full" else budget)
+        t0 = time.perf_counter()
+        prefill(model, ids[:, :-1], self.cache, chunk)
+        self.prefill_s = time.perf_counter() - t0
+        self.next = ids[:, -1:]
+        self.times: list[float] = []
+        self.tokens: list[int] = []
+
+    @torch.no_grad()
+    def step(self, model) -> None:
+        t0 = time.perf_counter()
+        logits = model(input_ids=self.next, past_key_values=self.cache, use_cache=True).logits
+        self.times.append(time.perf_counter() - t0)
+        self.next = logits[:, -1:].argmax(-1)
+        self.tokens.append(int(self.next))
+
+
+def speed(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, tok = models.load(args.model)
+    ids = prompt(tok, args.tokens)
+    runs = [Run(model, p, ids, args.budget, args.chunk) for p in args.policies]
+    for _ in range(args.new):
+        for run in runs:
+            run.step(model)
+    full = next((r for r in runs if r.policy == "full"), None)
+    base = statistics.median(full.times) if full else None
+    out = {"model": args.model, "tokens": args.tokens, "budget": args.budget, "chunk": args.chunk,
+           "new_tokens": args.new, "threads": args.threads, "attn_implementation": model.config._attn_implementation,
+           "policies": {}}
+    for run in runs:
+        med = statistics.median(run.times)
+        out["policies"][run.policy] = {
+            "decode_ms_per_token_median": round(1000 * med, 1),
+            "decode_ms_per_token_mean": round(1000 * statistics.mean(run.times), 1),
+            "ratio_to_full": None if base is None else round(med / base, 3),
+            "prefill_s": round(run.prefill_s, 1),
+            "tokens_match_full": None if full is None else run.tokens == full.tokens,
+            "hot_kv_bytes": run.cache.memory_report()["hot_kv_bytes"],
+        }
+        run.cache.close()
+    return out
+
+
+def one_rss(args) -> dict:
+    torch.set_num_threads(args.threads)
+    model, tok = models.load(args.model)
+    ids = prompt(tok, args.tokens)
+    loaded = rss.current_rss_bytes()
+    rss.reset_peak_rss()
+    run = Run(model, args.policies[0], ids, args.budget, args.chunk)
+    for _ in range(args.new):
+        run.step(model)
+    peak = rss.peak_rss_bytes()
+    return {"policy": run.policy, "loaded_rss_bytes": loaded, "peak_rss_bytes": peak,
+            "added_bytes": peak - loaded, "tokens": run.tokens}
+
+
+def rss_all(args) -> dict:
+    out = {}
+    for policy in args.policies:
+        cmd = [sys.executable, __file__, "one-rss", "--policies", policy, "--tokens", str(args.tokens),
+               "--budget", str(args.budget), "--chunk", str(args.chunk), "--new", str(args.new),
+               "--threads", str(args.threads), "--model", args.model]
+        out[policy] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    full = out.get("full")
+    for rec in out.values():
+        rec["added_vs_full"] = None if not full else round(rec["added_bytes"] / full["added_bytes"], 3)
+        rec["tokens_match_full"] = None if not full else rec.pop("tokens") == full["tokens"]
+    full and full.pop("tokens", None)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["speed", "rss", "one-rss"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--policies", nargs="+", default=POLICIES)
+    ap.add_argument("--tokens", type=int, default=7500)
+    ap.add_argument("--budget", type=int, default=512)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--new", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    result = {"speed": speed, "rss": rss_all, "one-rss": one_rss}[args.mode](args)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
