@@ -79,6 +79,11 @@ def pop() -> None:
     _ACTIVE.set(stack[:-1])
 
 
+def reset() -> None:
+    """Called when a whole forward pass starts (drops entries an interrupted pass left)."""
+    _ACTIVE.set(())
+
+
 def active_cache() -> Any:
     """The kvbound cache whose attention module is running now, if it runs tiered attention."""
     stack = _ACTIVE.get()
