@@ -148,7 +148,7 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             query, keys, values, 0.0, False, attn_mask=mask, scale=scaling)
         lse = lse.float()
     else:
-        out, lse, _ = _explicit(query, keys, values, visible, scaling, softcap, want_mass=False)
+        out, lse = _explicit(query, keys, values, visible, scaling, softcap)
     if visible is not None:
         none = ~visible.any(-1)  # [B or 1, 1, T]
         if bool(none.any()):
@@ -157,42 +157,52 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out, lse
 
 
-def _explicit(query, keys, values, visible, scaling, softcap, want_mass: bool,
-              other_lse: torch.Tensor | None = None):
+def _explicit(query, keys, values, visible, scaling, softcap):
     """Softmax attention written out (float32 logits), ``QUERY_CHUNK`` query rows at a time.
+    Returns ``(out [B, H, T, D], lse [B, H, T])``."""
+    outs, lses = [], []
+    for start in range(0, query.shape[-2], QUERY_CHUNK):
+        q = query[:, :, start:start + QUERY_CHUNK]
+        logits = _logits(q, keys, None if visible is None else visible[..., start:start + q.shape[-2], :],
+                         scaling, softcap)  # [B, kv, g, tc, n]
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows seeing nothing: 0, not NaN
+        b, kv, g, tc, n = probs.shape
+        out = torch.matmul(probs.view(b, kv, g * tc, n), values.float())
+        outs.append(out.view(b, kv * g, tc, -1))
+        lses.append(lse.reshape(b, kv * g, tc))
+    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
 
-    Returns ``(out [B, H, T, D], lse [B, H, T], mass [B, kv_heads, n] or None)``. ``mass`` is the
-    probability each key gets, summed over query rows and the query heads of its KV head; with
-    ``other_lse`` ``[B, H, T]`` (keys attended elsewhere) it is relative to the union's softmax.
-    """
+
+def _logits(query, keys, visible, scaling, softcap) -> torch.Tensor:
+    """Masked float32 logits ``[B, kv_heads, groups, T, n]`` (query head ``h`` reads KV head ``h // groups``)."""
     b, heads, t, d = query.shape
     kv_heads, n = keys.shape[1], keys.shape[-2]
     groups = heads // kv_heads
-    k, v = keys.float(), values.float()
-    q_all = query.float().view(b, kv_heads, groups, t, d)
-    outs, lses = [], []
-    mass = torch.zeros(b, kv_heads, n, dtype=torch.float32, device=keys.device) if want_mass else None
+    q = query.float().reshape(b, kv_heads, groups * t, d)
+    logits = (torch.matmul(q, keys.float().transpose(-1, -2)) * scaling).view(b, kv_heads, groups, t, n)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if visible is not None:
+        logits = logits.masked_fill(~visible.unsqueeze(2), float("-inf"))
+    return logits
+
+
+def mass_from_lse(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, lse: torch.Tensor,
+                   scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Probability each key got from each query, ``exp(logit - lse)`` with the attention call's own
+    log-sum-exp ``lse`` ``[B, H, T]``, summed over the queries and the query heads of each KV head:
+    ``[B, kv_heads, n]`` float32."""
+    b, heads, t, _ = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[-2]
+    mass = torch.zeros(b, kv_heads, n, dtype=torch.float32, device=keys.device)
     for start in range(0, t, QUERY_CHUNK):
-        q = q_all[:, :, :, start:start + QUERY_CHUNK]
+        q = query[:, :, start:start + QUERY_CHUNK]
         tc = q.shape[-2]
-        logits = torch.matmul(q.reshape(b, kv_heads, groups * tc, d), k.transpose(-1, -2)) * scaling
-        logits = logits.view(b, kv_heads, groups, tc, n)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        if visible is not None:
-            vis = visible[..., start:start + tc, :]  # [B or 1, 1, tc, n]
-            logits = logits.masked_fill(~vis.unsqueeze(2), float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)  # [B, kv, g, tc]
-        probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows seeing nothing: 0, not NaN
-        out = torch.matmul(probs.view(b, kv_heads, groups * tc, n), v).view(b, kv_heads, groups, tc, -1)
-        outs.append(out.reshape(b, heads, tc, -1))
-        lses.append(lse.reshape(b, heads, tc))
-        if want_mass:
-            if other_lse is not None:  # share of these keys in the softmax over every block
-                lse_all = torch.logaddexp(lse, other_lse[:, :, start:start + tc].view(b, kv_heads, groups, tc))
-                probs = probs * torch.exp(lse - lse_all).nan_to_num(0.0).unsqueeze(-1)
-            mass += probs.sum(dim=(2, 3))
-    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2), mass
+        logits = _logits(q, keys, None if visible is None else visible[..., start:start + tc, :], scaling, softcap)
+        norm = lse[:, :, start:start + tc].reshape(b, kv_heads, heads // kv_heads, tc, 1)
+        mass += torch.exp(logits - norm).nan_to_num(0.0).sum(dim=(2, 3))
+    return mass
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -240,20 +250,13 @@ def tiered_attention(query: torch.Tensor, blocks: list[Block], keys: torch.Tenso
         b, h = query.shape[:2]
         parts.append((torch.zeros_like(query), sinks.float().view(1, h, 1).expand(b, h, t)))
     vis = None if visible is None else visible[..., col:]
+    parts.append(block_attention(query, keys, values, vis, scaling, softcap))
     rows = min(mass_rows, t)
     if not rows:
-        parts.append(block_attention(query, keys, values, vis, scaling, softcap))
         return merge(parts), None
-    head = t - rows
-    if head:  # older query rows: no probabilities needed
-        parts_head = block_attention(query[:, :, :head], keys, values,
-                                     None if vis is None else vis[..., :head, :], scaling, softcap)
-    others = torch.logsumexp(torch.stack([lse[..., head:] for _, lse in parts]), 0) if parts else None
-    out, lse, mass = _explicit(query[:, :, head:], keys, values, None if vis is None else vis[..., head:, :],
-                               scaling, softcap, want_mass=True, other_lse=others)
-    if head:
-        out, lse = torch.cat([parts_head[0], out], dim=2), torch.cat([parts_head[1], lse], dim=2)
-    parts.append((out, lse))
+    lse = torch.logsumexp(torch.stack([part_lse[..., t - rows:] for _, part_lse in parts]), dim=0)
+    mass = mass_from_lse(query[:, :, t - rows:], keys, None if vis is None else vis[..., t - rows:, :], lse,
+                          scaling, softcap)
     return merge(parts), mass
 
 

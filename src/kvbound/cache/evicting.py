@@ -17,7 +17,11 @@ the number of keys returned (see :class:`~kvbound.cache.base.PolicyLayer`).
 
 Attention scores
 ----------------
-Scored policies never switch the model to eager attention. The attention pre-hook
+Scored policies never switch the model to eager attention. A model on ``sdpa`` is switched to
+kvbound's tiered attention (:mod:`kvbound.attention`), which computes the probabilities of the
+query rows a policy needs inside the model's own attention call (same query, same softmax) and
+hands them to the layer, which then evicts: no second query projection, no second pass. For a
+model on another attention implementation the attention pre-hook
 (:func:`kvbound.cache.hooks.attach`) hands each layer's normed input to
 :meth:`EvictingCache.observe_attention_input`, which computes the post-RoPE query of the rows
 the policy needs with :meth:`kvbound.recompute.LayerDriver.query` and parks it on the layer;
@@ -46,10 +50,11 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
+from .. import attention
 from ..recompute import LayerDriver
 from .base import KVBoundCache, PolicyLayer, nbytes
 from .checks import refuse_padding
-from .hooks import attach
+from .hooks import use_tiered_attention
 from .model_info import layer_windows
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -144,6 +149,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.capacity = budget if sliding_window is None else max(1, min(budget, sliding_window - 1))
         self.positions: torch.Tensor | None = None
         self.pending_query: torch.Tensor | None = None
+        self.pending_step: attention.TierStep | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -162,10 +168,12 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         return 0
 
     def select(self, keys: torch.Tensor, positions: torch.Tensor, query: torch.Tensor | None,
-               query_pos: torch.Tensor) -> torch.Tensor | None:
+               query_pos: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor | None:
         """Indices ``[B, kv_heads or 1, capacity]`` (ascending) of the entries to keep, or
         ``None`` to keep all. Called every step on full-attention layers, after the new
-        tokens were appended (``keys`` holds past + new)."""
+        tokens were appended (``keys`` holds past + new). ``query`` holds the step's newest
+        :meth:`query_rows` query rows at ``query_pos``; ``mass``, when given, is the attention
+        they gave ``keys`` (:func:`attention_mass` of them, taken from the model's attention)."""
         raise NotImplementedError
 
     def policy_tiers(self) -> dict[str, int]:
@@ -186,7 +194,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         """Forget everything (transformers' ``Cache.reset``), policy state included."""
         DynamicLayer.reset(self)
         self.seen = 0
-        self.positions = self.pending_query = None
+        self.positions = self.pending_query = self.pending_step = None
         self.reset_policy()
 
     # -- beam search / several sequences per prompt: every per-sequence tensor follows --------
@@ -207,8 +215,16 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self._map_batch(lambda t: t[indices, ...])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append the step's K/V, evict down to ``capacity``, return past + new for attention.
+
+        With kvbound's tiered attention active for this call, the scored policies' selection waits
+        for the attention function: it hands over the probabilities of the newest query rows it
+        computed anyway (:class:`~kvbound.attention.TierStep`), and eviction happens right after
+        attention. Otherwise the query parked by the attention pre-hook is scored here.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.pending_step = None  # a hand-over an interrupted pass never used
         b, h, new = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
         step_pos = torch.arange(self.seen, self.seen + new, device=key_states.device)
         keys = torch.cat([self.keys, key_states], dim=-2)
@@ -222,18 +238,32 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             idx = None if n <= self.capacity else torch.arange(n - self.capacity, n, device=keys.device).view(1, 1, -1)
         else:
             rows = self.query_rows(new)
+            query_pos = step_pos[new - rows:] if rows else step_pos[:0]
+            if rows and query is None and attention.active_cache() is self.cache:
+                self.keys, self.values, self.positions = keys, values, positions  # until attention scores them
+
+                def scored(query_rows: torch.Tensor, mass: torch.Tensor) -> None:
+                    self._keep(keys, values, positions, self.select(keys, positions, query_rows, query_pos, mass))
+                    self.cache.note_transient(nbytes(keys, values, query_rows))
+
+                self.pending_step = attention.TierStep(keys, rows=rows, scored=scored)
+                return keys, values
             if rows and query is None:
                 raise RuntimeError(f"{self.cache.policy_name}: no query for layer {self.layer_idx}; "
                                    "the attention hooks did not run (call the model with this cache)")
-            idx = self.select(keys, positions, query, step_pos[new - rows:] if rows else step_pos[:0])
+            idx = self.select(keys, positions, query, query_pos)
+        self._keep(keys, values, positions, idx)
+        self.cache.note_transient(nbytes(keys, values, query))
+        return keys, values
+
+    def _keep(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, idx: torch.Tensor | None) -> None:
+        """Hold the entries ``idx`` of ``keys``/``values``/``positions`` (all when ``None``)."""
         if idx is None:
             self.keys, self.values, self.positions = keys, values, positions
         else:
             self.keys, self.values = gather_tokens(keys, idx), gather_tokens(values, idx)
             self.positions = gather_tokens(positions, idx)
-        self.cache.note_transient(nbytes(keys, values, query))
         self.cache.account(self.layer_idx)
-        return keys, values
 
 
 # --------------------------------------------------------------------------- cache
@@ -249,7 +279,7 @@ class EvictingCache(KVBoundCache):
     def __init__(self, model: "PreTrainedModel", budget: int, options: Any) -> None:
         self.options = options
         self.driver = LayerDriver(model)  # clear error for unsupported families
-        attach(model)
+        use_tiered_attention(model)
         windows = layer_windows(model)
         layers = [self.layer_cls(self, i, w, budget) for i, w in enumerate(windows)]
         super().__init__(model, budget, layers)
@@ -263,7 +293,7 @@ class EvictingCache(KVBoundCache):
         if layer.is_sliding:
             return
         rows = layer.query_rows(hidden_states.shape[-2])
-        if rows:
+        if rows and attention.active_cache() is not self:  # tiered attention hands its probabilities over
             cos, sin = kwargs["position_embeddings"]
             layer.pending_query = self.driver.query(
                 layer_idx, hidden_states[:, -rows:], (cos[..., -rows:, :], sin[..., -rows:, :])
