@@ -7,6 +7,8 @@ Thin wrapper, not the bench (``kvbound bench --scenario long`` is the real one):
   the same load. Reports the median decode ms/token, its ratio to ``full`` and token match.
 * ``rss``: a fresh process per policy; peak RSS (VmHWM) minus the RSS after loading the model.
 
+Policies are names or ``name:option=value,...`` (e.g. ``offload:read=pread``).
+
     PYTHONPATH=src python3 benchmarks/tiered_attention.py speed --tokens 7500 > out.json
 """
 
@@ -37,12 +39,23 @@ def prompt(tok, n: int) -> torch.Tensor:
     return ids.repeat(1, n // ids.shape[1] + 1)[:, :n]
 
 
+def parse(spec: str) -> tuple[str, dict]:
+    """``name`` or ``name:key=value,...`` (integers parsed)."""
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        options[key] = int(value) if value.isdigit() else value
+    return name, options
+
+
 class Run:
     """One policy: prefilled cache, the next token, decode times and tokens."""
 
     def __init__(self, model, policy: str, ids: torch.Tensor, budget: int, chunk: int) -> None:
         self.policy = policy
-        self.cache = kvbound.make_cache(model, policy, None if policy == "full" else budget)
+        name, options = parse(policy)
+        self.cache = kvbound.make_cache(model, name, None if name == "full" else budget, **options)
         t0 = time.perf_counter()
         prefill(model, ids[:, :-1], self.cache, chunk)
         self.prefill_s = time.perf_counter() - t0

@@ -157,6 +157,8 @@ def test_bad_options():
     model = tiny("tiny-llama")
     with pytest.raises(KVBoundError, match="store must be one of"):
         kvbound.make_cache(model, "offload", budget=2, store="cloud")
+    with pytest.raises(KVBoundError, match="read must be one of"):
+        kvbound.make_cache(model, "offload", budget=2, read="stream")
     with pytest.raises(KVBoundError, match="unknown option"):
         kvbound.make_cache(model, "offload", budget=2, folder="/tmp")
     with pytest.raises(KVBoundError, match="needs a budget"):

@@ -18,7 +18,8 @@ What a layer hands over is a :class:`TierStep`: the tensors its ``update`` retur
 check that this call is the same step), the older blocks every query of the step may see (subject to
 the layer's mask: transformers builds it over all visible keys, blocks first), and, for the scored
 eviction policies, a callback that receives the attention probabilities of the step's newest query
-rows, taken from this very computation.
+rows: the model's own query and the call's own log-sum-exp, ``exp(q.k * scaling - lse)`` (the
+attention output itself stays the fused kernel's, bit-identical to ``sdpa``).
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ class TierStep:
 
     * ``keys`` -- the tensor ``update`` returned (attention must receive this very object);
     * ``blocks`` -- older K/V blocks, in position order, that come before ``keys`` in the mask;
-    * ``rows`` / ``scored`` -- the scored policies: ``scored(query_rows, mass)`` is called with the
-      newest ``rows`` query rows and the attention mass ``[B, kv_heads, n]`` they give the keys
-      of ``keys`` (summed over those rows and the query heads of each KV head);
+    * ``rows`` / ``scored`` -- the scored policies: ``scored(query_rows, mass)`` is called after
+      attention with the newest ``rows`` query rows and the attention mass ``[B, kv_heads, n]``
+      they gave the keys of ``keys`` (summed over those rows and the query heads of each KV head);
     * ``release`` -- called once attention is done with the blocks (drop mapped pages).
     """
 
