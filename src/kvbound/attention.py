@@ -164,7 +164,7 @@ def _explicit(query, keys, values, visible, scaling, softcap):
     outs, lses = [], []
     for start in range(0, query.shape[-2], QUERY_CHUNK):
         q = query[:, :, start:start + QUERY_CHUNK]
-        logits = _logits(q, keys, None if visible is None else visible[..., start:start + q.shape[-2], :],
+        logits = masked_logits(q, keys, None if visible is None else visible[..., start:start + q.shape[-2], :],
                          scaling, softcap)  # [B, kv, g, tc, n]
         lse = torch.logsumexp(logits, dim=-1)
         probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows seeing nothing: 0, not NaN
@@ -175,8 +175,10 @@ def _explicit(query, keys, values, visible, scaling, softcap):
     return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
 
 
-def _logits(query, keys, visible, scaling, softcap) -> torch.Tensor:
-    """Masked float32 logits ``[B, kv_heads, groups, T, n]`` (query head ``h`` reads KV head ``h // groups``)."""
+def masked_logits(query, keys, visible, scaling, softcap) -> torch.Tensor:
+    """Masked float32 logits ``[B, kv_heads, groups, T, n]`` (query head ``h`` reads KV head ``h // groups``).
+
+    ``visible`` (bool) is ``[B or 1, 1 or kv_heads, T, n]``; ``softcap`` as Gemma 2's ``tanh`` capping."""
     b, heads, t, d = query.shape
     kv_heads, n = keys.shape[1], keys.shape[-2]
     groups = heads // kv_heads
@@ -200,7 +202,7 @@ def mass_from_lse(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor
     for start in range(0, t, QUERY_CHUNK):
         q = query[:, :, start:start + QUERY_CHUNK]
         tc = q.shape[-2]
-        logits = _logits(q, keys, None if visible is None else visible[..., start:start + tc, :], scaling, softcap)
+        logits = masked_logits(q, keys, None if visible is None else visible[..., start:start + tc, :], scaling, softcap)
         norm = lse[:, :, start:start + tc].reshape(b, kv_heads, heads // kv_heads, tc, 1)
         mass += torch.exp(logits - norm).nan_to_num(0.0).sum(dim=(2, 3))
     return mass

@@ -60,7 +60,7 @@ from .model_info import layer_windows
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
-QUERY_CHUNK = 256  # query rows per block when scoring a long prefill
+QUERY_CHUNK = attention.QUERY_CHUNK  # query rows per block when scoring a long prefill
 
 
 # --------------------------------------------------------------------------- scoring helpers
@@ -83,21 +83,12 @@ def attention_mass(
     keys at positions <= its own (causal). Query head ``h`` reads KV head ``h // groups``
     (transformers' ``repeat_kv``). Returns ``[B, kv_heads, n]`` float32.
     """
-    b, heads, t, d = query.shape
-    kv_heads, n = keys.shape[1], keys.shape[-2]
-    groups = heads // kv_heads
-    k = keys.float()
+    b, t, kv_heads, n = query.shape[0], query.shape[-2], keys.shape[1], keys.shape[-2]
     out = torch.zeros(b, kv_heads, n, dtype=torch.float32, device=keys.device)
-    q_all = query.float().view(b, kv_heads, groups, t, d)
     for start in range(0, t, chunk):
-        q = q_all[:, :, :, start:start + chunk]
-        tc = q.shape[-2]
-        logits = torch.matmul(q.reshape(b, kv_heads, groups * tc, d), k.transpose(-1, -2)) * scaling
-        logits = logits.view(b, kv_heads, groups, tc, n)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        visible = key_pos[:, :, None, None, :] <= query_pos[start:start + tc][None, None, None, :, None]
-        logits = logits.masked_fill(~visible, float("-inf"))
+        tc = min(chunk, t - start)
+        visible = key_pos[:, :, None, :] <= query_pos[start:start + tc][None, None, :, None]  # [B, kv, tc, n]
+        logits = attention.masked_logits(query[:, :, start:start + tc], keys, visible, scaling, softcap)
         # a stored query older than every held key sees nothing: it gives no attention (not NaN)
         out += logits.softmax(-1).nan_to_num(0.0).sum(dim=(2, 3))
     return out
