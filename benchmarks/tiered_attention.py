@@ -7,6 +7,12 @@ Thin wrapper, not the bench (``kvbound bench --scenario long`` is the real one):
   the same load. Reports the median decode ms/token, its ratio to ``full`` and token match.
 * ``rss``: a fresh process per policy; peak RSS (VmHWM) minus the RSS after loading the model.
 
+``--fill random`` skips the model prefill (for an overloaded box): every layer of every cache is
+given the same seeded random K/V of ``tokens - 1`` tokens through ``cache.update`` in ``chunk``-token
+pieces (so policies spill and evict as in a chunked prefill; scored policies rank with stand-in
+queries, their keys). Decode then runs the real model from there; exact policies must still match
+``full`` token for token (same K/V). Decode cost depends on what each cache holds, not on its values.
+
 Policies are names or ``name:option=value,...`` (e.g. ``offload:read=pread``).
 
     PYTHONPATH=src python3 benchmarks/tiered_attention.py speed --tokens 7500 > out.json
@@ -49,15 +55,40 @@ def parse(spec: str) -> tuple[str, dict]:
     return name, options
 
 
+def random_kv(model, layer: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded stand-in K/V of ``n`` tokens for ``layer``: ``[1, kv_heads, n, head_dim]`` each."""
+    cfg = model.config.get_text_config(decoder=True)
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(layer)
+    return tuple(torch.randn(1, cfg.num_key_value_heads, n, d, generator=g, dtype=model.dtype) for _ in range(2))
+
+
+@torch.no_grad()
+def fill_random(model, cache, n: int, chunk: int) -> None:
+    """Feed ``n`` tokens of :func:`random_kv` to every layer, ``chunk`` tokens per update."""
+    for i, layer in enumerate(cache.layers):
+        k_all, v_all = random_kv(model, i, n)
+        groups = model.config.get_text_config(decoder=True).num_attention_heads // k_all.shape[1]
+        for start in range(0, n, chunk):
+            k, v = k_all[..., start:start + chunk, :], v_all[..., start:start + chunk, :]
+            rows = layer.query_rows(k.shape[-2]) if hasattr(layer, "query_rows") and not layer.is_sliding else 0
+            if rows:  # scored policy: stand-in queries (its own keys) for the newest rows
+                layer.pending_query = k[..., -rows:, :].repeat_interleave(groups, dim=1)
+            cache.update(k, v, i)
+
+
 class Run:
     """One policy: prefilled cache, the next token, decode times and tokens."""
 
-    def __init__(self, model, policy: str, ids: torch.Tensor, budget: int, chunk: int) -> None:
+    def __init__(self, model, policy: str, ids: torch.Tensor, budget: int, chunk: int, fill: str = "model") -> None:
         self.policy = policy
         name, options = parse(policy)
         self.cache = kvbound.make_cache(model, name, None if name == "full" else budget, **options)
         t0 = time.perf_counter()
-        prefill(model, ids[:, :-1], self.cache, chunk)
+        if fill == "model":
+            prefill(model, ids[:, :-1], self.cache, chunk)
+        else:
+            fill_random(model, self.cache, ids.shape[1] - 1, chunk)
         self.prefill_s = time.perf_counter() - t0
         self.next = ids[:, -1:]
         self.times: list[float] = []
@@ -76,13 +107,13 @@ def speed(args) -> dict:
     torch.set_num_threads(args.threads)
     model, tok = models.load(args.model)
     ids = prompt(tok, args.tokens)
-    runs = [Run(model, p, ids, args.budget, args.chunk) for p in args.policies]
+    runs = [Run(model, p, ids, args.budget, args.chunk, args.fill) for p in args.policies]
     for _ in range(args.new):
         for run in runs:
             run.step(model)
     full = next((r for r in runs if r.policy == "full"), None)
     base = statistics.median(full.times) if full else None
-    out = {"model": args.model, "tokens": args.tokens, "budget": args.budget, "chunk": args.chunk,
+    out = {"model": args.model, "tokens": args.tokens, "budget": args.budget, "chunk": args.chunk, "fill": args.fill,
            "new_tokens": args.new, "threads": args.threads, "attn_implementation": model.config._attn_implementation,
            "policies": {}}
     for run in runs:
@@ -105,7 +136,7 @@ def one_rss(args) -> dict:
     ids = prompt(tok, args.tokens)
     loaded = rss.current_rss_bytes()
     rss.reset_peak_rss()
-    run = Run(model, args.policies[0], ids, args.budget, args.chunk)
+    run = Run(model, args.policies[0], ids, args.budget, args.chunk, args.fill)
     for _ in range(args.new):
         run.step(model)
     peak = rss.peak_rss_bytes()
@@ -118,7 +149,7 @@ def rss_all(args) -> dict:
     for policy in args.policies:
         cmd = [sys.executable, __file__, "one-rss", "--policies", policy, "--tokens", str(args.tokens),
                "--budget", str(args.budget), "--chunk", str(args.chunk), "--new", str(args.new),
-               "--threads", str(args.threads), "--model", args.model]
+               "--threads", str(args.threads), "--model", args.model, "--fill", args.fill]
         out[policy] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     full = out.get("full")
     for rec in out.values():
@@ -138,6 +169,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--new", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fill", choices=["model", "random"], default="model")
     args = ap.parse_args()
     result = {"speed": speed, "rss": rss_all, "one-rss": one_rss}[args.mode](args)
     print(json.dumps(result, indent=1))
