@@ -37,3 +37,12 @@ def real_model():
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return tiny(request.param)
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny models gain nothing from intra-op threads (and spin-waiting threads slow a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

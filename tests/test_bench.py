@@ -244,3 +244,18 @@ def test_latency_scenario(tmp_path):
         assert r["read_seconds"] > 0 and r["recompute_seconds"] > 0
         assert r["recompute_over_read"] == pytest.approx(r["recompute_seconds"] / r["read_seconds"])
     assert "recompute ÷ read" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_dtype_runs_every_policy_in_it(tmp_path):
+    """--dtype bfloat16: the model, the reference full and each policy run in bf16 (precision bench)."""
+    from kvbound.models import load
+
+    model, tok = load("tiny-llama")  # a fresh model: --dtype converts it in place
+    args = _args(tmp_path, "--policies", "full,kv-direct,offload", "--budgets", "4", "--max-new-tokens", "4",
+                 "--prompts-dir", str(_prompt_dir(tmp_path)), "--dtype", "bfloat16")
+    assert bench_cli.run(args, model_and_tokenizer=(model, tok)) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["meta"]["model"]["dtype"] == "bfloat16" and data["meta"]["options"]["dtype"] == "bfloat16"
+    assert {r["status"] for r in data["runs"]} == {"ok"} and len(data["runs"]) == 2 * 3
+    full = next(r for r in data["runs"] if r["policy"] == "full")
+    assert full["peak_hot_kv_bytes"] % 2 == 0 and model.dtype == torch.bfloat16

@@ -231,3 +231,51 @@ def test_smollm2_next_turn_ids_match_the_template():
     ids = cli.next_turn_ids(tok, messages, history, "Thanks.", args)
     full = cli._apply_template(tok, messages + [{"role": "user", "content": "Thanks."}], args)
     assert torch.equal(ids, full)
+
+
+REWRITING_TEMPLATE = (  # numbers turns from the end, so every new turn rewrites all earlier ones
+    "{% for m in messages %}[{{ loop.revindex }}] {{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
+
+
+@pytest.mark.parametrize("policy", ["kv-direct", "offload"])
+def test_chat_rebuilds_the_cache_when_the_template_rewrites_turns(capsys, monkeypatch, policy):
+    """Each reply equals a fresh greedy run on the template's full rendering of the conversation."""
+    model, tok = models.load("tiny-llama")
+    tok.chat_template = REWRITING_TEMPLATE
+    monkeypatch.setattr(models, "load", lambda name: (model, tok))
+    closed = record_closes(monkeypatch)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nand again\nthird\n"))
+    code, out, err = run(capsys, "chat", *TINY, "--policy", policy, "--budget", "4", "--max-new-tokens", "6")
+    assert code == 0, err
+    assert "cache rebuilt" in err and len(closed) == 1
+    messages = []
+    for user, reply in zip(["hello", "and again", "third"], out.splitlines()):
+        messages.append({"role": "user", "content": user})
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")["input_ids"]
+        expected = greedy(model, ids, kvbound.make_cache(model, "full"), 6)
+        assert reply == tok.decode(expected[0].tolist(), skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": reply})
+
+
+def record_closes(monkeypatch) -> list[str]:
+    """Policy names of the caches the CLI makes, appended when each is closed."""
+    closed, make = [], cli._make_cache
+
+    def making(model, args):
+        cache = make(model, args)
+        close = cache.close
+        cache.close = lambda: (closed.append(cache.policy_name), close())
+        return cache
+
+    monkeypatch.setattr(cli, "_make_cache", making)
+    return closed
+
+
+def test_generate_closes_its_cache(capsys, monkeypatch):
+    closed = record_closes(monkeypatch)
+    code, _, err = run(capsys, "generate", *TINY, "--prompt", "hi", "--policy", "offload", "--budget", "2",
+                       "--max-new-tokens", "3")
+    assert code == 0, err
+    assert closed == ["offload"]

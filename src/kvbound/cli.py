@@ -1,4 +1,5 @@
-"""``kvbound`` command line: ``generate`` (one prompt), ``chat`` (multi-turn on stdin), ``bench``.
+"""``kvbound`` command line: ``generate`` (one prompt), ``chat`` (multi-turn on stdin), ``perplexity``
+(of a text file), ``bench`` and ``serve``.
 
 Bad input (``KVBoundError``) exits with status 2 and one line on stderr, never a traceback.
 """
@@ -91,7 +92,7 @@ def _option(text: str) -> tuple[str, Any]:
     return key, value
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, new_tokens: bool = True) -> None:
     from .models import DEFAULT_MODEL
 
     g = p.add_argument_group("model and cache")
@@ -101,6 +102,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--budget", type=int, metavar="N", help="tokens of K/V kept hot per layer (policies that need one)")
     g.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                    help="policy option (repeatable), e.g. --option sinks=4")
+    if not new_tokens:
+        return
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate per reply (default: 64)")
 
 
@@ -141,8 +144,87 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.set_defaults(func=cmd_chat)
 
+    _add_perplexity(sub, fmt)
     _add_bench(sub)
+    _add_serve(sub, fmt)
     return parser
+
+
+EXAMPLES_SERVE = """\
+examples:
+  kvbound serve --policy full --memory-budget 256MiB --port 8000
+  kvbound serve --model tiny-llama --policy kv-direct --budget 32 --memory-budget 1MB
+  curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+       -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi!"}], "temperature": 0}'
+"""
+
+
+def _add_serve(sub, fmt) -> None:
+    serve = sub.add_parser(
+        "serve", help="OpenAI-compatible chat server; idle conversations parked as token ids under --memory-budget",
+        description="Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, "
+                    "/v1/models, /health, /stats). Each conversation keeps one cache under --policy; a request "
+                    "continues the stored conversation that shares its longest token prefix. When the caches of "
+                    "all conversations hold more than --memory-budget, the least recently used idle ones are "
+                    "parked as token ids (4 bytes per token) and restored exactly on their next request. "
+                    "Needs the serve extra: pip install 'kvbound[serve]'.",
+        epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_SERVE, formatter_class=fmt)
+    from .models import DEFAULT_MODEL
+    from .serve.config import DEFAULT_PREFILL_CHUNK
+
+    g = serve.add_argument_group("model and cache")
+    g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
+                   help=f"built-in name, model folder, .gguf file or hub id; clients ask for it by this name "
+                        f"(default: {DEFAULT_MODEL})")
+    g.add_argument("--policy", default="full", metavar="NAME", help="each conversation's cache policy (default: full)")
+    g.add_argument("--budget", type=int, metavar="N", help="tokens of K/V kept hot per layer (policies that need one)")
+    g.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                   help="policy option (repeatable)")
+    s = serve.add_argument_group("server")
+    s.add_argument("--memory-budget", metavar="SIZE",
+                   help="bytes all hot conversations' caches may hold, e.g. 64MiB, 1GB or 1000000 "
+                        "(default: no limit, nothing is parked)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    s.add_argument("--max-queue", type=int, default=16, metavar="N",
+                   help="requests that may wait for the model; more are answered 429 (default: 16)")
+    s.add_argument("--max-conversations", type=int, default=4096, metavar="N",
+                   help="conversations stored, hot or parked; the least recently used is forgotten (default: 4096)")
+    s.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help=f"prompt tokens per forward pass when prefilling or restoring (default: {DEFAULT_PREFILL_CHUNK})")
+    s.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    serve.set_defaults(func=cmd_serve)
+
+
+EXAMPLES_PERPLEXITY = """\
+examples:
+  kvbound perplexity --text-file book.txt --max-tokens 1024 --json
+  kvbound perplexity --text-file book.txt --policy window --budget 64 --chunk 1   # strict token-by-token
+  kvbound perplexity --model tiny-llama --text-file README.md --max-tokens 200
+"""
+
+
+def _add_perplexity(sub, fmt) -> None:
+    from .quality import DEFAULT_CHUNK
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a long text, scored through a kvbound cache",
+                         description="Perplexity of a text file: the text is fed --chunk tokens per forward pass "
+                                     "through the policy's cache and every token is predicted from what the cache "
+                                     "holds at that point plus the chunk. --chunk 1 is strict token-by-token "
+                                     f"scoring; the default {DEFAULT_CHUNK} lets a lossy policy at budget B see "
+                                     f"B..B+{DEFAULT_CHUNK - 1} past tokens (exact policies are unaffected).",
+                         epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_PERPLEXITY,
+                         formatter_class=fmt)
+    ppl.add_argument("--text-file", required=True, metavar="PATH", help="UTF-8 text to score")
+    _add_model_args(ppl, new_tokens=False)
+    ppl.add_argument("--max-tokens", type=int, metavar="N",
+                     help="score only the first N tokens (default: the whole text, up to the model's positions)")
+    ppl.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, metavar="C",
+                     help=f"tokens per forward pass (default: {DEFAULT_CHUNK}; 1 = strict token-by-token)")
+    ppl.add_argument("--json", action="store_true",
+                     help="print one JSON object (perplexity, tokens, mean_nll, seconds, peak_rss_bytes, chunk, "
+                          "model, policy, budget, options, cache) on the last line of stdout")
+    ppl.set_defaults(func=cmd_perplexity)
 
 
 def _add_bench(sub) -> None:
@@ -237,9 +319,13 @@ def _speculate(model, input_ids: torch.Tensor, args) -> tuple[torch.Tensor, Any,
         raise
     cache = _make_cache(model, args)
     draft = {} if args.draft is None else {"draft": args.draft}
-    new_ids, stats = speculative_greedy(model, input_ids, cache, budget=args.budget, k=args.speculate,
-                                        max_new_tokens=args.max_new_tokens,
-                                        eos_token_id=model.generation_config.eos_token_id, **draft)
+    try:
+        new_ids, stats = speculative_greedy(model, input_ids, cache, budget=args.budget, k=args.speculate,
+                                            max_new_tokens=args.max_new_tokens,
+                                            eos_token_id=model.generation_config.eos_token_id, **draft)
+    except BaseException:
+        cache.close()
+        raise
     report = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in stats.as_dict().items()}
     return new_ids, cache, report
 
@@ -257,15 +343,20 @@ def cmd_generate(args) -> int:
         raise KVBoundError("the prompt tokenized to zero tokens; give some text")
     _check_length(model, args, input_ids.shape[1])
 
-    speculation = None
-    if args.speculate is not None:
-        start = time.perf_counter()
-        new, cache, speculation = _speculate(model, input_ids, args)
-    else:
-        cache = _make_cache(model, args)
-        start = time.perf_counter()
-        new = greedy(model, input_ids, cache, args.max_new_tokens)
-    seconds = time.perf_counter() - start
+    speculation = cache = None
+    try:
+        if args.speculate is not None:
+            start = time.perf_counter()
+            new, cache, speculation = _speculate(model, input_ids, args)
+        else:
+            cache = _make_cache(model, args)
+            start = time.perf_counter()
+            new = greedy(model, input_ids, cache, args.max_new_tokens)
+        seconds = time.perf_counter() - start
+        report = cache.memory_report()
+    finally:
+        if cache is not None:
+            cache.close()  # offload: the store's files go now, not at exit
     token_ids = new[0].tolist()
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     result = {
@@ -276,7 +367,7 @@ def cmd_generate(args) -> int:
         "prompt_tokens": int(input_ids.shape[1]),
         "token_ids": token_ids,
         "text": text,
-        "cache": cache.memory_report(),
+        "cache": report,
         "seconds": round(seconds, 4),
         "tokens_per_s": round(len(token_ids) / seconds, 3) if seconds > 0 else None,
     }
@@ -286,10 +377,54 @@ def cmd_generate(args) -> int:
         print(json.dumps(result))
     else:
         print(text)
-        report = result["cache"]
         print(f"[{len(token_ids)} tokens in {seconds:.2f}s, {result['tokens_per_s']} tok/s; "
               f"{args.policy} cache: {report['tokens_seen']} tokens seen, "
               f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def cmd_perplexity(args) -> int:
+    from tqdm.auto import tqdm
+
+    from .models import load
+    from .quality import perplexity
+    from .quality.perplexity import max_positions
+
+    if args.chunk < 1:
+        raise KVBoundError(f"--chunk must be >= 1 token, got {args.chunk}")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise KVBoundError(f"--max-tokens must be >= 2 (one token to predict from, one to predict), got {args.max_tokens}")
+    text = read_prompt_file(args.text_file, "text file")
+    model, tokenizer = load(args.model)
+    limit = max_positions(model)
+    if args.max_tokens is not None and limit is not None and args.max_tokens > limit:
+        raise KVBoundError(f"--max-tokens {args.max_tokens} is beyond model {args.model!r}'s {limit} positions; "
+                           f"use --max-tokens {limit} or less")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    if ids.shape[1] < 2:
+        raise KVBoundError(f"text file {args.text_file} is {ids.shape[1]} token(s); perplexity needs at least 2")
+    if args.max_tokens is not None:
+        ids = ids[:, :args.max_tokens]
+    elif limit is not None and ids.shape[1] > limit:
+        raise KVBoundError(f"text file {args.text_file} is {ids.shape[1]} tokens but model {args.model!r} handles "
+                           f"at most {limit} positions; pass --max-tokens {limit} or less")
+    cache = _make_cache(model, args)
+    try:
+        with tqdm(total=ids.shape[1] - 1, unit="tok", desc=f"perplexity {args.policy}", disable=None,
+                  file=sys.stderr, leave=False) as bar:
+            result = perplexity(model, ids, cache, chunk=args.chunk, progress=lambda done: bar.update(done - bar.n))
+    finally:
+        cache.close()
+    out = {**result.as_dict(), "model": args.model, "policy": args.policy, "budget": args.budget,
+           "options": dict(args.option), "cache": cache.memory_report()}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"perplexity {result.perplexity:.4f} over {result.tokens} tokens (mean NLL {result.mean_nll:.4f} nats; "
+              f"chunk {result.chunk}; {result.seconds:.1f}s; peak RSS {result.peak_rss_bytes / 2**20:.0f} MiB)")
     return 0
 
 
@@ -323,12 +458,24 @@ def _eos_ids(tokenizer) -> set[int]:
 
 
 def cmd_chat(args) -> int:
-    from .generation import greedy
-
     model, tokenizer = _load(args)
     if not getattr(tokenizer, "chat_template", None):
         raise KVBoundError(f"model {args.model!r} has no chat template, so 'kvbound chat' cannot format turns")
     cache = _make_cache(model, args)
+    try:
+        messages = _chat_loop(model, tokenizer, cache, args)
+        report = cache.memory_report()
+    finally:
+        cache.close()
+    print(f"[{len(messages) // 2} turns; {args.policy} cache: {report['tokens_seen']} tokens seen, "
+          f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+    return 0
+
+
+def _chat_loop(model, tokenizer, cache, args) -> list[dict]:
+    """Read user lines until EOF or /exit, reply to each on one cache; returns the messages."""
+    from .generation import greedy
+
     messages: list[dict] = []
     history: torch.Tensor | None = None
     interactive = sys.stdin.isatty()
@@ -345,15 +492,67 @@ def cmd_chat(args) -> int:
             continue
         ids = next_turn_ids(tokenizer, messages, history, text, args)
         _check_length(model, args, ids.shape[1])
+        seen = cache.get_seq_length()
+        if seen and not torch.equal(ids[:, :seen], history[:, :seen]):
+            # The template rewrote earlier turns: the cache holds another past. Rebuild it from the
+            # full rendering rather than continue from a misaligned context.
+            cache.reset()
+            print("[the chat template rewrote earlier turns: cache rebuilt from the whole conversation]",
+                  file=sys.stderr)
         new = greedy(model, ids, cache, args.max_new_tokens)
         reply = tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
         print(reply, flush=True)
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         history = torch.cat([ids, new], dim=1)
-    report = cache.memory_report()
-    print(f"[{len(messages) // 2} turns; {args.policy} cache: {report['tokens_seen']} tokens seen, "
-          f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+    return messages
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def cmd_serve(args) -> int:
+    from .generation import check_chunk
+    from .serve.config import ServeConfig, parse_size
+
+    try:
+        import uvicorn
+
+        from .serve import create_app
+    except ImportError as exc:
+        raise KVBoundError(f"kvbound serve needs the serve extra ({exc.name} is missing): "
+                           "pip install 'kvbound[serve]'") from None
+    if not 0 < args.port < 65536:
+        raise KVBoundError(f"--port must be 1..65535, got {args.port}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise KVBoundError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    check_chunk(args.prefill_chunk)
+    config = ServeConfig(model=args.model, policy=args.policy, budget=args.budget, options=dict(args.option),
+                         memory_budget=None if args.memory_budget is None else parse_size(args.memory_budget),
+                         max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
+                         max_conversations=args.max_conversations)
+    sock = _listen(args.host, args.port)  # a taken port fails here, before the model loads
+    with sock:
+        app = create_app(config)
+        print(f"kvbound serve: {args.model} ({args.policy} cache) on http://{args.host}:{args.port}/v1",
+              file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0
+
+
+def _listen(host: str, port: int):
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise KVBoundError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 # --------------------------------------------------------------------------- entry point

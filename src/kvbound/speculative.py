@@ -87,10 +87,12 @@ def _check_args(model, input_ids, exact_cache, draft: str, k: int, max_new_token
         raise KVBoundError(f"speculate (draft tokens per verification) must be a whole number >= 1, got {k!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise KVBoundError(f"max_new_tokens must be a whole number >= 0, got {max_new_tokens!r}")
-    if not isinstance(exact_cache, KVBoundCache) or not get_policy(exact_cache.policy_name).can_rollback:
+    if (not isinstance(exact_cache, KVBoundCache) or not get_policy(exact_cache.policy_name).can_rollback
+            or not exact_cache.exact):  # e.g. offload with a lossy codec
         exact = [name for name, spec in registered().items() if spec.exact and spec.can_rollback]
+        lossy = " made lossy by its options (codec)" if isinstance(exact_cache, KVBoundCache) and not exact_cache.exact else ""
         raise KVBoundError(f"speculative decoding verifies with an exact cache; got "
-                           f"{getattr(exact_cache, 'policy_name', type(exact_cache).__name__)!r}, valid: {', '.join(exact)}")
+                           f"{getattr(exact_cache, 'policy_name', type(exact_cache).__name__)!r}{lossy}, valid: {', '.join(exact)}")
     if get_policy(draft).exact:
         raise KVBoundError(f"draft policy must be lossy (a cheap hot cache), got exact {draft!r}; "
                            f"valid drafts: {', '.join(draft_policies())}")

@@ -16,7 +16,11 @@ from transformers import (
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
 )
@@ -55,6 +59,17 @@ def tiny_gemma3() -> PreTrainedModel:
     return Gemma3ForCausalLM(cfg)
 
 
+def tiny_mistral() -> PreTrainedModel:
+    """Mistral: every layer slides (window 8) from ``sliding_window`` alone, no ``layer_types``."""
+    return MistralForCausalLM(MistralConfig(**_COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=8))
+
+
+def tiny_qwen2() -> PreTrainedModel:
+    """Qwen2 with ``use_sliding_window``: layers ``>= max_window_layers`` (1) slide (window 6), layer 0 is full."""
+    return Qwen2ForCausalLM(Qwen2Config(**_COMMON, num_attention_heads=4, num_key_value_heads=2,
+                                        use_sliding_window=True, sliding_window=6, max_window_layers=1))
+
+
 def tiny_gpt2() -> PreTrainedModel:
     """GPT-2 (learned absolute positions, fused c_attn): a family kv-direct does not drive."""
     return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=1024, bos_token_id=0, eos_token_id=0,
@@ -66,6 +81,8 @@ TINY: dict[str, Callable[[], PreTrainedModel]] = {
     "tiny-qwen3": tiny_qwen3,
     "tiny-gemma3": tiny_gemma3,
     "tiny-mha": tiny_mha,
+    "tiny-mistral": tiny_mistral,
+    "tiny-qwen2": tiny_qwen2,
     "tiny-gpt2": tiny_gpt2,
 }
 

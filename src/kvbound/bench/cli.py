@@ -10,12 +10,16 @@ from typing import Any, Callable
 
 from ..errors import KVBoundError
 
-SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency")
+from . import quality
+
+SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency", *quality.SCENARIOS)
 DEFAULT_MODEL = "smollm2-135m"
-DEFAULT_BUDGETS = {"budget-sweep": "64,256", "multiturn": "128", "bytes": "128", "latency": "128"}
-DEFAULT_NEW_TOKENS = {"budget-sweep": 16, "multiturn": 16, "bytes": 16, "latency": 0}
+DEFAULT_BUDGETS = {"budget-sweep": "64,256", "multiturn": "128", "bytes": "128", "latency": "128",
+                   **quality.DEFAULT_BUDGETS}
+DEFAULT_NEW_TOKENS = {"budget-sweep": 16, "multiturn": 16, "bytes": 16, "latency": 0, "perplexity": 0, "needle": 0}
 DEFAULT_LENGTHS = "128,512,1024,4096"
 DEFAULT_BATCHES = "1,8,64"
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}  # --dtype -> torch attribute
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-dir", default=None, metavar="DIR",
                         help="use every *.txt in DIR as a prompt (answers.json may map a name to a needle answer)")
     parser.add_argument("--turns", type=int, default=20, help="multiturn: number of turns (default: 20)")
-    parser.add_argument("--lengths", default=DEFAULT_LENGTHS,
-                        help=f"latency: cached tokens per sequence (default: {DEFAULT_LENGTHS})")
+    parser.add_argument("--lengths", default=None,
+                        help=f"latency: cached tokens per sequence (default: {DEFAULT_LENGTHS}); needle: context "
+                             f"lengths (default: {quality.DEFAULT_NEEDLE_LENGTHS})")
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCHES,
                         help=f"latency: batch sizes (default: {DEFAULT_BATCHES})")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+                        help="model precision; every policy, the reference `full` included, runs in it "
+                             "(default: float32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -49,6 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report-only", action="store_true",
                         help="re-render report.md and plots from DIR/results.json without running anything")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    quality.add_arguments(parser)
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
@@ -116,7 +125,10 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
     budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS[args.scenario])
     max_new = args.max_new_tokens or DEFAULT_NEW_TOKENS[args.scenario]
     prompts = load_prompts(args.prompt_file, args.prompts_dir) if args.scenario in ("budget-sweep", "bytes") else []
-    lengths = _positive_ints(args.lengths, "lengths") if args.scenario == "latency" else []
+    lengths = _positive_ints(args.lengths or DEFAULT_LENGTHS, "lengths") if args.scenario == "latency" else []
+    if args.scenario == "needle":
+        lengths = _positive_ints(args.lengths or quality.DEFAULT_NEEDLE_LENGTHS, "lengths")
+    quality_opts = quality.options(args, lengths) if args.scenario in quality.SCENARIOS else {}
     batches = _positive_ints(args.batch_sizes, "batch-sizes") if args.scenario == "latency" else []
     if args.scenario == "multiturn" and budgets[0].is_fraction:
         raise KVBoundError("multiturn needs a budget in tokens (the context grows each turn), e.g. --budgets 128")
@@ -132,16 +144,20 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
     else:
         model, tokenizer = model_and_tokenizer
     try:
-        model = model.to(args.device)
+        import torch
+
+        model = model.to(device=args.device, dtype=getattr(torch, DTYPES[args.dtype]))
     except (RuntimeError, AssertionError) as exc:
         raise KVBoundError(f"cannot use device {args.device!r}: {str(exc).splitlines()[0]}") from None
 
     options = {"scenario": args.scenario, "policies": policies, "budgets": [b.label for b in budgets],
-               "max_new_tokens": max_new, "seed": args.seed, "prompts": [p.name for p in prompts]}
+               "max_new_tokens": max_new, "seed": args.seed, "prompts": [p.name for p in prompts],
+               "dtype": args.dtype}
     if args.scenario == "multiturn":
         options["turns"] = args.turns
     if args.scenario == "latency":
         options.update(lengths=lengths, batch_sizes=batches)
+    options.update(quality_opts)
     results = Results(args.out, args.scenario, make_meta(args.model, model, argv, options, args.device))
     progress = None
     if not args.no_progress:
@@ -157,6 +173,8 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
             scenarios.budget_sweep(bench, prompts, budgets)
         elif args.scenario == "multiturn":
             scenarios.multiturn(bench, load_messages(), args.turns, int(budgets[0].value))
+        elif args.scenario in quality.SCENARIOS:
+            quality.run(bench, args, budgets, quality_opts)
         elif args.scenario == "bytes":
             scenarios.bytes_per_token(bench, prompts[0], budgets)
         else:

@@ -408,6 +408,11 @@ def render(out_dir: str | Path) -> list[Path]:
     elif scenario == "latency":
         plots = _latency_plots(data, out)
         md = _latency_md(data, plots)
+    elif scenario in ("perplexity", "needle"):
+        from . import quality_report
+
+        plots = getattr(quality_report, f"{scenario}_plots")(data, out)
+        md = getattr(quality_report, f"{scenario}_md")(data, plots)
     else:
         from ..errors import KVBoundError
 

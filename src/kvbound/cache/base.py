@@ -32,6 +32,24 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+# ----------------------------------------------------------------- batch maps (beam search)
+
+
+def by_beam(beam_idx: torch.Tensor):
+    """Batch map of ``reorder_cache``: row ``i`` becomes row ``beam_idx[i]``."""
+    return lambda t: t.index_select(0, beam_idx.to(t.device))
+
+
+def repeated(repeats: int):
+    """Batch map of ``batch_repeat_interleave``."""
+    return lambda t: t.repeat_interleave(repeats, dim=0)
+
+
+def selected(indices: torch.Tensor):
+    """Batch map of ``batch_select_indices``."""
+    return lambda t: t[indices, ...]
+
+
 # --------------------------------------------------------------------------- layers
 
 
@@ -85,6 +103,28 @@ class PolicyLayer:
         if n > 0:
             self.truncate(n)
 
+    # -- reset and batch reordering (beam search) -------------------------------------
+    def reset(self) -> None:
+        """Forget everything (transformers' ``Cache.reset``): the layer is as new."""
+        super().reset()  # the transformers layer class this mixin is combined with
+        self.seen = 0
+
+    def map_batch(self, fn) -> None:
+        """Apply ``fn`` (a map of the batch dimension) to every per-sequence tensor held.
+        Layers holding more per-sequence state than the hot K/V extend it."""
+        if self.keys is not None:
+            self.keys, self.values = fn(self.keys), fn(self.values)
+        self.cache.account(self.layer_idx)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.map_batch(by_beam(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.map_batch(repeated(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.map_batch(selected(indices))
+
     # -- memory ---------------------------------------------------------------------
     def tiers(self) -> dict[str, int]:
         """Bytes this layer holds between forward passes, by tier."""
@@ -98,6 +138,7 @@ class KVBoundCache(DynamicCache):
     """Base cache: a ``DynamicCache`` whose layers follow one policy and report memory."""
 
     policy_name: str = "?"
+    lossless: bool = True  # False when an option makes this instance lossy (a K/V codec, kvbound.cache.codec)
 
     def __init__(self, model: "PreTrainedModel", budget: int | None, layers: list) -> None:
         # Skip DynamicCache.__init__ (it would build its own layers from the config).
@@ -114,6 +155,12 @@ class KVBoundCache(DynamicCache):
     def parse_options(cls, options: dict[str, Any]):
         """This policy's options dataclass (registered with it) built from ``options``."""
         return parse_options(get_policy(cls.policy_name).options, options, cls.policy_name)
+
+    @property
+    def exact(self) -> bool:
+        """This instance's promise: its policy's (the registry's ``exact``), unless its options made
+        it lossy (e.g. ``offload`` with ``codec=int8``)."""
+        return get_policy(self.policy_name).exact and self.lossless
 
     # -- hooks (see kvbound.cache.hooks); policies override what they need ------
     def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
@@ -156,6 +203,7 @@ class KVBoundCache(DynamicCache):
         tiers = self.bytes_by_tier()
         return {
             "policy": self.policy_name,
+            "exact": self.exact,
             "budget": self.budget,
             "tokens_seen": self.tokens_seen,
             "hot_kv_bytes": tiers.get("hot_kv", 0),
@@ -178,6 +226,41 @@ class KVBoundCache(DynamicCache):
         if n:
             for layer in self.layers:
                 layer.truncate(n)
+
+    # -- reset and batch reordering ---------------------------------------------------------
+    def reset(self) -> None:
+        """Forget everything, as a new cache: every layer, the policy's own state and the peaks."""
+        super().reset()
+        self.reset_state()
+        self._hot_by_layer = [0] * len(self.layers)
+        self.peak_hot_kv_bytes = 0
+        self.peak_transient_bytes = 0
+
+    def reset_state(self) -> None:
+        """Drop per-cache policy state kept outside the layers (e.g. token ids); see :meth:`reset`."""
+
+    def map_batch_state(self, fn) -> None:
+        """Apply ``fn`` (a map of the batch dimension) to per-cache per-sequence state (e.g. token ids)."""
+
+    def _batch_op(self, op: str, arg: Any, fn) -> None:
+        """Run the layers' ``op`` (they map their own state), then the cache's own state; refused
+        with a clear error when the registry says the policy cannot reorder batches."""
+        if not get_policy(self.policy_name).beams:
+            raise KVBoundError(f"policy {self.policy_name!r} does not support {op} (beam search and batch "
+                               "reordering); use num_beams=1, or a policy that does (see kvbound --help)")
+        for layer in self.layers:
+            getattr(layer, op)(arg)
+        self.map_batch_state(fn)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: every sequence's state follows its beam (hot K/V, stores, token ids)."""
+        self._batch_op("reorder_cache", beam_idx, by_beam(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._batch_op("batch_repeat_interleave", repeats, repeated(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._batch_op("batch_select_indices", indices, selected(indices))
 
     def close(self) -> None:
         """Release external resources (files); a no-op for in-memory policies."""

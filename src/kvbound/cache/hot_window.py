@@ -72,6 +72,26 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         elsewhere (kv-direct's token ids follow ``seen``); stores override it.
         """
 
+    def map_spilled(self, fn) -> None:
+        """Apply ``fn`` (a batch map: beam reorder, repeat, select) to the spilled tokens' state.
+
+        Nothing to do for lossy layers or when the per-token state lives on the cache
+        (kv-direct's token ids, :meth:`KVBoundCache.map_batch_state`); stores override it.
+        """
+
+    def reset_spilled(self) -> None:
+        """Forget every spilled token (:meth:`reset`); stores override it."""
+
+    # -- reset and batch maps (beam search) -------------------------------------------------
+    def reset(self) -> None:
+        super().reset()
+        self.pending_step = None
+        self.reset_spilled()
+
+    def map_batch(self, fn) -> None:
+        self.map_spilled(fn)
+        super().map_batch(fn)
+
     # -- rollback and draft refresh (kvbound.speculative) ---------------------------------
     def truncate(self, n: int) -> None:
         """Forget the last ``n`` tokens: crop the hot window; if ``n`` reaches past it the

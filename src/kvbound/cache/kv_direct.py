@@ -43,7 +43,7 @@ class _Span:
 
 
 @register("kv-direct", "exact: hot window of `budget` tokens; older K/V recomputed from token ids each step",
-          exact=True, can_rollback=True)
+          exact=True, can_rollback=True, beams=True)
 class KVDirectCache(RecomputingCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
         super().__init__(model, budget, self.parse_options(options))
@@ -69,6 +69,13 @@ class KVDirectCache(RecomputingCache):
             raise KVBoundError(f"batch size changed from {self.ids.shape[0]} to {ids.shape[0]} on one cache; "
                                "use a new cache per batch")
         self.ids = torch.cat([self.ids[:, :committed], ids], dim=1)
+
+    def map_batch_state(self, fn) -> None:
+        if self.ids is not None:  # each sequence keeps its own history (beam search)
+            self.ids = fn(self.ids)
+
+    def reset_state(self) -> None:
+        self.ids, self._span = None, None
 
     # -- recomputation ----------------------------------------------------------------
     def _start_span(self) -> _Span:

@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..recompute import attention_types
+
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
@@ -15,11 +17,10 @@ def text_config(model: "PreTrainedModel"):
 
 
 def layer_windows(model: "PreTrainedModel") -> list[int | None]:
-    """Per layer: the sliding window for sliding-attention layers, else ``None``."""
+    """Per layer: the sliding window for sliding-attention layers, else ``None`` (attention types
+    derived as transformers does, :func:`kvbound.recompute.attention_types`)."""
     cfg = text_config(model)
-    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
-    window = getattr(cfg, "sliding_window", None)
-    return [window if t == "sliding_attention" else None for t in types]
+    return [cfg.sliding_window if t == "sliding_attention" else None for t in attention_types(cfg)]
 
 
 def first_full_layer(model: "PreTrainedModel") -> int | None:
@@ -27,10 +28,15 @@ def first_full_layer(model: "PreTrainedModel") -> int | None:
     return next((i for i, w in enumerate(layer_windows(model)) if w is None), None)
 
 
+def head_dim(model: "PreTrainedModel") -> int:
+    cfg = text_config(model)
+    return getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+
 def kv_bytes_per_token(model: "PreTrainedModel") -> int:
     """Analytic K+V bytes one token costs across all layers (batch 1, full attention)."""
     cfg = text_config(model)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d = head_dim(model)
     kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     itemsize = torch.empty((), dtype=model.dtype).element_size()
-    return 2 * cfg.num_hidden_layers * kv_heads * head_dim * itemsize
+    return 2 * cfg.num_hidden_layers * kv_heads * d * itemsize

@@ -26,8 +26,18 @@ values) of consecutive tokens are contiguous and a span is at most one block per
 sliding layers never need tokens older than the window: their store is a ring of
 ``window - 1 + max_rollback`` slots (one segment).
 
-Memory report: ``hot_kv`` (held in memory) and ``offloaded`` (bytes in the store); the mapped
-span or read-back buffer plus the hot + new K/V handed to attention are transient bytes.
+Option ``codec`` (``int8``, ``int4``, ``int2``, ``bf16``, ``fp32``; :mod:`kvbound.cache.codec`) stores
+each spilled token as its codec bytes -- per-token groups of ``codec_group`` channels with float16
+scales, so every record still stands alone -- and decodes what it reads back: int8 reads and stores
+~3.8x fewer bytes than fp32 and makes the cache lossy (``cache.exact`` is then ``False``).
+
+Memory report: ``hot_kv`` (held in memory), ``offloaded`` (bytes of the tokens in the store) and
+``offload_slack`` (capacity allocated beyond them: the file is preallocated and the host buffer
+grown geometrically, so ``offloaded + offload_slack`` is the file size / buffer size); the
+mapped span or read-back buffer plus the hot + new K/V handed to attention are transient bytes.
+
+Beam search and batch reordering rewrite the records (each segment holds every sequence): in place for a reorder, a full read-back and rewrite when the batch size changes.
+A model on a GPU may use the file store too: records are copied to host memory first.
 """
 
 from __future__ import annotations
@@ -46,7 +56,8 @@ import torch
 
 from ..errors import KVBoundError
 from .base import KVBoundCache, nbytes
-from .model_info import layer_windows
+from .codec import parse_codec
+from .model_info import head_dim, layer_windows
 from .registry import register
 from .hooks import use_tiered_attention
 from .hot_window import HotWindowLayer
@@ -62,6 +73,8 @@ class OffloadOptions:
     store: str = "auto"  # "file", "host" (pinned host memory) or "auto" (file on CPU, host on GPU)
     max_rollback: int = 64  # sliding layers keep this many tokens beyond the window for rollback
     read: str = "mmap"  # file store: "mmap" (attention reads the mapped file in place) or "pread" (a copy)
+    codec: str | None = None  # store K/V as fp32/bf16/int8/int4/int2 (kvbound.cache.codec; lossy); default: as computed
+    codec_group: int | None = None  # integer codecs: channels per scale (default: the head for int8, else 32)
 
 
 def _disk_error(exc: OSError, where: str, need: int) -> KVBoundError:
@@ -92,6 +105,7 @@ class _Store:
 
     def __init__(self, ring: int | None, seg: int) -> None:
         self.ring = ring
+        self.seg_tokens = seg
         self.seg = ring if ring is not None else seg
         self.start = 0  # oldest position still stored (ring) ...
         self.end = 0  # ... and one past the newest
@@ -100,7 +114,12 @@ class _Store:
         self.record = 0  # bytes per token (K and V)
 
     def nbytes(self) -> int:
+        """Bytes of the tokens stored (live records)."""
         return (self.end - self.start) * self.record
+
+    def allocated_bytes(self) -> int:
+        """Bytes of backing capacity actually allocated (file size, host buffer): >= :meth:`nbytes`."""
+        return 0
 
     def chunks(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
         """``(segment, index, offset in the span, count)`` runs of tokens ``start .. end``."""
@@ -117,13 +136,21 @@ class _Store:
         """Store tokens ``start .. start+n`` (must continue the store: ``start == end``)."""
         if start != self.end:
             raise RuntimeError(f"offload store: spill at {start} does not continue the store at {self.end}")
+        end = start + keys.shape[-2]
+        self._write_records(start, keys, values)
+        self.end = end
+        if self.ring is not None:
+            self.start = max(self.start, end - self.ring)
+
+    def _write_records(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write tokens ``start .. start+n`` at their slots (new or rewritten)."""
         if self.shape is None:
             b, h, _, d = keys.shape
             self.shape, self.dtype = (b, h, d), keys.dtype
             self.record = 2 * b * h * d * keys.element_size()
             if self.ring is None:  # whole pages per segment, so each segment can be mapped on its own
                 step = mmap.ALLOCATIONGRANULARITY // math.gcd(self.record, mmap.ALLOCATIONGRANULARITY)
-                self.seg = -(-self.seg // step) * step
+                self.seg = -(-self.seg_tokens // step) * step
         end = start + keys.shape[-2]
         first = start if self.ring is None else max(start, end - self.ring)
         if first < end:
@@ -131,19 +158,59 @@ class _Store:
             kv = torch.stack([keys[..., cut:, :], values[..., cut:, :]])  # [2, B, H, n, D]
             for seg, idx, off, n in self.chunks(first, end):
                 self._put(seg, idx, kv[..., off:off + n, :])
-        self.end = end
-        if self.ring is not None:
-            self.start = max(self.start, end - self.ring)
 
     def blocks(self, start: int, end: int, like: torch.Tensor, overwrite_until: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V of tokens ``start .. end`` as ``[B, H, n, D]`` blocks in position order.
 
-        ``overwrite_until``: this step will store tokens up to there before attention reads the
+        ``overwrite_until``: this step stores tokens up to there before attention reads the
         blocks; on a ring that may reuse slots the blocks show, so those are copied first."""
         if start < self.start or end > self.end:
             raise RuntimeError(f"offload store holds tokens {self.start}..{self.end}, asked {start}..{end}")
         copy = self.ring is not None and overwrite_until - self.ring > start
         return self._read(self.chunks(start, end), end - start, like, copy)
+
+    def read(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of tokens ``start .. end`` as two ``[B, H, n, D]`` tensors of their own."""
+        blocks = self.blocks(start, end, like, 0)
+        k, v = (torch.cat([b[i] for b in blocks], dim=-2) for i in (0, 1))
+        self.release()
+        return k, v
+
+    def map_batch(self, fn, like: torch.Tensor, chunk: int = 512) -> None:
+        """Apply a batch map (beam reorder, repeat, select) to every stored token by rewriting it:
+        in place, ``chunk`` tokens at a time, when the batch size stays; otherwise the whole store
+        is read back (transient) and written again with the new layout."""
+        if self.shape is None:
+            return
+        rows = fn(torch.arange(self.shape[0]))
+        if self.end == self.start:
+            self._new_layout()
+            return
+        if torch.equal(rows, torch.arange(self.shape[0])):
+            return
+        if rows.numel() == self.shape[0]:
+            for s in range(self.start, self.end, chunk):
+                k, v = self.read(s, min(s + chunk, self.end), like)
+                self._write_records(s, fn(k), fn(v))
+            return
+        start = self.start
+        k, v = self.read(start, self.end, like)
+        k, v = fn(k), fn(v)
+        self._new_layout()
+        self.end = start
+        self._write_records(start, k, v)
+        self.end = start + k.shape[-2]
+
+    def reset(self) -> None:
+        """Forget every token (``Cache.reset``): as a new store."""
+        self.start = self.end = 0
+        self._new_layout()
+
+    def _new_layout(self) -> None:
+        """Drop the layout (the next write sets it) and the backing memory."""
+        self.shape, self.dtype, self.record = None, None, 0
+        self.seg = self.ring if self.ring is not None else self.seg_tokens
+        self.close()
 
     def forget(self, end: int, needed: int) -> None:
         """Drop tokens at positions ``>= end`` (rollback); tokens ``needed .. end`` must remain."""
@@ -162,8 +229,16 @@ class _Store:
     def _put(self, seg: int, idx: int, kv: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _read(self, chunks, n: int, like: torch.Tensor, copy: bool):
+    def _read(self, chunks, n: int, like: torch.Tensor, copy: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
+
+
+def _runs(kv: torch.Tensor):
+    """``((kv, b, h), rows [n, D])`` for each head of a ``[2, B, H, n, D]`` tensor."""
+    for k in range(kv.shape[0]):
+        for b in range(kv.shape[1]):
+            for h in range(kv.shape[2]):
+                yield (k, b, h), kv[k, b, h]
 
 
 class _FileStore(_Store):
@@ -211,6 +286,23 @@ class _FileStore(_Store):
             os.ftruncate(self.fd, size)  # filesystem without fallocate: sparse file
         self.allocated = size
 
+    def allocated_bytes(self) -> int:
+        return self.allocated
+
+    def close(self) -> None:
+        """Delete this layer's file (``reset``; the cache's finalizer removes the folder)."""
+        self.maps.clear()  # a mapping is unmapped once no tensor views it
+        self.touched.clear()
+        if self.fd is not None and self.fd in self.cache.fds:  # not yet closed by the finalizer
+            self.cache.fds.remove(self.fd)
+            os.close(self.fd)
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+        self.fd = None
+        self.allocated = 0
+
     def _row_offset(self, seg: int, kv: int, b: int, h: int, idx: int) -> int:
         bsz, heads, d = self.shape
         row = ((kv * bsz + b) * heads + h) * self.seg + idx
@@ -219,7 +311,7 @@ class _FileStore(_Store):
     def _put(self, seg: int, idx: int, kv: torch.Tensor) -> None:
         fd = self._open()
         self._reserve((seg + 1) * self._seg_bytes())
-        kv = kv.contiguous()
+        kv = kv.to("cpu").contiguous()  # a model on a GPU: records go through host memory
         try:
             for (k, b, h), rows in _runs(kv):
                 raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
@@ -246,7 +338,7 @@ class _FileStore(_Store):
             out = []
             for seg, idx, _, cnt in chunks:
                 kv = self._mapped(seg)[..., idx:idx + cnt, :]
-                kv = kv.clone() if copy else kv
+                kv = kv.to(like.device, copy=copy)
                 out.append((kv[0], kv[1]))
             return out
         fd = self._open()
@@ -256,23 +348,13 @@ class _FileStore(_Store):
                 raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
                 if os.preadv(fd, [raw], self._row_offset(seg, k, b, h, idx)) != len(raw):
                     raise KVBoundError(f"offload file {self.path} is shorter than expected (was it modified?)")
+        buf = buf.to(like.device, non_blocking=True)
         return [(buf[0], buf[1])]
 
     def release(self) -> None:
         for seg in self.touched:
             self.maps[seg][0].madvise(mmap.MADV_DONTNEED)
         self.touched.clear()
-
-    def close(self) -> None:
-        self.maps.clear()  # a mapping is unmapped once no tensor views it
-
-
-def _runs(kv: torch.Tensor):
-    """``((kv, b, h), rows [n, D])`` for each head of a ``[2, B, H, n, D]`` tensor; rows are contiguous."""
-    for k in range(kv.shape[0]):
-        for b in range(kv.shape[1]):
-            for h in range(kv.shape[2]):
-                yield (k, b, h), kv[k, b, h]
 
 
 class _HostStore(_Store):
@@ -294,11 +376,13 @@ class _HostStore(_Store):
             self.host = grown
         self.host[..., idx:need, :].copy_(kv)
 
+    def allocated_bytes(self) -> int:
+        return 0 if self.host is None else nbytes(self.host)
+
     def _read(self, chunks, n: int, like: torch.Tensor, copy: bool):
         out = []
         for _, idx, _, cnt in chunks:
-            kv = self.host[..., idx:idx + cnt, :]
-            kv = kv.to(like.device, non_blocking=True) if like.device != kv.device else (kv.clone() if copy else kv)
+            kv = self.host[..., idx:idx + cnt, :].to(like.device, non_blocking=True, copy=copy)  # pinned -> device
             out.append((kv[0], kv[1]))
         return out
 
@@ -317,12 +401,15 @@ class OffloadLayer(HotWindowLayer):
         self.store = store
 
     def spill(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        self.store.write(start, keys, values)
+        self.store.write(start, *self.cache.encode(keys, values))
 
     def recall_blocks(self, start: int, end: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         spill_until = self.seen + like.shape[-2] - self.hot  # this step spills up to here before attention
         blocks = self.store.blocks(start, end, like, spill_until)
         recalled = sum(nbytes(k, v) for k, v in blocks)
+        if self.cache.codec is not None:  # the records read back and the K/V decoded from them
+            blocks = [self.cache.decode(k, v, like.dtype) for k, v in blocks]
+            recalled += sum(nbytes(k, v) for k, v in blocks)
         # alive together: the recalled K/V (mapped pages or the read-back buffer) and what update builds
         self.cache.note_transient(max(recalled, self.cache.readback_bytes()) + self.handover_bytes(recalled, like))
         return blocks
@@ -338,16 +425,25 @@ class OffloadLayer(HotWindowLayer):
             self.cache.release_readback()  # the pass is over (else: once attention read the blocks)
         return out
 
+    def map_spilled(self, fn) -> None:
+        self.store.map_batch(fn, self.keys)
+        self.cache.release_readback()
+
+    def reset_spilled(self) -> None:
+        self.store.reset()
+        self.cache.release_readback()
+
     def forget_spilled(self, end: int) -> None:
         needed = 0 if self.sliding_window is None else max(0, end - (self.sliding_window - 1))
         self.store.forget(end, needed)
 
     def tiers(self) -> dict[str, int]:
-        return {"hot_kv": nbytes(self.keys, self.values), "offloaded": self.store.nbytes()}
-
+        live = self.store.nbytes()
+        return {"hot_kv": nbytes(self.keys, self.values), "offloaded": live,
+                "offload_slack": self.store.allocated_bytes() - live}
 
 @register("offload", "exact: hot window of `budget` tokens; older K/V offloaded to disk (CPU) or host memory "
-          "(GPU) and read back layer by layer", exact=True, options=OffloadOptions, can_rollback=True)
+          "(GPU) and read back layer by layer", exact=True, options=OffloadOptions, can_rollback=True, beams=True)
 class OffloadCache(KVBoundCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
         opts = self.options = self.parse_options(options)
@@ -357,6 +453,11 @@ class OffloadCache(KVBoundCache):
             raise KVBoundError(f"offload option read must be one of {', '.join(READS)}, got {opts.read!r}")
         if isinstance(opts.max_rollback, bool) or not isinstance(opts.max_rollback, int) or opts.max_rollback < 0:
             raise KVBoundError(f"offload option max_rollback must be a whole number >= 0, got {opts.max_rollback!r}")
+        if opts.codec_group is not None and opts.codec is None:
+            raise KVBoundError("offload option codec_group applies to an integer codec; add codec=int8 (or int4/int2)")
+        self.codec = None if opts.codec is None else parse_codec(opts.codec, head_dim(model), opts.codec_group,
+                                                                  "offload option codec")
+        self.lossless = self.codec is None or self.codec.lossless
         on_gpu = next(model.parameters()).device.type != "cpu"
         kind = opts.store if opts.store != "auto" else ("host" if on_gpu else "file")
         self.closed = False
@@ -382,6 +483,17 @@ class OffloadCache(KVBoundCache):
         super().__init__(model, budget, layers)
         self.store_kind = kind
         use_tiered_attention(model)
+
+    # -- codec: what the store keeps ---------------------------------------------------------
+    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V as the store keeps them: unchanged, or each token's codec bytes (``[B, H, n, width]``
+        uint8, :meth:`~kvbound.cache.codec.Codec.to_bytes`), which the store handles like K/V."""
+        if self.codec is None:
+            return keys, values
+        return self.codec.to_bytes(keys), self.codec.to_bytes(values)
+
+    def decode(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.codec.from_bytes(k, dtype), self.codec.from_bytes(v, dtype)
 
     # -- read-back buffer shared by the layers of one forward pass ---------------------------
     def readback(self, size: int) -> torch.Tensor:

@@ -91,6 +91,13 @@ class ResidualLayer(RecallLayer):
         self.store.drop_before(self.needed_start())
         return out
 
+    def map_spilled(self, fn) -> None:
+        if self.store.buf is not None:  # [batch, capacity, d]: every row follows its sequence
+            self.store.buf = fn(self.store.buf)
+
+    def reset_spilled(self) -> None:
+        self.store = ResidualStore()
+
     def truncate(self, n: int) -> None:
         """Roll back ``n`` tokens (speculative decoding); refused when attention would then
         need residuals this layer already dropped (sliding-window layers)."""
@@ -108,7 +115,7 @@ class ResidualLayer(RecallLayer):
 
 
 @register("residual", "exact: hot window of `budget` tokens; older K/V projected from stored per-layer residuals",
-          exact=True, can_rollback=True)
+          exact=True, can_rollback=True, beams=True)
 class ResidualCache(RecomputingCache):
     layer_cls = ResidualLayer
 

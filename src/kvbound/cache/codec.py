@@ -1,0 +1,274 @@
+"""K/V codecs: fp32, bf16 and group-wise int8/int4/int2 with real packed storage.
+
+Integer formats follow KIVI (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit Quantization
+for KV Cache"): asymmetric min-max quantization, ``x ~ code * scale + zero``, with one scale and
+zero point per group of ``group`` values.
+
+Two groupings (``axis``):
+
+* ``"token"`` -- per token: each token's ``head_dim`` channels are split into groups of ``group``
+  channels (KIVI's value cache; also the offload store's per-token records, since each token's
+  record must stand alone);
+* ``"channel"`` -- per channel: each channel is quantized over a block of ``group`` tokens
+  (KIVI's key cache: keys have outlier *channels*, so a scale per channel keeps them from
+  swamping the others). The number of tokens must be a multiple of ``group``.
+
+Codes are packed along ``head_dim``: int4 two to a byte, int2 four to a byte, int8 one. Scales
+and zero points are float16 (as in KIVI's kernels). :meth:`Packed.nbytes` counts exactly the
+bytes held: packed codes + scales + zero points.
+
+Shapes: inputs are ``[batch, kv_heads, tokens, head_dim]``; every tensor of a :class:`Packed`
+keeps tokens (or token blocks, ``axis="channel"``) on dim -2, so packed tensors concatenate
+and slice along tokens like the K/V they encode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import KVBoundError
+
+FORMATS = {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4, "int2": 2}
+BITS = (2, 4, 8)
+META_DTYPE = torch.float16  # scales and zero points
+_FP16_MAX = torch.finfo(torch.float16).max
+_MIN_SCALE = 2.0 ** -14  # smallest normal float16: a constant group decodes within this of its value
+
+
+def check_bits(bits: object, where: str) -> int:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise KVBoundError(f"{where}: bits must be one of 2, 4, 8, got {bits!r}")
+    return int(bits)  # type: ignore[arg-type]
+
+
+def check_group(group: object, head_dim: int, where: str) -> int:
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise KVBoundError(f"{where}: group must be a whole number >= 1, got {group!r}")
+    if head_dim % group:
+        raise KVBoundError(f"{where}: group {group} does not divide head_dim {head_dim}; "
+                           f"use a divisor of {head_dim} (e.g. {math.gcd(32, head_dim)})")
+    return group
+
+
+def default_group(bits: int, head_dim: int) -> int:
+    """32 channels (KIVI's default) where it divides ``head_dim``; int8 uses the whole head."""
+    return head_dim if bits == 8 else math.gcd(32, head_dim)
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 codes ``< 2**bits`` along the last dim: ``8 // bits`` codes per byte."""
+    per = 8 // bits
+    if per == 1:
+        return codes
+    if codes.shape[-1] % per:
+        raise KVBoundError(f"head_dim {codes.shape[-1]} is not a multiple of {per} (needed to pack {bits}-bit codes)")
+    c = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
+    out = c[..., 0].clone()
+    for i in range(1, per):
+        out |= c[..., i] << (bits * i)
+    return out
+
+
+def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
+    """Inverse of :func:`pack`."""
+    per = 8 // bits
+    if per == 1:
+        return data
+    mask = (1 << bits) - 1
+    parts = [(data >> (bits * i)) & mask for i in range(per)]
+    return torch.stack(parts, dim=-1).view(*data.shape[:-1], data.shape[-1] * per)
+
+
+# --------------------------------------------------------------------------- packed tensors
+
+
+@dataclass
+class Packed:
+    """Encoded K or V: packed codes (or a float cast) plus float16 scales and zero points.
+
+    ``data`` is ``[B, H, tokens, head_dim * bits / 8]`` uint8 for integer formats, or the K/V
+    itself cast to the float format. ``scale``/``zero`` are ``[B, H, tokens, head_dim / group]``
+    (``axis="token"``) or ``[B, H, tokens / group, head_dim]`` (``axis="channel"``); ``None`` for
+    float formats.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    zero: torch.Tensor | None
+    bits: int
+    axis: str
+    group: int
+
+    @property
+    def tokens(self) -> int:
+        return self.data.shape[-2]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+
+    def decode(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The K/V this encodes, ``[B, H, tokens, head_dim]`` in ``dtype`` (written into ``out``, a
+        tensor of that shape, when given: saves the copy of a later concatenation)."""
+        if self.scale is None:
+            return self.data.to(dtype) if out is None else out.copy_(self.data)
+        codes = unpack(self.data, self.bits)
+        b, h, n, d = codes.shape
+        g = self.group
+        if self.axis == "token":
+            shape, dim = (b, h, n, d // g, g), -1
+        else:
+            shape, dim = (b, h, n // g, g, d), -2
+        if out is None:
+            out = torch.empty((b, h, n, d), dtype=dtype, device=self.data.device)
+        torch.addcmul(self.zero.to(dtype).unsqueeze(dim), codes.view(shape).to(dtype), self.scale.to(dtype).unsqueeze(dim),
+                      out=out.view(shape))
+        return out
+
+    # -- token-axis operations (all return new tensors, so dropped parts are freed) ------
+    def _map(self, fn, meta_fn=None) -> "Packed":
+        meta_fn = meta_fn or fn
+        return Packed(fn(self.data), None if self.scale is None else meta_fn(self.scale),
+                      None if self.zero is None else meta_fn(self.zero), self.bits, self.axis, self.group)
+
+    def drop_front(self, n: int) -> "Packed":
+        """Forget the first ``n`` tokens (a multiple of ``group`` for ``axis="channel"``)."""
+        if self.axis == "channel" and self.scale is not None:
+            if n % self.group:
+                raise RuntimeError(f"per-channel blocks drop whole groups of {self.group} tokens, asked {n}")
+            return self._map(lambda t: t[..., n:, :].clone(), lambda t: t[..., n // self.group:, :].clone())
+        return self._map(lambda t: t[..., n:, :].clone())
+
+    def gather(self, idx: torch.Tensor) -> "Packed":
+        """Per-head token gather (``idx`` ``[B, H or 1, k]``); per-token encodings only."""
+        if self.axis == "channel" and self.scale is not None:
+            raise RuntimeError("per-channel blocks cannot be gathered token by token")
+
+        def g(t: torch.Tensor) -> torch.Tensor:
+            i = idx.expand(t.shape[0], t.shape[1], idx.shape[-1])
+            return t.gather(2, i.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
+
+        return self._map(g)
+
+    def index_batch(self, fn) -> "Packed":
+        """Apply ``fn`` (beam reorder / repeat / select along dim 0) to every tensor."""
+        return self._map(fn)
+
+
+def cat(parts: list[Packed]) -> Packed:
+    """Concatenate encodings of consecutive token spans (same format and grouping)."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+
+    def c(get):
+        return torch.cat([get(p) for p in parts], dim=-2)
+
+    return Packed(c(lambda p: p.data), None if first.scale is None else c(lambda p: p.scale),
+                  None if first.zero is None else c(lambda p: p.zero), first.bits, first.axis, first.group)
+
+
+# --------------------------------------------------------------------------- codec
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A K/V format: ``fmt`` in :data:`FORMATS`; ``group`` values share a scale (integer formats)."""
+
+    fmt: str
+    group: int = 0  # 0 for float formats
+
+    @property
+    def bits(self) -> int:
+        return FORMATS[self.fmt]
+
+    @property
+    def lossless(self) -> bool:
+        return self.fmt == "fp32"
+
+    @property
+    def is_int(self) -> bool:
+        return self.fmt.startswith("int")
+
+    def encode(self, x: torch.Tensor, axis: str = "token") -> Packed:
+        """Encode ``x`` ``[B, H, n, D]`` (``axis="channel"``: ``n`` a multiple of ``group``)."""
+        if not self.is_int:
+            dtype = torch.float32 if self.fmt == "fp32" else torch.bfloat16
+            return Packed(x.to(dtype) if x.dtype != dtype else x.clone(), None, None, self.bits, axis, 0)
+        b, h, n, d = x.shape
+        g = self.group
+        xf = x.float()
+        if axis == "token":
+            blocks, red = xf.view(b, h, n, d // g, g), -1
+        elif axis == "channel":
+            if n % g:
+                raise RuntimeError(f"per-channel encoding needs a multiple of {g} tokens, got {n}")
+            blocks, red = xf.view(b, h, n // g, g, d), -2
+        else:
+            raise ValueError(f"axis must be 'token' or 'channel', got {axis!r}")
+        qmax = (1 << self.bits) - 1
+        lo, hi = blocks.amin(dim=red), blocks.amax(dim=red)
+        if bool(lo.abs().max() > _FP16_MAX) or bool(hi.abs().max() > _FP16_MAX):
+            raise KVBoundError(f"{self.fmt} codec: K/V values beyond float16 range ({_FP16_MAX:.0f}); use fp32 or bf16")
+        zero = lo.to(META_DTYPE)
+        # the scale covers [zero, hi] after zero's rounding; float16 rounding of the scale is absorbed by clamping
+        scale = ((hi - zero.float()) / qmax).clamp(min=_MIN_SCALE).to(META_DTYPE)
+        codes = ((blocks - zero.float().unsqueeze(red)) / scale.float().unsqueeze(red)).round_().clamp_(0, qmax)
+        codes = codes.to(torch.uint8).view(b, h, n, d)
+        return Packed(pack(codes, self.bits), scale, zero, self.bits, axis, g)
+
+    def roundtrip(self, x: torch.Tensor, axis: str = "token") -> torch.Tensor:
+        return self.encode(x, axis).decode(x.dtype)
+
+    # -- per-token bytes (the offload store) -------------------------------------------------
+    def token_bytes(self, head_dim: int) -> int:
+        """Bytes one token of one head takes in :meth:`to_bytes` (exact: codes + scales + zero points)."""
+        if not self.is_int:
+            return head_dim * self.bits // 8
+        return head_dim * self.bits // 8 + 2 * (head_dim // self.group) * META_DTYPE.itemsize
+
+    def to_bytes(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, H, n, D]`` -> ``[B, H, n, token_bytes]`` uint8: each token's encoding stands alone
+        (per-token groups), so a store can keep, slice and reorder it like K/V of another width."""
+        p = self.encode(x, "token")
+        parts = [t.contiguous().view(torch.uint8) for t in (p.data, p.scale, p.zero) if t is not None]
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+
+    def from_bytes(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Inverse of :meth:`to_bytes`: ``[B, H, n, token_bytes]`` uint8 -> ``[B, H, n, D]`` in ``dtype``."""
+        if not self.is_int:
+            return raw.contiguous().view(torch.float32 if self.fmt == "fp32" else torch.bfloat16).to(dtype)
+        w = raw.shape[-1]
+        g_bytes = 2 * META_DTYPE.itemsize  # scale + zero point per group
+        d = w * 8 * self.group // (self.bits * self.group + 8 * g_bytes)  # w = d*bits/8 + (d/group)*g_bytes
+        c, m = d * self.bits // 8, (d // self.group) * META_DTYPE.itemsize
+        scale = raw[..., c:c + m].contiguous().view(META_DTYPE)
+        zero = raw[..., c + m:].contiguous().view(META_DTYPE)
+        return Packed(raw[..., :c], scale, zero, self.bits, "token", self.group).decode(dtype)
+
+
+def parse_codec(name: object, head_dim: int, group: int | None = None, where: str = "codec") -> Codec:
+    """``fp32``/``bf16``/``int8``/``int4``/``int2`` (+ ``group``, default :func:`default_group`)."""
+    if name not in FORMATS:
+        raise KVBoundError(f"{where}: unknown format {name!r}; valid: {', '.join(FORMATS)}")
+    fmt = str(name)
+    if not fmt.startswith("int"):
+        if group is not None:
+            raise KVBoundError(f"{where}: group applies to the integer formats (int8/int4/int2), not {fmt}")
+        return Codec(fmt)
+    bits = FORMATS[fmt]
+    g = default_group(bits, head_dim) if group is None else check_group(group, head_dim, where)
+    if head_dim % (8 // bits):
+        raise KVBoundError(f"{where}: head_dim {head_dim} is not a multiple of {8 // bits} ({fmt} packs "
+                           f"{8 // bits} codes per byte)")
+    return Codec(fmt, g)
+
+
+def int_codec(bits: object, head_dim: int, group: int | None, where: str) -> Codec:
+    """The integer codec for ``bits`` in :data:`BITS`, with a checked ``group``."""
+    return parse_codec(f"int{check_bits(bits, where)}", head_dim, group, where)

@@ -1,0 +1,75 @@
+"""Codecs as options of other tiers: the offload store (``codec=int8``), reported as lossy."""
+
+import pytest
+import torch
+
+import kvbound
+from kvbound import cli
+from kvbound.cache.codec import parse_codec
+from kvbound.errors import KVBoundError
+from kvbound.speculative import speculative_greedy
+from conftest import FAMILIES, prompt_ids, run_greedy, tiny
+
+PROMPT, NEW, BUDGET = 24, 10, 5
+
+
+def test_fp32_codec_stays_exact():
+    model = tiny("tiny-gemma3")
+    full = run_greedy(model, prompt_ids(PROMPT), kvbound.make_cache(model, "full"), NEW)
+    cache = kvbound.make_cache(model, "offload", BUDGET, codec="fp32")
+    assert run_greedy(model, prompt_ids(PROMPT), cache, NEW) == full
+    assert cache.exact and cache.memory_report()["exact"]
+    cache.close()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_int8_offload_is_close_lossy_and_stores_a_quarter(name):
+    model = tiny(name)
+    cache = kvbound.make_cache(model, "offload", BUDGET, codec="int8")
+    plain = kvbound.make_cache(model, "offload", BUDGET)
+    ref = kvbound.make_cache(model, "full")
+    ids = prompt_ids(PROMPT)
+    diffs = []
+    with torch.no_grad():
+        a, p, r = (model(ids, past_key_values=c).logits[:, -1] for c in (cache, plain, ref))
+        for _ in range(6):  # decode steps read the spilled tokens back
+            nxt = r.argmax(-1, keepdim=True)
+            a, p, r = (model(nxt, past_key_values=c).logits[:, -1] for c in (cache, plain, ref))
+            assert torch.equal(p, r) or (p - r).abs().max() < 1e-5
+            diffs.append((a - r).abs().max().item())
+    assert 0 < max(diffs) < 0.05
+    assert not cache.exact and cache.memory_report()["exact"] is False and plain.exact
+    codec = parse_codec("int8", 16)  # tiny models: head_dim 16, 2 or 4 KV heads
+    layer = cache.layers[1]
+    kvh = layer.keys.shape[1]
+    stored = layer.store.end - layer.store.start
+    assert layer.tiers()["offloaded"] == stored * 2 * kvh * codec.token_bytes(16)
+    assert plain.layers[1].tiers()["offloaded"] == stored * 2 * kvh * 16 * 4
+    cache.close()
+    plain.close()
+
+
+def test_lossy_offload_cannot_verify_speculation():
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, "offload", BUDGET, codec="int4")
+    with pytest.raises(KVBoundError, match="made lossy by its options"):
+        speculative_greedy(model, prompt_ids(PROMPT), cache, 4, k=2)
+    cache.close()
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"codec": "int3"}, "unknown format 'int3'"),
+    ({"codec_group": 8}, "codec_group applies to an integer codec"),
+    ({"codec": "int4", "codec_group": 5}, "group 5 does not divide head_dim 16"),
+    ({"codec": "bf16", "codec_group": 8}, "group applies to the integer formats"),
+])
+def test_bad_codec_options(options, message):
+    with pytest.raises(KVBoundError, match=message):
+        kvbound.make_cache(tiny("tiny-llama"), "offload", BUDGET, **options)
+
+
+def test_cli_reports_a_codec_offload_as_lossy(capsys):
+    code = cli.main(["generate", "--model", "tiny-llama", "--prompt", "hello there, how are you", "--policy", "offload",
+                     "--budget", "4", "--option", "codec=int8", "--max-new-tokens", "4", "--json"])
+    out = capsys.readouterr().out.strip().splitlines()[-1]
+    assert code == 0 and '"exact": false' in out
