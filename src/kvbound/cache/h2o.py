@@ -44,8 +44,9 @@ class H2OLayer(EvictingLayer):
     def reset_policy(self) -> None:
         self.scores = None
 
-    def select(self, keys, positions, query, query_pos):
-        mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap)
+    def select(self, keys, positions, query, query_pos, mass=None):
+        if mass is None:
+            mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap)
         old = self.scores if self.scores is not None else mass.new_zeros(*mass.shape[:2], 0)
         scores = torch.cat([old, old.new_zeros(*old.shape[:2], mass.shape[-1] - old.shape[-1])], dim=-1) + mass
         if keys.shape[-2] <= self.capacity:
