@@ -3,8 +3,8 @@ render its report (used when a long sweep was split over parallel processes on a
 
     python3 benchmarks/merge_bench_runs.py OUT_DIR RUN_DIR [RUN_DIR ...]
 
-Runs are taken in order; a ``full`` (reference) record that repeats an earlier one's cell
-(same scenario keys) is dropped, so the reference counts once. ``meta`` is the first run's, with
+Runs are taken in order; a record that repeats an earlier one's cell (same policy, budget and
+scenario keys; e.g. the ``full`` reference every run measures) is dropped, so each cell counts once. ``meta`` is the first run's, with
 every run's command listed under ``meta.merged_from``.
 """
 
@@ -29,7 +29,7 @@ def merge(out: Path, sources: list[Path]) -> list[Path]:
     for d in datas:
         for r in d["runs"]:
             key = (r.get("policy"), r.get("budget"), *(r.get(k) for k in CELL_KEYS))
-            if key in seen and r.get("policy") == "full":
+            if key in seen:
                 continue
             seen.add(key)
             runs.append(r)
