@@ -91,7 +91,8 @@ def perplexity_plots(data: dict[str, Any], out: Path) -> list[str]:
     for policy in order:
         mine = [r for r in ok if r["policy"] == policy]
         if mine[0].get("budget_label") is None:
-            ax.axhline(mine[0]["perplexity"], color="black", linestyle=":", label=f"{policy} (no budget)")
+            ax.axhline(mine[0]["perplexity"], color="black" if policy == REFERENCE else None, linestyle=":",
+                       label=f"{policy} (no budget)")
             continue
         pts = sorted((float(r["budget_label"]), r["perplexity"]) for r in mine)
         ax.plot(*zip(*pts), label=policy, **styles[policy])
