@@ -257,6 +257,8 @@ def main() -> None:
     p.add_argument("--hot-fraction", type=float, default=0.1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results/serve")
+    p.add_argument("--reuse-unbounded", metavar="RESULTS_JSON",
+                   help="take the unbounded run from an earlier results.json instead of running it again")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--ready-file", help=argparse.SUPPRESS)
@@ -266,7 +268,12 @@ def main() -> None:
         return child(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    hot = run(args, None, "unbounded", out)
+    if args.reuse_unbounded:  # the unbounded run of an earlier results.json (same settings)
+        earlier = json.loads(Path(args.reuse_unbounded).read_text())
+        hot = next(r for r in earlier["runs"] if r["label"] == "unbounded")
+        hot["reused_from"] = str(args.reuse_unbounded)
+    else:
+        hot = run(args, None, "unbounded", out)
     budget = int(args.hot_fraction * hot["stats"]["held_bytes"])
     parked = run(args, budget, "budgeted", out)
     summary = summarize(hot, parked)

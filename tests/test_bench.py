@@ -120,7 +120,8 @@ def _prompt_dir(tmp_path):
 
 RUN_FIELDS = {"policy", "exact", "budget", "budget_label", "prompt", "prompt_tokens", "new_tokens", "status",
               "token_match", "prefix_match", "first_divergence", "mean_kl", "peak_hot_kv_bytes", "bytes_by_tier",
-              "peak_transient_bytes", "total_cache_bytes", "seconds_per_token", "time_ratio_vs_full", "needle_found"}
+              "peak_transient_bytes", "total_cache_bytes", "seconds_per_token", "time_ratio_vs_full", "needle_found",
+              "peak_rss_bytes", "rss_added_bytes"}
 
 
 def test_budget_sweep_schema_and_reference(tmp_path):
@@ -147,6 +148,7 @@ def test_budget_sweep_schema_and_reference(tmp_path):
         assert RUN_FIELDS <= set(r), RUN_FIELDS - set(r)
         assert r["new_tokens"] == 5 and 0 <= r["token_match"] <= 1 and r["mean_kl"] >= 0
         assert r["bytes_by_tier"]["hot_kv"] <= r["peak_hot_kv_bytes"]
+        assert r["peak_rss_bytes"] > 2**20 and 0 <= r["rss_added_bytes"] <= r["peak_rss_bytes"]
         assert r["needle_found"] is None if r["prompt"] == "beta" else isinstance(r["needle_found"], bool)
         if r["policy"] == "full":
             assert r["token_match"] == 1.0 and r["mean_kl"] == 0.0 and r["time_ratio_vs_full"] == 1.0
