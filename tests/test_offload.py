@@ -51,7 +51,8 @@ def test_hot_bytes_within_budget_every_step(name):
     with torch.no_grad():
         out, ref = model(ids, past_key_values=cache), model(ids, past_key_values=full)
         for _ in range(8):
-            assert torch.equal(out.logits, ref.logits)  # exact, not just the same argmax
+            # exact up to float summation order (tiered attention merges blocks by log-sum-exp)
+            torch.testing.assert_close(out.logits, ref.logits, rtol=1e-5, atol=1e-5)
             nxt = ref.logits[:, -1:].argmax(-1)
             out, ref = model(nxt, past_key_values=cache), model(nxt, past_key_values=full)
             tiers = cache.bytes_by_tier()
@@ -156,6 +157,8 @@ def test_bad_options():
     model = tiny("tiny-llama")
     with pytest.raises(KVBoundError, match="store must be one of"):
         kvbound.make_cache(model, "offload", budget=2, store="cloud")
+    with pytest.raises(KVBoundError, match="read must be one of"):
+        kvbound.make_cache(model, "offload", budget=2, read="stream")
     with pytest.raises(KVBoundError, match="unknown option"):
         kvbound.make_cache(model, "offload", budget=2, folder="/tmp")
     with pytest.raises(KVBoundError, match="needs a budget"):

@@ -17,7 +17,11 @@ the number of keys returned (see :class:`~kvbound.cache.base.PolicyLayer`).
 
 Attention scores
 ----------------
-Scored policies never switch the model to eager attention. The attention pre-hook
+Scored policies never switch the model to eager attention. A model on ``sdpa`` is switched to
+kvbound's tiered attention (:mod:`kvbound.attention`), which computes the probabilities of the
+query rows a policy needs inside the model's own attention call (same query, same softmax) and
+hands them to the layer, which then evicts: no second query projection, no second pass. For a
+model on another attention implementation the attention pre-hook
 (:func:`kvbound.cache.hooks.attach`) hands each layer's normed input to
 :meth:`EvictingCache.observe_attention_input`, which computes the post-RoPE query of the rows
 the policy needs with :meth:`kvbound.recompute.LayerDriver.query` and parks it on the layer;
@@ -46,16 +50,18 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
+from .. import attention
 from ..recompute import LayerDriver
 from .base import KVBoundCache, PolicyLayer, nbytes
 from .checks import refuse_padding
-from .hooks import attach
+from .codec import decode_kv, encode_kv, tier_codec
+from .hooks import use_tiered_attention
 from .model_info import layer_windows
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
-QUERY_CHUNK = 256  # query rows per block when scoring a long prefill
+QUERY_CHUNK = attention.QUERY_CHUNK  # query rows per block when scoring a long prefill
 
 
 # --------------------------------------------------------------------------- scoring helpers
@@ -78,21 +84,12 @@ def attention_mass(
     keys at positions <= its own (causal). Query head ``h`` reads KV head ``h // groups``
     (transformers' ``repeat_kv``). Returns ``[B, kv_heads, n]`` float32.
     """
-    b, heads, t, d = query.shape
-    kv_heads, n = keys.shape[1], keys.shape[-2]
-    groups = heads // kv_heads
-    k = keys.float()
+    b, t, kv_heads, n = query.shape[0], query.shape[-2], keys.shape[1], keys.shape[-2]
     out = torch.zeros(b, kv_heads, n, dtype=torch.float32, device=keys.device)
-    q_all = query.float().view(b, kv_heads, groups, t, d)
     for start in range(0, t, chunk):
-        q = q_all[:, :, :, start:start + chunk]
-        tc = q.shape[-2]
-        logits = torch.matmul(q.reshape(b, kv_heads, groups * tc, d), k.transpose(-1, -2)) * scaling
-        logits = logits.view(b, kv_heads, groups, tc, n)
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        visible = key_pos[:, :, None, None, :] <= query_pos[start:start + tc][None, None, None, :, None]
-        logits = logits.masked_fill(~visible, float("-inf"))
+        tc = min(chunk, t - start)
+        visible = key_pos[:, :, None, :] <= query_pos[start:start + tc][None, None, :, None]  # [B, kv, tc, n]
+        logits = attention.masked_logits(query[:, :, start:start + tc], keys, visible, scaling, softcap)
         # a stored query older than every held key sees nothing: it gives no attention (not NaN)
         out += logits.softmax(-1).nan_to_num(0.0).sum(dim=(2, 3))
     return out
@@ -144,12 +141,12 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.capacity = budget if sliding_window is None else max(1, min(budget, sliding_window - 1))
         self.positions: torch.Tensor | None = None
         self.pending_query: torch.Tensor | None = None
+        self.pending_step: attention.TierStep | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h = key_states.shape[:2]
-        self.keys = key_states.new_empty((b, h, 0, key_states.shape[-1]))
-        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.keys, self.values = encode_kv(self.cache.codec, key_states[..., :0, :], value_states[..., :0, :])
         self.positions = torch.empty((b, h, 0), dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
@@ -162,10 +159,12 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         return 0
 
     def select(self, keys: torch.Tensor, positions: torch.Tensor, query: torch.Tensor | None,
-               query_pos: torch.Tensor) -> torch.Tensor | None:
+               query_pos: torch.Tensor, mass: torch.Tensor | None = None) -> torch.Tensor | None:
         """Indices ``[B, kv_heads or 1, capacity]`` (ascending) of the entries to keep, or
         ``None`` to keep all. Called every step on full-attention layers, after the new
-        tokens were appended (``keys`` holds past + new)."""
+        tokens were appended (``keys`` holds past + new). ``query`` holds the step's newest
+        :meth:`query_rows` query rows at ``query_pos``; ``mass``, when given, is the attention
+        they gave ``keys`` (:func:`attention_mass` of them, taken from the model's attention)."""
         raise NotImplementedError
 
     def policy_tiers(self) -> dict[str, int]:
@@ -186,7 +185,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         """Forget everything (transformers' ``Cache.reset``), policy state included."""
         DynamicLayer.reset(self)
         self.seen = 0
-        self.positions = self.pending_query = None
+        self.positions = self.pending_query = self.pending_step = None
         self.reset_policy()
 
     # -- beam search / several sequences per prompt: every per-sequence tensor follows --------
@@ -207,12 +206,22 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self._map_batch(lambda t: t[indices, ...])
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append the step's K/V, evict down to ``capacity``, return past + new for attention.
+
+        With kvbound's tiered attention active for this call, the scored policies' selection waits
+        for the attention function: it hands over the probabilities of the newest query rows it
+        computed anyway (:class:`~kvbound.attention.TierStep`), and eviction happens right after
+        attention. Otherwise the query parked by the attention pre-hook is scored here.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.pending_step = None  # a hand-over an interrupted pass never used
         b, h, new = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
         step_pos = torch.arange(self.seen, self.seen + new, device=key_states.device)
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
+        held_k, held_v = decode_kv(self.cache.codec, self.keys, self.values, key_states.dtype)
+        keys = torch.cat([held_k, key_states], dim=-2)
+        values = torch.cat([held_v, value_states], dim=-2)
+        stored = self._stored(key_states, value_states, keys, values)
         positions = torch.cat([self.positions, step_pos.expand(b, h, new)], dim=-1)
         query, self.pending_query = self.pending_query, None
         self.seen += new
@@ -222,18 +231,43 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             idx = None if n <= self.capacity else torch.arange(n - self.capacity, n, device=keys.device).view(1, 1, -1)
         else:
             rows = self.query_rows(new)
+            query_pos = step_pos[new - rows:] if rows else step_pos[:0]
+            if rows and query is None and attention.active_cache() is self.cache:
+                self.keys, self.values, self.positions = stored[0], stored[1], positions  # until attention scores them
+
+                def scored(query_rows: torch.Tensor, mass: torch.Tensor) -> None:
+                    self._keep(stored, positions, self.select(keys, positions, query_rows, query_pos, mass))
+                    self.cache.note_transient(nbytes(keys, values, query_rows))
+
+                self.pending_step = attention.TierStep(keys, rows=rows, scored=scored)
+                return keys, values
             if rows and query is None:
                 raise RuntimeError(f"{self.cache.policy_name}: no query for layer {self.layer_idx}; "
                                    "the attention hooks did not run (call the model with this cache)")
-            idx = self.select(keys, positions, query, step_pos[new - rows:] if rows else step_pos[:0])
-        if idx is None:
-            self.keys, self.values, self.positions = keys, values, positions
-        else:
-            self.keys, self.values = gather_tokens(keys, idx), gather_tokens(values, idx)
-            self.positions = gather_tokens(positions, idx)
+            idx = self.select(keys, positions, query, query_pos)
+        self._keep(stored, positions, idx)
         self.cache.note_transient(nbytes(keys, values, query))
-        self.cache.account(self.layer_idx)
         return keys, values
+
+    def _stored(self, key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the layer holds for past + new: ``keys``/``values`` themselves, or with a codec the
+        held codes plus the new tokens encoded (held tokens keep their codes)."""
+        if self.cache.codec is None:
+            return keys, values
+        new_k, new_v = encode_kv(self.cache.codec, key_states, value_states)
+        return torch.cat([self.keys, new_k], dim=-2), torch.cat([self.values, new_v], dim=-2)
+
+    def _keep(self, stored: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+              idx: torch.Tensor | None) -> None:
+        """Hold the entries ``idx`` of ``stored`` (K/V or their codes) and ``positions`` (all when ``None``)."""
+        keep_k, keep_v = stored
+        if idx is None:
+            self.keys, self.values, self.positions = keep_k, keep_v, positions
+        else:
+            self.keys, self.values = gather_tokens(keep_k, idx), gather_tokens(keep_v, idx)
+            self.positions = gather_tokens(positions, idx)
+        self.cache.account(self.layer_idx)
 
 
 # --------------------------------------------------------------------------- cache
@@ -248,8 +282,9 @@ class EvictingCache(KVBoundCache):
 
     def __init__(self, model: "PreTrainedModel", budget: int, options: Any) -> None:
         self.options = options
+        self.codec = tier_codec(options, model, self.policy_name)  # hot window kept through a codec (option)
         self.driver = LayerDriver(model)  # clear error for unsupported families
-        attach(model)
+        use_tiered_attention(model)
         windows = layer_windows(model)
         layers = [self.layer_cls(self, i, w, budget) for i, w in enumerate(windows)]
         super().__init__(model, budget, layers)
@@ -263,7 +298,7 @@ class EvictingCache(KVBoundCache):
         if layer.is_sliding:
             return
         rows = layer.query_rows(hidden_states.shape[-2])
-        if rows:
+        if rows and attention.active_cache() is not self:  # tiered attention hands its probabilities over
             cos, sin = kwargs["position_embeddings"]
             layer.pending_query = self.driver.query(
                 layer_idx, hidden_states[:, -rows:], (cos[..., -rows:, :], sin[..., -rows:, :])

@@ -18,12 +18,13 @@ import torch
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
+from .codec import CodecOptions
 from .evicting import EvictingCache, EvictingLayer, attention_mass, gather_tokens, keep_top
 from .registry import register
 
 
 @dataclass
-class H2OOptions:
+class H2OOptions(CodecOptions):
     recent: int | None = None  # newest tokens always kept; default budget // 2
 
 
@@ -43,8 +44,9 @@ class H2OLayer(EvictingLayer):
     def reset_policy(self) -> None:
         self.scores = None
 
-    def select(self, keys, positions, query, query_pos):
-        mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap)
+    def select(self, keys, positions, query, query_pos, mass=None):
+        if mass is None:
+            mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap)
         old = self.scores if self.scores is not None else mass.new_zeros(*mass.shape[:2], 0)
         scores = torch.cat([old, old.new_zeros(*old.shape[:2], mass.shape[-1] - old.shape[-1])], dim=-1) + mass
         if keys.shape[-2] <= self.capacity:

@@ -6,6 +6,9 @@ policy checkpoints or offloads them). Layers of exact policies set ``recalls = T
 :meth:`HotWindowLayer.recall`, which returns the K/V of every older token attention still
 needs, so each step sees exactly what the full cache would hold.
 
+Attention reads the recalled tokens in place when the model runs kvbound's tiered attention
+(:mod:`kvbound.attention`): no concatenation of the old span with the hot window.
+
 On sliding-window layers (Gemma 3) tokens older than ``window - 1`` are never needed again:
 the hot window is at most ``window - 1`` tokens and exact policies recall only the part of
 the window that is not hot. Past keys are always a contiguous suffix, so masks stay exact.
@@ -18,6 +21,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .. import attention
 from .base import KVBoundCache, PolicyLayer, nbytes
 
 
@@ -29,6 +33,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         self._init_policy(cache, layer_idx, sliding_window)
         self.is_sliding = sliding_window is not None
         self.hot = hot if sliding_window is None else max(1, min(hot, sliding_window - 1))
+        self.pending_step: attention.TierStep | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -43,6 +48,22 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
     def recall(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of tokens ``start .. end`` (exact policies only)."""
         raise NotImplementedError
+
+    def recall_blocks(self, start: int, end: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K/V of tokens ``start .. end`` as blocks in position order (default: one :meth:`recall`).
+
+        ``like`` is the step's new keys. Blocks may be views into a store: they stay valid until
+        :meth:`release_blocks`, which the step calls once attention has read them."""
+        return [self.recall(start, end, like)]
+
+    def release_blocks(self) -> None:
+        """Attention is done with this step's recalled blocks."""
+
+    def handover_bytes(self, recalled: int, like: torch.Tensor) -> int:
+        """Bytes ``update`` builds for attention besides ``recalled`` bytes of recalled K/V: the
+        hot + new concatenation, and a concatenated copy of everything without tiered attention."""
+        hot_new = nbytes(self.keys, self.values) + 2 * nbytes(like)
+        return hot_new if attention.active_cache() is self.cache else recalled + 2 * hot_new
 
     def forget_spilled(self, end: int) -> None:
         """Roll back: spilled tokens at positions ``>= end`` are forgotten (see :meth:`truncate`).
@@ -64,6 +85,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
     # -- reset and batch maps (beam search) -------------------------------------------------
     def reset(self) -> None:
         super().reset()
+        self.pending_step = None
         self.reset_spilled()
 
     def map_batch(self, fn) -> None:
@@ -113,26 +135,33 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         return self.seen - self.needed_start() if self.recalls else self.held()
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Append the step's K/V, spill what leaves the hot window, return what attention reads.
+
+        With kvbound's tiered attention active for this call (:mod:`kvbound.attention`) the
+        recalled older tokens are not concatenated: they are handed over as blocks
+        (:class:`~kvbound.attention.TierStep`) next to the returned hot + new K/V. Otherwise the
+        blocks are concatenated in front, as a plain attention function needs.
+        """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.pending_step = None  # a hand-over an interrupted pass never used
         held, new = self.held(), key_states.shape[-2]
-        first_hot = self.seen - held
-        parts_k, parts_v = [self.keys, key_states], [self.values, value_states]
-        if self.recalls and first_hot > self.needed_start():
-            old_k, old_v = self.recall(self.needed_start(), first_hot, key_states)
-            parts_k.insert(0, old_k)
-            parts_v.insert(0, old_v)
-        keys, values = torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
-        self.cache.note_transient(nbytes(keys, values))
-
-        hot_start = keys.shape[-2] - (held + new)  # index of the first hot token in `keys`
+        first_hot, start = self.seen - held, self.needed_start()
+        blocks = self.recall_blocks(start, first_hot, key_states) if self.recalls and first_hot > start else []
+        keys, values = torch.cat([self.keys, key_states], dim=-2), torch.cat([self.values, value_states], dim=-2)
         n_spill = max(0, held + new - self.hot)
         if n_spill:
-            end = hot_start + n_spill
-            self.spill(keys[..., hot_start:end, :], values[..., hot_start:end, :], first_hot)
+            self.spill(keys[..., :n_spill, :], values[..., :n_spill, :], first_hot)
         # clone so the evicted part of the concatenation is really freed
-        self.keys = keys[..., hot_start + n_spill:, :].clone()
-        self.values = values[..., hot_start + n_spill:, :].clone()
+        self.keys = keys[..., n_spill:, :].clone()
+        self.values = values[..., n_spill:, :].clone()
         self.seen += new
         self.cache.account(self.layer_idx)
+        if blocks and attention.active_cache() is self.cache:
+            self.pending_step = attention.TierStep(keys, blocks, release=self.release_blocks)
+        elif blocks:
+            keys = torch.cat([*(k for k, _ in blocks), keys], dim=-2)
+            values = torch.cat([*(v for _, v in blocks), values], dim=-2)
+            self.release_blocks()
+        self.cache.note_transient(nbytes(keys, values))
         return keys, values

@@ -107,9 +107,8 @@ class KVDirectCache(RecomputingCache):
         span_kv = nbytes(k, v)
         k, v = k[..., start:end, :], v[..., start:end, :]
         # alive together at the peak of this layer's update: residual in and out, the span's
-        # K/V (k, v are views of them) and the concatenation update() builds from k, v, hot, new.
-        concat = nbytes(k, v, layer.keys, layer.values) + 2 * nbytes(like)
-        self.note_transient(nbytes(span.hidden, nxt) + span_kv + concat)
+        # K/V (k, v are views of them) and what update() builds for attention.
+        self.note_transient(nbytes(span.hidden, nxt) + span_kv + layer.handover_bytes(nbytes(k, v), like))
         span.hidden, span.layer = nxt, l + 1
         if l == span.last:
             self._span = None

@@ -7,17 +7,24 @@ classic KV offloading of FlexGen (Sheng et al. 2023) and TriForce's (Sun et al. 
 
 Stores (option ``store``):
 
-* ``file`` (default on CPU): one preallocated, append-only file per layer inside a private
-  temp folder per cache (``dir`` picks its parent). Writes are one ``pwrite`` per spill; reads
-  are one ``preadv`` per recall into a buffer reused by all layers of a forward pass and freed
-  at its end, so the process never holds the whole cache again. The folder is deleted by
-  :meth:`OffloadCache.close`, on garbage collection and at interpreter exit (Ctrl-C included;
-  a ``kill -9`` cannot be caught).
+* ``file`` (default on CPU): one append-only file per layer inside a private temp folder per
+  cache (``dir`` picks its parent), reserved a segment at a time (``fallocate``: a full disk fails
+  on the write, with a clear error). Writes are ``pwrite``s, one per KV head. The folder is
+  deleted by :meth:`OffloadCache.close`, on garbage collection and at interpreter exit (Ctrl-C
+  included; a ``kill -9`` cannot be caught).
 * ``host`` (default on GPU): pinned host memory, copied back to the GPU per layer.
 
-Layout: token ``p``'s K and V are one record ``[2, batch, kv_heads, head_dim]`` at slot ``p``,
-so any span of tokens is one contiguous read. Gemma 3 sliding layers never need tokens older
-than the window: their store is a ring of ``window - 1 + max_rollback`` slots.
+Reads (option ``read``, file store): ``mmap`` (default) maps each segment once; attention reads
+the mapped pages in place (kvbound's tiered attention, :mod:`kvbound.attention`: no copy, no
+concatenation) and the pages are dropped from the process (``madvise(MADV_DONTNEED)``) right
+after each layer's attention, so a mapped span counts in RSS only while its layer attends.
+``pread`` reads the span into a buffer reused by every layer of a forward pass and freed at its
+end (one copy). See ``benchmarks/results/tiered-attention.md`` for what each costs.
+
+Layout: head-major segments ``[2, batch, kv_heads, SEGMENT, head_dim]``, so each head's keys (and
+values) of consecutive tokens are contiguous and a span is at most one block per segment. Gemma 3
+sliding layers never need tokens older than the window: their store is a ring of
+``window - 1 + max_rollback`` slots (one segment).
 
 Option ``codec`` (``int8``, ``int4``, ``int2``, ``bf16``, ``fp32``; :mod:`kvbound.cache.codec`) stores
 each spilled token as its codec bytes -- per-token groups of ``codec_group`` channels with float16
@@ -27,16 +34,17 @@ scales, so every record still stands alone -- and decodes what it reads back: in
 Memory report: ``hot_kv`` (held in memory), ``offloaded`` (bytes of the tokens in the store) and
 ``offload_slack`` (capacity allocated beyond them: the file is preallocated and the host buffer
 grown geometrically, so ``offloaded + offload_slack`` is the file size / buffer size); the
-read-back buffer plus the concatenation handed to attention are transient bytes.
+mapped span or read-back buffer plus the hot + new K/V handed to attention are transient bytes.
 
-Beam search and batch reordering rewrite the records (each record holds every sequence of one
-token): in place for a reorder, a full read-back and rewrite when the batch size changes.
+Beam search and batch reordering rewrite the records (each segment holds every sequence): in place for a reorder, a full read-back and rewrite when the batch size changes.
 A model on a GPU may use the file store too: records are copied to host memory first.
 """
 
 from __future__ import annotations
 
 import errno
+import math
+import mmap
 import os
 import shutil
 import tempfile
@@ -48,21 +56,23 @@ import torch
 
 from ..errors import KVBoundError
 from .base import KVBoundCache, nbytes
-from .codec import parse_codec
-from .model_info import head_dim, layer_windows
-from .registry import register
+from .codec import CodecOptions, decode_kv, encode_kv, tier_codec
+from .model_info import layer_windows
+from .hooks import use_tiered_attention
 from .hot_window import HotWindowLayer
+from .registry import register
 
 STORES = ("auto", "file", "host")
+READS = ("mmap", "pread")
+SEGMENT = 4096  # tokens per file segment (rounded up to whole pages); one attention block each
 
 
 @dataclass
-class OffloadOptions:
+class OffloadOptions(CodecOptions):
     dir: str | None = None  # parent folder of the store's temp folder (file store); default: system temp
     store: str = "auto"  # "file", "host" (pinned host memory) or "auto" (file on CPU, host on GPU)
     max_rollback: int = 64  # sliding layers keep this many tokens beyond the window for rollback
-    codec: str | None = None  # store K/V as fp32/bf16/int8/int4/int2 (kvbound.cache.codec; lossy); default: as computed
-    codec_group: int | None = None  # integer codecs: channels per scale (default: the head for int8, else 32)
+    read: str = "mmap"  # file store: "mmap" (attention reads the mapped file in place) or "pread" (a copy)
 
 
 def _disk_error(exc: OSError, where: str, need: int) -> KVBoundError:
@@ -84,15 +94,22 @@ def _remove_store(fds: list[int], folder: str | None) -> None:
 
 
 class _Store:
-    """Token-major K/V records of one layer, slot = position (or position % capacity: a ring)."""
+    """K/V of one layer, head-major: segment ``s`` is ``[2, batch, kv_heads, seg, head_dim]``.
 
-    def __init__(self, ring: int | None) -> None:
+    Token ``p`` lives at slot ``p`` (append-only) or ``p % ring`` (a ring of one segment), slot
+    ``i`` at index ``i % seg`` of segment ``i // seg``. Within a segment each head's keys (and
+    values) of consecutive tokens are contiguous, so attention reads a span in place.
+    """
+
+    def __init__(self, ring: int | None, seg: int) -> None:
         self.ring = ring
+        self.seg_tokens = seg
+        self.seg = ring if ring is not None else seg
         self.start = 0  # oldest position still stored (ring) ...
         self.end = 0  # ... and one past the newest
-        self.shape: tuple[int, ...] | None = None  # [2, batch, kv_heads, head_dim]
+        self.shape: tuple[int, int, int] | None = None  # (batch, kv_heads, head_dim)
         self.dtype: torch.dtype | None = None
-        self.record = 0  # bytes per token
+        self.record = 0  # bytes per token (K and V)
 
     def nbytes(self) -> int:
         """Bytes of the tokens stored (live records)."""
@@ -102,15 +119,14 @@ class _Store:
         """Bytes of backing capacity actually allocated (file size, host buffer): >= :meth:`nbytes`."""
         return 0
 
-    def _slots(self, start: int, end: int) -> list[tuple[int, int, int]]:
-        """(slot, first token offset in the span, count) chunks: 1 (append-only) or <= 2 (ring)."""
-        if self.ring is None:
-            return [(start, 0, end - start)]
+    def chunks(self, start: int, end: int) -> list[tuple[int, int, int, int]]:
+        """``(segment, index, offset in the span, count)`` runs of tokens ``start .. end``."""
         out, pos = [], start
         while pos < end:
-            slot = pos % self.ring
-            n = min(end - pos, self.ring - slot)
-            out.append((slot, pos - start, n))
+            slot = pos if self.ring is None else pos % self.ring
+            seg, idx = divmod(slot, self.seg)
+            n = min(end - pos, self.seg - idx)
+            out.append((seg, idx, pos - start, n))
             pos += n
         return out
 
@@ -125,36 +141,52 @@ class _Store:
             self.start = max(self.start, end - self.ring)
 
     def _write_records(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Write the records of tokens ``start .. start+n`` at their slots (new or rewritten)."""
+        """Write tokens ``start .. start+n`` at their slots (new or rewritten)."""
         if self.shape is None:
             b, h, _, d = keys.shape
-            self.shape, self.dtype = (2, b, h, d), keys.dtype
+            self.shape, self.dtype = (b, h, d), keys.dtype
             self.record = 2 * b * h * d * keys.element_size()
+            if self.ring is None:  # whole pages per segment, so each segment can be mapped on its own
+                step = mmap.ALLOCATIONGRANULARITY // math.gcd(self.record, mmap.ALLOCATIONGRANULARITY)
+                self.seg = -(-self.seg_tokens // step) * step
         end = start + keys.shape[-2]
         first = start if self.ring is None else max(start, end - self.ring)
         if first < end:
             cut = first - start
-            # [2, B, H, n, D] -> [n, 2, B, H, D]: one contiguous record per token
-            data = torch.stack([keys[..., cut:, :], values[..., cut:, :]]).permute(3, 0, 1, 2, 4).contiguous()
-            for slot, off, n in self._slots(first, end):
-                self._put(slot, data[off:off + n])
+            kv = torch.stack([keys[..., cut:, :], values[..., cut:, :]])  # [2, B, H, n, D]
+            for seg, idx, off, n in self.chunks(first, end):
+                self._put(seg, idx, kv[..., off:off + n, :])
+
+    def blocks(self, start: int, end: int, like: torch.Tensor, overwrite_until: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """K/V of tokens ``start .. end`` as ``[B, H, n, D]`` blocks in position order.
+
+        ``overwrite_until``: this step stores tokens up to there before attention reads the
+        blocks; on a ring that may reuse slots the blocks show, so those are copied first."""
+        if start < self.start or end > self.end:
+            raise RuntimeError(f"offload store holds tokens {self.start}..{self.end}, asked {start}..{end}")
+        copy = self.ring is not None and overwrite_until - self.ring > start
+        return self._read(self.chunks(start, end), end - start, like, copy)
+
+    def read(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of tokens ``start .. end`` as two ``[B, H, n, D]`` tensors of their own."""
+        blocks = self.blocks(start, end, like, 0)
+        k, v = (torch.cat([b[i] for b in blocks], dim=-2) for i in (0, 1))
+        self.release()
+        return k, v
 
     def map_batch(self, fn, like: torch.Tensor, chunk: int = 512) -> None:
-        """Apply a batch map (beam reorder, repeat, select) to every stored record by rewriting it.
-
-        Each record holds every sequence of one token, so a reorder that keeps the batch size
-        is rewritten in place, ``chunk`` tokens at a time; a change of batch size reads the whole
-        store back (transient) and writes it again with the new record size.
-        """
+        """Apply a batch map (beam reorder, repeat, select) to every stored token by rewriting it:
+        in place, ``chunk`` tokens at a time, when the batch size stays; otherwise the whole store
+        is read back (transient) and written again with the new layout."""
         if self.shape is None:
             return
-        rows = fn(torch.arange(self.shape[1]))
+        rows = fn(torch.arange(self.shape[0]))
         if self.end == self.start:
             self._new_layout()
             return
-        if torch.equal(rows, torch.arange(self.shape[1])):
+        if torch.equal(rows, torch.arange(self.shape[0])):
             return
-        if rows.numel() == self.shape[1]:
+        if rows.numel() == self.shape[0]:
             for s in range(self.start, self.end, chunk):
                 k, v = self.read(s, min(s + chunk, self.end), like)
                 self._write_records(s, fn(k), fn(v))
@@ -173,20 +205,10 @@ class _Store:
         self._new_layout()
 
     def _new_layout(self) -> None:
-        """Drop the record layout (the next write sets it) and the backing memory."""
+        """Drop the layout (the next write sets it) and the backing memory."""
         self.shape, self.dtype, self.record = None, None, 0
+        self.seg = self.ring if self.ring is not None else self.seg_tokens
         self.close()
-
-    def read(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V of tokens ``start .. end`` as ``[B, H, n, D]`` views of a transient buffer."""
-        if start < self.start or end > self.end:
-            raise RuntimeError(f"offload store holds tokens {self.start}..{self.end}, asked {start}..{end}")
-        n = end - start
-        data = self._buffer(n, like)
-        for slot, off, cnt in self._slots(start, end):
-            self._get(slot, data[off:off + cnt])
-        data = data.to(like.device, non_blocking=True)
-        return data[:, 0].permute(1, 2, 0, 3), data[:, 1].permute(1, 2, 0, 3)
 
     def forget(self, end: int, needed: int) -> None:
         """Drop tokens at positions ``>= end`` (rollback); tokens ``needed .. end`` must remain."""
@@ -196,28 +218,45 @@ class _Store:
         self.end = min(self.end, end)
 
     # -- backend -------------------------------------------------------------------------
+    def release(self) -> None:
+        """Attention is done with the last blocks (drop mapped pages from the process)."""
+
     def close(self) -> None:
         """Let go of the backing memory (files are removed by the cache's finalizer)."""
 
-    def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
+    def _put(self, seg: int, idx: int, kv: torch.Tensor) -> None:
         raise NotImplementedError
 
-    def _put(self, slot: int, data: torch.Tensor) -> None:
+    def _read(self, chunks, n: int, like: torch.Tensor, copy: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
-    def _get(self, slot: int, out: torch.Tensor) -> None:
-        raise NotImplementedError
+
+def _runs(kv: torch.Tensor):
+    """``((kv, b, h), rows [n, D])`` for each head of a ``[2, B, H, n, D]`` tensor."""
+    for k in range(kv.shape[0]):
+        for b in range(kv.shape[1]):
+            for h in range(kv.shape[2]):
+                yield (k, b, h), kv[k, b, h]
 
 
 class _FileStore(_Store):
-    """Records in one file; reads go into the cache's shared read-back buffer."""
+    """Segments one after the other in one file, reserved (fallocate) a segment at a time.
 
-    def __init__(self, cache: "OffloadCache", layer_idx: int, ring: int | None) -> None:
-        super().__init__(ring)
+    Reads (option ``read``): ``mmap`` maps each segment once and hands attention views of the
+    mapping (no copy); the pages attention touched are dropped from the process (``madvise``)
+    after each layer, so they count in RSS only while that layer attends. ``pread`` reads each
+    head's run into the cache's read-back buffer instead (one copy, one block per layer).
+    """
+
+    def __init__(self, cache: "OffloadCache", layer_idx: int, ring: int | None, read: str) -> None:
+        super().__init__(ring, SEGMENT)  # SEGMENT read at construction (tests shrink it)
         self.cache = cache
         self.path = os.path.join(cache.folder, f"layer{layer_idx:03d}.kv")
         self.fd: int | None = None
-        self.allocated = 0
+        self.allocated = 0  # bytes reserved in the file
+        self.read_mode = read
+        self.maps: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}
+        self.touched: set[int] = set()
 
     def _open(self) -> int:
         if self.cache.closed:
@@ -230,24 +269,28 @@ class _FileStore(_Store):
             self.cache.fds.append(self.fd)
         return self.fd
 
+    def _seg_bytes(self) -> int:
+        return self.seg * self.record
+
     def _reserve(self, size: int) -> None:
         """Preallocate so a full disk fails here, with a clear error, not on a later read."""
         if size <= self.allocated:
             return
-        target = size if self.ring is not None else max(size, 2 * self.allocated, 64 * self.record)
         try:
-            os.posix_fallocate(self.fd, 0, target)
+            os.posix_fallocate(self.fd, self.allocated, size - self.allocated)
         except OSError as exc:
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                raise _disk_error(exc, self.cache.folder, target - self.allocated) from None
-            os.ftruncate(self.fd, target)  # filesystem without fallocate: sparse file
-        self.allocated = target
+                raise _disk_error(exc, self.cache.folder, size - self.allocated) from None
+            os.ftruncate(self.fd, size)  # filesystem without fallocate: sparse file
+        self.allocated = size
 
     def allocated_bytes(self) -> int:
         return self.allocated
 
     def close(self) -> None:
         """Delete this layer's file (``reset``; the cache's finalizer removes the folder)."""
+        self.maps.clear()  # a mapping is unmapped once no tensor views it
+        self.touched.clear()
         if self.fd is not None and self.fd in self.cache.fds:  # not yet closed by the finalizer
             self.cache.fds.remove(self.fd)
             os.close(self.fd)
@@ -258,56 +301,88 @@ class _FileStore(_Store):
         self.fd = None
         self.allocated = 0
 
-    def _put(self, slot: int, data: torch.Tensor) -> None:
+    def _row_offset(self, seg: int, kv: int, b: int, h: int, idx: int) -> int:
+        bsz, heads, d = self.shape
+        row = ((kv * bsz + b) * heads + h) * self.seg + idx
+        return seg * self._seg_bytes() + row * d * self.dtype.itemsize
+
+    def _put(self, seg: int, idx: int, kv: torch.Tensor) -> None:
         fd = self._open()
-        if data.device.type != "cpu":  # a model on a GPU: records go through host memory
-            data = data.to("cpu", copy=True)
-        raw = memoryview(data.view(torch.uint8).numpy()).cast("B")
-        offset = slot * self.record
-        self._reserve(offset + len(raw) if self.ring is None else self.ring * self.record)
+        self._reserve((seg + 1) * self._seg_bytes())
+        kv = kv.to("cpu").contiguous()  # a model on a GPU: records go through host memory
         try:
-            while raw:
-                done = os.pwrite(fd, raw, offset)
-                raw, offset = raw[done:], offset + done
+            for (k, b, h), rows in _runs(kv):
+                raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+                offset = self._row_offset(seg, k, b, h, idx)
+                while raw:
+                    done = os.pwrite(fd, raw, offset)
+                    raw, offset = raw[done:], offset + done
         except OSError as exc:
-            raise _disk_error(exc, self.cache.folder, len(raw)) from None
+            raise _disk_error(exc, self.cache.folder, kv.numel() * kv.element_size()) from None
 
-    def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        return self.cache.readback(n * self.record).view(self.dtype).view(n, *self.shape)
+    def _mapped(self, seg: int) -> torch.Tensor:
+        """Segment ``seg`` as a ``[2, B, H, seg, D]`` view of a shared mapping of the file."""
+        if seg not in self.maps:
+            size = self._seg_bytes()
+            mm = mmap.mmap(self._open(), size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE,
+                           offset=seg * size)
+            view = torch.frombuffer(mm, dtype=torch.uint8).view(self.dtype).view(2, *self.shape[:2], self.seg, -1)
+            self.maps[seg] = (mm, view)
+        self.touched.add(seg)
+        return self.maps[seg][1]
 
-    def _get(self, slot: int, out: torch.Tensor) -> None:
+    def _read(self, chunks, n: int, like: torch.Tensor, copy: bool):
+        if self.read_mode == "mmap":
+            out = []
+            for seg, idx, _, cnt in chunks:
+                kv = self._mapped(seg)[..., idx:idx + cnt, :]
+                kv = kv.to(like.device, copy=copy)
+                out.append((kv[0], kv[1]))
+            return out
         fd = self._open()
-        raw = memoryview(out.view(torch.uint8).numpy()).cast("B")
-        got = os.preadv(fd, [raw], slot * self.record)
-        if got != len(raw):
-            raise KVBoundError(f"offload file {self.path} is shorter than expected (was it modified?)")
+        buf = self.cache.readback(n * self.record).view(self.dtype).view(2, *self.shape[:2], n, -1)
+        for seg, idx, off, cnt in chunks:
+            for (k, b, h), rows in _runs(buf[..., off:off + cnt, :]):
+                raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
+                if os.preadv(fd, [raw], self._row_offset(seg, k, b, h, idx)) != len(raw):
+                    raise KVBoundError(f"offload file {self.path} is shorter than expected (was it modified?)")
+        buf = buf.to(like.device, non_blocking=True)
+        return [(buf[0], buf[1])]
+
+    def release(self) -> None:
+        for seg in self.touched:
+            self.maps[seg][0].madvise(mmap.MADV_DONTNEED)
+        self.touched.clear()
 
 
 class _HostStore(_Store):
-    """Records in pinned host memory (models on GPU), grown geometrically."""
+    """Pinned host memory (models on GPU): one segment grown geometrically, copied to the device per read."""
 
     def __init__(self, ring: int | None) -> None:
-        super().__init__(ring)
-        self.host: torch.Tensor | None = None
+        super().__init__(ring, 1 << 62)
+        self.host: torch.Tensor | None = None  # [2, B, H, capacity, D]
 
-    def _put(self, slot: int, data: torch.Tensor) -> None:
-        need = slot + data.shape[0]
-        if self.host is None or need > self.host.shape[0]:
-            cap = self.ring if self.ring is not None else max(need, 2 * (0 if self.host is None else self.host.shape[0]), 64)
-            grown = torch.empty((cap, *self.shape), dtype=self.dtype, pin_memory=torch.cuda.is_available())
+    def _put(self, seg: int, idx: int, kv: torch.Tensor) -> None:
+        need = idx + kv.shape[-2]
+        cap = 0 if self.host is None else self.host.shape[-2]
+        if need > cap:
+            cap = self.ring if self.ring is not None else max(need, 2 * cap, 64)
+            grown = torch.empty((2, *self.shape[:2], cap, self.shape[2]), dtype=self.dtype,
+                                pin_memory=torch.cuda.is_available())
             if self.host is not None:
-                grown[: self.end].copy_(self.host[: self.end])
+                grown[..., :self.host.shape[-2], :].copy_(self.host)
             self.host = grown
-        self.host[slot:need].copy_(data)
+        self.host[..., idx:need, :].copy_(kv)
 
     def allocated_bytes(self) -> int:
         return 0 if self.host is None else nbytes(self.host)
 
-    def _buffer(self, n: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.empty((n, *self.shape), dtype=self.dtype, device=like.device)  # on the model's device
-
-    def _get(self, slot: int, out: torch.Tensor) -> None:
-        out.copy_(self.host[slot:slot + out.shape[0]], non_blocking=True)  # pinned -> device, async
+    def _read(self, chunks, n: int, like: torch.Tensor, copy: bool):
+        out = []
+        for _, idx, _, cnt in chunks:
+            kv = self.host[..., idx:idx + cnt, :].to(like.device, non_blocking=True, copy=copy)  # pinned -> device
+            out.append((kv[0], kv[1]))
+        return out
 
     def close(self) -> None:
         self.host = None
@@ -322,18 +397,31 @@ class OffloadLayer(HotWindowLayer):
                  store: _Store) -> None:
         super().__init__(cache, layer_idx, sliding_window, budget)
         self.store = store
-        self._recalled = 0
 
     def spill(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        self.store.write(start, *self.cache.encode(keys, values))
+        self.store.write(start, *encode_kv(self.cache.codec, keys, values))
 
-    def recall(self, start: int, end: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.store.read(start, end, like)
-        self._recalled = nbytes(k, v)
+    def recall_blocks(self, start: int, end: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        spill_until = self.seen + like.shape[-2] - self.hot  # this step spills up to here before attention
+        blocks = self.store.blocks(start, end, like, spill_until)
+        recalled = sum(nbytes(k, v) for k, v in blocks)
         if self.cache.codec is not None:  # the records read back and the K/V decoded from them
-            k, v = self.cache.decode(k, v, like.dtype)
-            self._recalled += nbytes(k, v)
-        return k, v
+            blocks = [decode_kv(self.cache.codec, k, v, like.dtype) for k, v in blocks]
+            recalled += sum(nbytes(k, v) for k, v in blocks)
+        # alive together: the recalled K/V (mapped pages or the read-back buffer) and what update builds
+        self.cache.note_transient(max(recalled, self.cache.readback_bytes()) + self.handover_bytes(recalled, like))
+        return blocks
+
+    def release_blocks(self) -> None:
+        self.store.release()
+        if self.layer_idx == self.cache.num_layers - 1:
+            self.cache.release_readback()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        if self.layer_idx == self.cache.num_layers - 1 and self.pending_step is None:
+            self.cache.release_readback()  # the pass is over (else: once attention read the blocks)
+        return out
 
     def map_spilled(self, fn) -> None:
         self.store.map_batch(fn, self.keys)
@@ -347,20 +435,10 @@ class OffloadLayer(HotWindowLayer):
         needed = 0 if self.sliding_window is None else max(0, end - (self.sliding_window - 1))
         self.store.forget(end, needed)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        self._recalled = 0
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
-        if self._recalled:  # read-back buffer and the concatenation built from it, alive together
-            self.cache.note_transient(max(self._recalled, self.cache.readback_bytes()) + nbytes(keys, values))
-        if self.layer_idx == self.cache.num_layers - 1:
-            self.cache.release_readback()
-        return keys, values
-
     def tiers(self) -> dict[str, int]:
         live = self.store.nbytes()
         return {"hot_kv": nbytes(self.keys, self.values), "offloaded": live,
                 "offload_slack": self.store.allocated_bytes() - live}
-
 
 @register("offload", "exact: hot window of `budget` tokens; older K/V offloaded to disk (CPU) or host memory "
           "(GPU) and read back layer by layer", exact=True, options=OffloadOptions, can_rollback=True, beams=True)
@@ -369,12 +447,11 @@ class OffloadCache(KVBoundCache):
         opts = self.options = self.parse_options(options)
         if opts.store not in STORES:
             raise KVBoundError(f"offload option store must be one of {', '.join(STORES)}, got {opts.store!r}")
+        if opts.read not in READS:
+            raise KVBoundError(f"offload option read must be one of {', '.join(READS)}, got {opts.read!r}")
         if isinstance(opts.max_rollback, bool) or not isinstance(opts.max_rollback, int) or opts.max_rollback < 0:
             raise KVBoundError(f"offload option max_rollback must be a whole number >= 0, got {opts.max_rollback!r}")
-        if opts.codec_group is not None and opts.codec is None:
-            raise KVBoundError("offload option codec_group applies to an integer codec; add codec=int8 (or int4/int2)")
-        self.codec = None if opts.codec is None else parse_codec(opts.codec, head_dim(model), opts.codec_group,
-                                                                  "offload option codec")
+        self.codec = tier_codec(opts, model, "offload")
         self.lossless = self.codec is None or self.codec.lossless
         on_gpu = next(model.parameters()).device.type != "cpu"
         kind = opts.store if opts.store != "auto" else ("host" if on_gpu else "file")
@@ -396,21 +473,11 @@ class OffloadCache(KVBoundCache):
         layers = []
         for i, w in enumerate(layer_windows(model)):
             ring = None if w is None else (w - 1) + opts.max_rollback
-            store = _FileStore(self, i, ring) if kind == "file" else _HostStore(ring)
+            store = _FileStore(self, i, ring, opts.read) if kind == "file" else _HostStore(ring)
             layers.append(OffloadLayer(self, i, w, budget, store))
         super().__init__(model, budget, layers)
         self.store_kind = kind
-
-    # -- codec: what the store keeps ---------------------------------------------------------
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V as the store keeps them: unchanged, or each token's codec bytes (``[B, H, n, width]``
-        uint8, :meth:`~kvbound.cache.codec.Codec.to_bytes`), which the store handles like K/V."""
-        if self.codec is None:
-            return keys, values
-        return self.codec.to_bytes(keys), self.codec.to_bytes(values)
-
-    def decode(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.codec.from_bytes(k, dtype), self.codec.from_bytes(v, dtype)
+        use_tiered_attention(model)
 
     # -- read-back buffer shared by the layers of one forward pass ---------------------------
     def readback(self, size: int) -> torch.Tensor:

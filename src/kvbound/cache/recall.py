@@ -14,7 +14,7 @@ import torch
 from ..recompute import LayerDriver, check_supported
 from .base import KVBoundCache
 from .checks import check_unpadded
-from .hooks import attach
+from .hooks import use_tiered_attention
 from .hot_window import HotWindowLayer
 from .model_info import first_full_layer, layer_windows
 
@@ -41,7 +41,7 @@ class RecomputingCache(KVBoundCache):
         super().__init__(model, budget, layers)
         self.driver = LayerDriver(model)
         self.check_layer = first_full_layer(model) or 0
-        attach(model)
+        use_tiered_attention(model)
 
     def observe_layer_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
         if layer_idx == self.check_layer:

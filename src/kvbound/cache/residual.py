@@ -135,8 +135,7 @@ class ResidualCache(RecomputingCache):
         residual = layer.store.rows(start, end)
         positions = torch.arange(start, end, device=residual.device).unsqueeze(0)
         k, v = self.driver.project_kv(layer.layer_idx, residual, positions)
-        # alive together: the normed residual inside project_kv, the rebuilt K/V and the
-        # concatenation update() builds from them, the hot K/V and the new K/V.
-        concat = nbytes(k, v, layer.keys, layer.values) + 2 * nbytes(like)
-        self.note_transient(nbytes(residual) + nbytes(k, v) + concat)
+        # alive together: the normed residual inside project_kv, the rebuilt K/V and what
+        # update() builds for attention from them, the hot K/V and the new K/V.
+        self.note_transient(nbytes(residual) + nbytes(k, v) + layer.handover_bytes(nbytes(k, v), like))
         return k, v

@@ -20,12 +20,13 @@ import torch
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
+from .codec import CodecOptions
 from .evicting import EvictingCache, EvictingLayer, attention_mass, keep_top, pool_votes
 from .registry import register
 
 
 @dataclass
-class SnapKVOptions:
+class SnapKVOptions(CodecOptions):
     window: int = 32  # observation window: newest queries that vote (and tokens always kept)
     kernel: int = 7  # max-pooling kernel over the votes (odd; 1 disables pooling)
 
@@ -54,16 +55,24 @@ class SnapKVLayer(EvictingLayer):
     def reset_policy(self) -> None:
         self.window_query = self.window_pos = None
 
-    def select(self, keys, positions, query, query_pos):
+    def select(self, keys, positions, query, query_pos, mass=None):
         window = self.cache.options.window
+        older = 0  # stored queries still in the window
         if self.window_query is not None:
+            older = min(self.window_query.shape[-2], window - query.shape[-2]) if query.shape[-2] < window else 0
             query = torch.cat([self.window_query, query], dim=-2)
             query_pos = torch.cat([self.window_pos, query_pos])
         self.window_query, self.window_pos = query[..., -window:, :].clone(), query_pos[-window:].clone()
         n = keys.shape[-2]
         if n <= self.capacity:
             return None
-        votes = attention_mass(self.window_query, self.window_pos, keys, positions, self.scaling(), self.cache.softcap)
+        if mass is None:  # score the whole window
+            votes = attention_mass(self.window_query, self.window_pos, keys, positions, self.scaling(), self.cache.softcap)
+        else:  # the step's rows come from the model's attention; stored rows are scored here
+            votes = mass
+            if older:
+                votes = votes + attention_mass(self.window_query[..., :older, :], self.window_pos[:older], keys,
+                                               positions, self.scaling(), self.cache.softcap)
         scores = snapkv_scores(votes, min(window, self.capacity), self.cache.options.kernel)
         return keep_top(scores, self.capacity)
 

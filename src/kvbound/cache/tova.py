@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .codec import CodecOptions
 from .registry import register
 from .evicting import EvictingCache, EvictingLayer, attention_mass, keep_top
 
@@ -19,16 +20,17 @@ class TOVALayer(EvictingLayer):
     def query_rows(self, new: int) -> int:
         return 1 if self.held() + new > self.capacity else 0
 
-    def select(self, keys, positions, query, query_pos):
+    def select(self, keys, positions, query, query_pos, mass=None):
         if keys.shape[-2] <= self.capacity:
             return None
-        mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap)
+        if mass is None:
+            mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap)
         score = mass.sum(dim=1, keepdim=True) / query.shape[1]  # mean over query heads: [B, 1, n]
         return keep_top(score, self.capacity)
 
 
 @register("tova", "lossy: TOVA (Oren et al. 2024) -- evicts the token the current query attends to least",
-          exact=False, beams=True)
+          exact=False, options=CodecOptions, beams=True)
 class TOVACache(EvictingCache):
     layer_cls = TOVALayer
 

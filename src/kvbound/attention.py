@@ -1,0 +1,299 @@
+"""Tiered attention: attend to a kvbound layer's K/V tiers one block at a time, without concatenating them.
+
+A bounded cache keeps its K/V in tiers: a hot window in memory, and older tokens that an exact
+policy spills to a file or rebuilds from checkpoints. Instead of concatenating the tiers into one
+tensor before attention (a copy of the whole span every step), attention runs over each block
+separately and the partial results are merged exactly with their log-sum-exp -- the blockwise
+softmax of FlashAttention (Dao et al. 2022) and of Ring Attention (Liu et al. 2023)::
+
+    out = sum_i exp(lse_i - lse) * out_i,    lse = logsumexp_i(lse_i)
+
+The function is registered in transformers' ``AttentionInterface`` as ``"kvbound"`` and selected per
+model through ``attn_implementation`` (:func:`enable`, done when a kvbound cache is built for a model
+running ``sdpa``). Calls that are not for a kvbound tiered layer go to transformers' own ``sdpa``
+attention unchanged. The active cache is found through a context variable that kvbound's stateless
+attention hooks (:func:`kvbound.recompute.attach`) push before each attention module runs and pop after.
+
+What a layer hands over is a :class:`TierStep`: the tensors its ``update`` returned (the identity
+check that this call is the same step), the older blocks every query of the step may see (subject to
+the layer's mask: transformers builds it over all visible keys, blocks first), and, for the scored
+eviction policies, a callback that receives the attention probabilities of the step's newest query
+rows: the model's own query and the call's own log-sum-exp, ``exp(q.k * scaling - lse)`` (the
+attention output itself stays the fused kernel's, bit-identical to ``sdpa``).
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .errors import KVBoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import PreTrainedModel
+
+NAME = "kvbound"
+FALLBACK = "sdpa"
+QUERY_CHUNK = 256  # query rows per block when probabilities are materialized (bounds the logits)
+
+Block = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, n, D]
+
+
+@dataclass
+class TierStep:
+    """What a layer's ``update`` leaves for the attention call of the same step.
+
+    * ``keys`` -- the tensor ``update`` returned (attention must receive this very object);
+    * ``blocks`` -- older K/V blocks, in position order, that come before ``keys`` in the mask;
+    * ``rows`` / ``scored`` -- the scored policies: ``scored(query_rows, mass)`` is called after
+      attention with the newest ``rows`` query rows and the attention mass ``[B, kv_heads, n]``
+      they gave the keys of ``keys`` (summed over those rows and the query heads of each KV head);
+    * ``release`` -- called once attention is done with the blocks (drop mapped pages).
+    """
+
+    keys: torch.Tensor
+    blocks: list[Block] = field(default_factory=list)
+    rows: int = 0
+    scored: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    release: Callable[[], None] | None = None
+
+
+# --------------------------------------------------------------------------- active cache
+
+_ACTIVE: contextvars.ContextVar[tuple[Any, ...]] = contextvars.ContextVar("kvbound_active_cache", default=())
+
+
+def push(cache: Any) -> None:
+    """Called before an attention module runs: the cache of this call (or ``None``)."""
+    _ACTIVE.set(_ACTIVE.get() + (cache,))
+
+
+def pop() -> None:
+    """Called after an attention module ran (also on exceptions)."""
+    stack = _ACTIVE.get()
+    _ACTIVE.set(stack[:-1])
+
+
+def reset() -> None:
+    """Called when a whole forward pass starts (drops entries an interrupted pass left)."""
+    _ACTIVE.set(())
+
+
+def active_cache() -> Any:
+    """The kvbound cache whose attention module is running now, if it runs tiered attention."""
+    stack = _ACTIVE.get()
+    return stack[-1] if stack else None
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register() -> None:
+    """Register ``"kvbound"`` in transformers' attention and mask registries (idempotent)."""
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, kvbound_attention_forward)
+    if NAME not in AttentionMaskInterface._global_mapping:
+        AttentionMaskInterface.register(NAME, sdpa_mask)  # same masks as sdpa: bool, or None when skippable
+
+
+def enable(model: "PreTrainedModel") -> bool:
+    """Run ``model``'s attention through :func:`kvbound_attention_forward` if it uses ``sdpa``.
+
+    Returns whether the model runs tiered attention. Models on another implementation (eager,
+    flash...) are left alone: kvbound caches then fall back to concatenating their tiers.
+    """
+    register()
+    impl = model.config._attn_implementation
+    if impl == FALLBACK:
+        model.set_attn_implementation(NAME)
+        impl = NAME
+    return impl == NAME
+
+
+def is_tiered(module: torch.nn.Module) -> bool:
+    """Whether an attention module dispatches to kvbound's function."""
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None) == NAME
+
+
+# --------------------------------------------------------------------------- math
+
+
+def _visible(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A boolean 'may attend' mask from transformers' bool or additive float mask."""
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
+                    scaling: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``query`` ``[B, H, T, D]`` over one block ``[B, kv_heads, n, D]`` (GQA: query
+    head ``h`` reads KV head ``h // groups``). ``visible`` ``[B or 1, 1, T, n]`` bool or ``None``.
+
+    Returns ``(out [B, H, T, D], lse [B, H, T] float32)``; rows that see no key get ``lse = -inf``.
+    On CPU without softcapping this is PyTorch's fused flash kernel (reads strided K/V in place);
+    otherwise an explicit softmax in query chunks.
+    """
+    if query.device.type == "cpu" and not softcap and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        mask = None
+        if visible is not None:
+            mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, values, 0.0, False, attn_mask=mask, scale=scaling)
+        lse = lse.float()
+    else:
+        out, lse = _explicit(query, keys, values, visible, scaling, softcap)
+    if visible is not None:
+        none = ~visible.any(-1)  # [B or 1, 1, T]
+        if bool(none.any()):
+            lse = lse.masked_fill(none, float("-inf"))
+            out = out.masked_fill(none.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def _explicit(query, keys, values, visible, scaling, softcap):
+    """Softmax attention written out (float32 logits), ``QUERY_CHUNK`` query rows at a time.
+    Returns ``(out [B, H, T, D], lse [B, H, T])``."""
+    outs, lses = [], []
+    for start in range(0, query.shape[-2], QUERY_CHUNK):
+        q = query[:, :, start:start + QUERY_CHUNK]
+        logits = masked_logits(q, keys, None if visible is None else visible[..., start:start + q.shape[-2], :],
+                         scaling, softcap)  # [B, kv, g, tc, n]
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows seeing nothing: 0, not NaN
+        b, kv, g, tc, n = probs.shape
+        out = torch.matmul(probs.view(b, kv, g * tc, n), values.float())
+        outs.append(out.view(b, kv * g, tc, -1))
+        lses.append(lse.reshape(b, kv * g, tc))
+    return torch.cat(outs, dim=2).to(query.dtype), torch.cat(lses, dim=2)
+
+
+def masked_logits(query, keys, visible, scaling, softcap) -> torch.Tensor:
+    """Masked float32 logits ``[B, kv_heads, groups, T, n]`` (query head ``h`` reads KV head ``h // groups``).
+
+    ``visible`` (bool) is ``[B or 1, 1 or kv_heads, T, n]``; ``softcap`` as Gemma 2's ``tanh`` capping."""
+    b, heads, t, d = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[-2]
+    groups = heads // kv_heads
+    q = query.float().reshape(b, kv_heads, groups * t, d)
+    logits = (torch.matmul(q, keys.float().transpose(-1, -2)) * scaling).view(b, kv_heads, groups, t, n)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    if visible is not None:
+        logits = logits.masked_fill(~visible.unsqueeze(2), float("-inf"))
+    return logits
+
+
+def mass_from_lse(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, lse: torch.Tensor,
+                   scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Probability each key got from each query, ``exp(logit - lse)`` with the attention call's own
+    log-sum-exp ``lse`` ``[B, H, T]``, summed over the queries and the query heads of each KV head:
+    ``[B, kv_heads, n]`` float32."""
+    b, heads, t, _ = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[-2]
+    mass = torch.zeros(b, kv_heads, n, dtype=torch.float32, device=keys.device)
+    for start in range(0, t, QUERY_CHUNK):
+        q = query[:, :, start:start + QUERY_CHUNK]
+        tc = q.shape[-2]
+        logits = masked_logits(q, keys, None if visible is None else visible[..., start:start + tc, :], scaling, softcap)
+        norm = lse[:, :, start:start + tc].reshape(b, kv_heads, heads // kv_heads, tc, 1)
+        mass += torch.exp(logits - norm).nan_to_num(0.0).sum(dim=(2, 3))
+    return mass
+
+
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Exact softmax over the union of blocks from per-block ``(out, lse)`` (log-sum-exp weights)."""
+    if len(parts) == 1:
+        return parts[0][0]
+    lses = torch.stack([lse for _, lse in parts])  # [P, B, H, T]
+    total = torch.logsumexp(lses, dim=0)
+    weights = torch.exp(lses - total).nan_to_num(0.0).unsqueeze(-1)  # [P, B, H, T, 1]
+    out = weights[0] * parts[0][0].float()
+    for w, (o, _) in zip(weights[1:], parts[1:]):
+        out += w * o.float()
+    return out.to(parts[0][0].dtype)
+
+
+def tiered_attention(query: torch.Tensor, blocks: list[Block], keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor | None, scaling: float, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None, mass_rows: int = 0):
+    """Attention of ``query`` over ``blocks`` followed by ``keys``/``values``, merged exactly.
+
+    ``mask`` (transformers', over every block then ``keys``; bool, additive float, or ``None``:
+    blocks fully visible and ``keys`` causal, bottom-right aligned). ``sinks`` (``[heads]``, gpt-oss
+    style) add ``exp(sink)`` to each softmax denominator. With ``mass_rows`` the newest query rows'
+    probabilities over ``keys`` are returned too. Returns ``(out [B, H, T, D], mass or None)``.
+    """
+    t = query.shape[-2]
+    n_old = sum(k.shape[-2] for k, _ in blocks)
+    total = n_old + keys.shape[-2]
+    visible = _visible(mask)
+    if visible is not None and visible.shape[-1] != total:
+        raise RuntimeError(f"kvbound attention: mask covers {visible.shape[-1]} keys, the tiers hold {total}")
+    if visible is None and t > 1:  # causal over the newest keys, every older key visible
+        q_pos = torch.arange(total - t, total, device=query.device)
+        visible = (torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]).view(1, 1, t, total)
+    parts = []
+    col = 0
+    for k, v in blocks:
+        n = k.shape[-2]
+        vis = None if visible is None else visible[..., col:col + n]
+        if vis is not None and bool(vis.all()):
+            vis = None
+        parts.append(block_attention(query, k, v, vis, scaling, softcap))
+        col += n
+    if sinks is not None:
+        b, h = query.shape[:2]
+        parts.append((torch.zeros_like(query), sinks.float().view(1, h, 1).expand(b, h, t)))
+    vis = None if visible is None else visible[..., col:]
+    parts.append(block_attention(query, keys, values, vis, scaling, softcap))
+    rows = min(mass_rows, t)
+    if not rows:
+        return merge(parts), None
+    lse = torch.logsumexp(torch.stack([part_lse[..., t - rows:] for _, part_lse in parts]), dim=0)
+    mass = mass_from_lse(query[:, :, t - rows:], keys, None if vis is None else vis[..., t - rows:, :], lse,
+                          scaling, softcap)
+    return merge(parts), mass
+
+
+# --------------------------------------------------------------------------- the registered function
+
+
+def kvbound_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                              attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                              scaling: float | None = None, softcap: float | None = None, **kwargs: Any):
+    """transformers attention function: tiered attention for a kvbound layer's step, ``sdpa`` otherwise."""
+    step = None
+    cache = active_cache()
+    layer_idx = getattr(module, "layer_idx", None)
+    if cache is not None and layer_idx is not None:
+        layer = cache.layers[layer_idx]
+        step = getattr(layer, "pending_step", None)
+        if step is not None:
+            layer.pending_step = None
+            if step.keys is not key:  # not this step's tensors: a stale hand-over, ignore it
+                step = None
+    if step is None:
+        return ALL_ATTENTION_FUNCTIONS[FALLBACK](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        softcap=softcap, **kwargs)
+    try:
+        if dropout:
+            raise KVBoundError("kvbound caches run attention for inference only (dropout > 0); call model.eval()")
+        if scaling is None:
+            scaling = query.shape[-1] ** -0.5
+        softcap = softcap if softcap is not None else getattr(module, "attn_logit_softcapping", None)
+        out, mass = tiered_attention(query, step.blocks, key, value, attention_mask, scaling, softcap,
+                                     sinks=kwargs.get("s_aux"), mass_rows=step.rows if step.scored else 0)
+    finally:
+        if step.release is not None:
+            step.release()
+    if step.scored is not None and step.rows:
+        step.scored(query[:, :, -step.rows:], mass)
+    return out.transpose(1, 2).contiguous(), None
