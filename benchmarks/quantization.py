@@ -53,8 +53,7 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
 }
 DEFAULT = ["full", "kivi-8", "kivi-4", "kivi-2", "kivi-2-g16", "hf-quanto-4", "hf-quanto-2", "hf-fp8", "offload",
            "offload-int8", "offload-int4"]
-LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1024, {"codec": "int8"}),
-                 "offload-int4": ("offload", 1024, {"codec": "int4"})}
+LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1024, {"codec": "int8"})}
 LONG_TEXT = "/usr/share/common-licenses/GPL-3"  # ~7.6k SmolLM2 tokens of plain English, on any Debian
 
 
