@@ -177,8 +177,8 @@ def _add_serve(sub, fmt) -> None:
                     "exact policy the replies are those of a server without a budget. "
                     "Needs the serve extra: pip install 'kvbound[serve]'.",
         epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_SERVE, formatter_class=fmt)
+    from .generation import DEFAULT_PREFILL_CHUNK
     from .models import DEFAULT_MODEL
-    from .serve.config import DEFAULT_PREFILL_CHUNK
 
     g = serve.add_argument_group("model and cache")
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
