@@ -137,10 +137,11 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Append the step's K/V, spill what leaves the hot window, return what attention reads.
 
-        With kvbound's tiered attention active for this call (:mod:`kvbound.attention`) the
-        recalled older tokens are not concatenated: they are handed over as blocks
-        (:class:`~kvbound.attention.TierStep`) next to the returned hot + new K/V. Otherwise the
-        blocks are concatenated in front, as a plain attention function needs.
+        With kvbound's tiered attention active for this call (:mod:`kvbound.attention`) and float32
+        K/V, the recalled older tokens are not concatenated: they are handed over as blocks
+        (:class:`~kvbound.attention.TierStep`) next to the returned hot + new K/V. Otherwise (another
+        attention function, or bf16/fp16, where merging blocks would round twice) the blocks are
+        concatenated in front, as a plain attention function needs.
         """
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -157,7 +158,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         self.values = values[..., n_spill:, :].clone()
         self.seen += new
         self.cache.account(self.layer_idx)
-        if blocks and attention.active_cache() is self.cache:
+        if blocks and attention.active_cache() is self.cache and keys.dtype in attention.TIERED_DTYPES:
             self.pending_step = attention.TierStep(keys, blocks, release=self.release_blocks)
         elif blocks:
             keys = torch.cat([*(k for k, _ in blocks), keys], dim=-2)
