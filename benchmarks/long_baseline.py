@@ -53,12 +53,14 @@ def main() -> None:
     ap.add_argument("--chunks", default="0,1024,256", help="0 = one shot")
     ap.add_argument("--parallel", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--speculate", type=int, default=None, help="exact self-speculative decoding, K drafts")
     ap.add_argument("--render", metavar="MD", help="only write the table of OUT.jsonl to MD")
     args = ap.parse_args()
     if args.render:
         render(args.out, args.render)
         return
-    jobs = [LongJob("smollm2-135m", p, args.tokens, None if p == "full" else 512, 16, int(c) or None, args.threads)
+    jobs = [LongJob("smollm2-135m", p, args.tokens, None if p == "full" else 512, 16, int(c) or None, args.threads,
+                    speculate=args.speculate)
             for c in args.chunks.split(",") for p in args.policies.split(",")]
 
     def one(job: LongJob) -> None:

@@ -177,8 +177,8 @@ def _add_serve(sub, fmt) -> None:
                     "exact policy the replies are those of a server without a budget. "
                     "Needs the serve extra: pip install 'kvbound[serve]'.",
         epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_SERVE, formatter_class=fmt)
+    from .generation import DEFAULT_PREFILL_CHUNK
     from .models import DEFAULT_MODEL
-    from .serve.config import DEFAULT_PREFILL_CHUNK
 
     g = serve.add_argument_group("model and cache")
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
@@ -277,8 +277,15 @@ def _make_cache(model, args):
 
 
 def _check_length(model, args, total_prompt: int) -> None:
-    from .generation import check_positions
+    """As :func:`kvbound.generation.check_positions`, naming the command-line flag to change."""
+    from .generation import check_positions, max_positions
 
+    limit = max_positions(model)
+    if limit is not None and total_prompt <= limit < total_prompt + args.max_new_tokens:
+        raise KVBoundError(
+            f"prompt ({total_prompt} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+            f"{limit} positions; use --max-new-tokens {limit - total_prompt} or less"
+        )
     check_positions(model, total_prompt, args.max_new_tokens, args.model)
 
 
