@@ -4,7 +4,7 @@ Variants: ``full`` (reference), ``kivi`` at 8/4/2 bits, transformers' ``Quantize
 ``hf-quantized`` (quanto 4/2 bits, fp8), and ``offload`` with and without an int8/int4 codec.
 
 * perplexity: teacher-forced over ``--ppl-tokens`` tokens of the built-in prompts (concatenated), fed
-  ``--chunk`` tokens per forward pass through the cache (``kvbound.quality.perplexity`` when present);
+  ``--chunk`` tokens per forward pass through the cache (``kvbound.quality.perplexity``);
 * bytes: every tier the cache holds after that pass (``bytes_by_tier``), as a ratio to ``full``'s;
 * decode: after a chunked prefill of the same text, ``--decode-tokens`` greedy steps, the variants
   stepped round-robin (one step of each in turn) so machine load hits them alike; time/token is the
@@ -31,42 +31,35 @@ import kvbound
 from kvbound.bench.inputs import load_prompts
 from kvbound.generation import prefill
 from kvbound.models import load
+from kvbound.quality import perplexity as shared_perplexity
 
 VARIANTS: dict[str, tuple[str, int | None, dict]] = {
     "full": ("full", None, {}),
     "kivi-8": ("kivi", None, {"bits": 8}),
     "kivi-4": ("kivi", None, {"bits": 4}),
     "kivi-2": ("kivi", None, {"bits": 2}),
+    "kivi-2-g16": ("kivi", None, {"bits": 2, "group": 16}),
+    "kivi-2-o2": ("kivi", None, {"bits": 2, "outliers": 2}),
+    "kivi-2-g16-o2": ("kivi", None, {"bits": 2, "group": 16, "outliers": 2}),
+    "kivi-4-o2": ("kivi", None, {"bits": 4, "outliers": 2}),
     "hf-quanto-4": ("hf-quantized", None, {"backend": "quanto", "bits": 4}),
     "hf-quanto-2": ("hf-quantized", None, {"backend": "quanto", "bits": 2}),
     "hf-fp8": ("hf-quantized", None, {"backend": "fp8"}),
     "offload": ("offload", 256, {}),
     "offload-int8": ("offload", 256, {"codec": "int8"}),
     "offload-int4": ("offload", 256, {"codec": "int4"}),
+    "offload-int8-o2": ("offload", 256, {"codec": "int8", "codec_outliers": 2}),
+    "offload-int4-o2": ("offload", 256, {"codec": "int4", "codec_outliers": 2}),
 }
-LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1024, {"codec": "int8"}),
-                 "offload-int4": ("offload", 1024, {"codec": "int4"})}
+DEFAULT = ["full", "kivi-8", "kivi-4", "kivi-2", "kivi-2-g16", "hf-quanto-4", "hf-quanto-2", "hf-fp8", "offload",
+           "offload-int8", "offload-int4"]
+LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1024, {"codec": "int8"})}
 LONG_TEXT = "/usr/share/common-licenses/GPL-3"  # ~7.6k SmolLM2 tokens of plain English, on any Debian
 
 
 def perplexity(model, input_ids: torch.Tensor, cache, chunk: int) -> float:
     """exp(mean NLL) of each next token, the text fed ``chunk`` tokens per pass through ``cache``."""
-    try:
-        from kvbound.quality import perplexity as shared
-    except ImportError:
-        shared = None
-    if shared is not None:
-        return float(shared(model, input_ids, cache, chunk=chunk))
-    nll, n = 0.0, 0
-    with torch.no_grad():
-        for s in range(0, input_ids.shape[1] - 1, chunk):
-            ids = input_ids[:, s:s + chunk]
-            logits = model(ids, past_key_values=cache, use_cache=True).logits[0].float()
-            target = input_ids[0, s + 1:s + 1 + ids.shape[1]]
-            lp = torch.log_softmax(logits[: target.shape[0]], -1)
-            nll -= lp.gather(1, target[:, None]).sum().item()
-            n += target.shape[0]
-    return float(torch.tensor(nll / n).exp())
+    return shared_perplexity(model, input_ids, cache, chunk=chunk).perplexity
 
 
 def make(model, spec):
@@ -99,6 +92,50 @@ def round_robin_decode(model, ids: torch.Tensor, specs: dict, steps: int, chunk:
     return out
 
 
+def report(results: dict) -> str:
+    """Markdown tables of ``results`` (ratios against ``full`` / fp32 ``offload`` of the same run)."""
+    meta, ppl, dec, long = results["meta"], results["ppl"], results["decode"], results["long"]
+    variants = meta["variants"]
+    f_ppl = ppl.get("full", {}).get("perplexity")
+    def held(row):  # every tier but file space reserved ahead and not yet written (offload_slack)
+        return row["total_bytes"] - row["bytes_by_tier"].get("offload_slack", 0)
+
+    f_bytes = held(ppl["full"]) if "full" in ppl else None
+    f_dec = dec.get("full", {})
+    lines = [f"# Quantized K/V on SmolLM2-135M ({meta['ppl_tokens']} tokens)", "",
+             f"Perplexity over {meta['ppl_tokens']} tokens of the built-in prompts, fed {meta['chunk']} tokens per pass "
+             f"through each cache ({ppl.get('full', {}).get('perplexity_fn', '?')}); bytes = every tier held after that pass "
+             "(offload: hot window + offloaded records; file space reserved ahead, `offload_slack`, left out); "
+             f"decode = median step of {meta['decode_tokens']} greedy tokens after the same text, variants stepped "
+             f"round-robin in one process ({meta['threads']} thread(s), {meta['cpus']} CPUs, shared machine); token "
+             "match = positions equal to full's greedy tokens.", "",
+             "| variant | policy and options | exact | perplexity | Δ vs full | cache bytes | × full | token match | "
+             "time/token × full |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, row in ppl.items():
+        policy, budget, options = variants.get(name, ("?", None, {}))
+        opts = ", ".join(f"{k}={v}" for k, v in options.items()) + (f" budget={budget}" if budget else "")
+        d = dec.get(name)
+        match = (f"{sum(a == b for a, b in zip(d['tokens'], f_dec['tokens'])) / len(f_dec['tokens']):.0%}"
+                 if d and f_dec else "–")
+        speed = f"{d['seconds_per_token'] / f_dec['seconds_per_token']:.2f}×" if d and f_dec else "–"
+        lines.append(f"| `{name}` | `{policy}` {opts} | {'yes' if row.get('exact') else 'no'} | {row['perplexity']:.3f} | "
+                     f"{(row['perplexity'] / f_ppl - 1) * 100:+.2f}% | {held(row) / 2**20:.2f} MiB | "
+                     f"{held(row) / f_bytes:.3f} | {match} | {speed} |")
+    if f_dec:
+        lines += ["", f"full's decode step: {f_dec['seconds_per_token'] * 1000:.1f} ms (median)."]
+    if long:
+        base = long.get("offload")
+        lines += ["", f"## Decode at {meta.get('long_tokens')} tokens: offload with and without a codec", "",
+                  "| variant | options | offloaded bytes | time/token | × fp32 offload |", "|---|---|---|---|---|"]
+        for name, d in long.items():
+            policy, budget, options = meta["long_variants"][name]
+            tiers = d["memory"]["bytes_by_tier"]
+            lines.append(f"| `{name}` | budget={budget} {', '.join(f'{k}={v}' for k, v in options.items())} | "
+                         f"{tiers.get('offloaded', 0) / 2**20:.1f} MiB | {d['seconds_per_token'] * 1000:.1f} ms | "
+                         f"{d['seconds_per_token'] / base['seconds_per_token']:.2f}× |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/quantization")
@@ -108,8 +145,8 @@ def main() -> None:
     ap.add_argument("--decode-tokens", type=int, default=32)
     ap.add_argument("--long-tokens", type=int, default=7500)
     ap.add_argument("--long-decode-tokens", type=int, default=16)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--skip", default="", help="stages to skip: ppl,decode,long")
+    ap.add_argument("--variants", default=",".join(DEFAULT), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    ap.add_argument("--skip", default="", help="stages to skip (their earlier results in --out are kept): ppl,decode,long")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -126,9 +163,16 @@ def main() -> None:
                         "variants": {n: VARIANTS[n] for n in names}, "long_variants": LONG_VARIANTS},
                "ppl": {}, "decode": {}, "long": {}}
     path = out / "results.json"
+    if path.exists():  # stages skipped now keep their earlier results
+        old = json.loads(path.read_text())
+        results.update({k: old[k] for k in ("decode", "long") if k in old and k in skip})
+        results["ppl"] = old.get("ppl", {})  # perplexity rows accumulate: a run adds or replaces variants
+        results["meta"]["variants"] = {**old["meta"].get("variants", {}), **results["meta"]["variants"]}
+        results["meta"]["earlier"] = {k: v for k, v in old["meta"].items() if k != "earlier"}
 
     def save():
         path.write_text(json.dumps(results, indent=1))
+        (out / "report.md").write_text(report(results))
 
     if "ppl" not in skip:
         for name in names:
@@ -139,7 +183,7 @@ def main() -> None:
             cache.close()
             results["ppl"][name] = {"perplexity": ppl, "seconds": time.perf_counter() - t,
                                     "bytes_by_tier": rep["bytes_by_tier"], "total_bytes": rep["total_bytes"],
-                                    "exact": rep.get("exact")}
+                                    "exact": rep["exact"], "perplexity_fn": "kvbound.quality.perplexity"}
             print(f"{name:14s} ppl {ppl:.4f}  bytes {rep['total_bytes']:,}  {rep['bytes_by_tier']}", flush=True)
             save()
             gc.collect()

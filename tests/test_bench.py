@@ -120,7 +120,8 @@ def _prompt_dir(tmp_path):
 
 RUN_FIELDS = {"policy", "exact", "budget", "budget_label", "prompt", "prompt_tokens", "new_tokens", "status",
               "token_match", "prefix_match", "first_divergence", "mean_kl", "peak_hot_kv_bytes", "bytes_by_tier",
-              "peak_transient_bytes", "total_cache_bytes", "seconds_per_token", "time_ratio_vs_full", "needle_found"}
+              "peak_transient_bytes", "total_cache_bytes", "seconds_per_token", "time_ratio_vs_full", "needle_found",
+              "peak_rss_bytes", "rss_added_bytes"}
 
 
 def test_budget_sweep_schema_and_reference(tmp_path):
@@ -147,6 +148,7 @@ def test_budget_sweep_schema_and_reference(tmp_path):
         assert RUN_FIELDS <= set(r), RUN_FIELDS - set(r)
         assert r["new_tokens"] == 5 and 0 <= r["token_match"] <= 1 and r["mean_kl"] >= 0
         assert r["bytes_by_tier"]["hot_kv"] <= r["peak_hot_kv_bytes"]
+        assert r["peak_rss_bytes"] > 2**20 and 0 <= r["rss_added_bytes"] <= r["peak_rss_bytes"]
         assert r["needle_found"] is None if r["prompt"] == "beta" else isinstance(r["needle_found"], bool)
         if r["policy"] == "full":
             assert r["token_match"] == 1.0 and r["mean_kl"] == 0.0 and r["time_ratio_vs_full"] == 1.0
@@ -259,3 +261,17 @@ def test_dtype_runs_every_policy_in_it(tmp_path):
     assert {r["status"] for r in data["runs"]} == {"ok"} and len(data["runs"]) == 2 * 3
     full = next(r for r in data["runs"] if r["policy"] == "full")
     assert full["peak_hot_kv_bytes"] % 2 == 0 and model.dtype == torch.bfloat16
+
+
+def test_random_weights_model_from_a_config(tmp_path):
+    """--model random:CONFIG.json: the architecture of a config with seeded random weights (GPU timing runs)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2).save_pretrained(tmp_path / "cfg")
+    model, tok = bench_cli.load_model(f"random:{tmp_path / 'cfg' / 'config.json'}", seed=3)
+    again, _ = bench_cli.load_model(f"random:{tmp_path / 'cfg'}", seed=3)
+    assert model.config.num_hidden_layers == 2 and tok("ab")["input_ids"]
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
+    with pytest.raises(KVBoundError, match="cannot read a model config"):
+        bench_cli.load_model(f"random:{tmp_path / 'missing.json'}")

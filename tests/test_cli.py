@@ -129,9 +129,9 @@ def test_help_is_useful(capsys):
 def test_chat_keeps_one_cache_across_turns(capsys, monkeypatch):
     calls = []
 
-    def recording_greedy(model, ids, cache, n):
+    def recording_greedy(model, ids, cache, n, **kwargs):
         calls.append((ids.clone(), cache, cache.get_seq_length()))
-        new = greedy(model, ids, cache, n)
+        new = greedy(model, ids, cache, n, **kwargs)
         calls[-1] += (new,)
         return new
 

@@ -99,6 +99,22 @@ def test_int8_token_is_about_a_quarter_of_fp32():
     assert parse_codec("fp32", 64).token_bytes(64) / c.token_bytes(64) > 3.7
 
 
+def test_outlier_channels_kept_apart_lower_the_error_of_the_rest():
+    x = kv(7, outlier=20.0)
+    plain, kept = Codec("int2", 32), Codec("int2", 32, outliers=2)
+    err_plain = (plain.roundtrip(x) - x).pow(2).mean()
+    err_kept = (kept.roundtrip(x) - x).pow(2).mean()
+    assert err_kept < 0.5 * err_plain
+    p = kept.encode(x)
+    assert p.nbytes() == plain.encode(x).nbytes() + B * H * N * 2 * 3  # uint8 index + float16 value each
+    y = p.decode(torch.float32)
+    top = (x.abs() >= x.abs().topk(2, dim=-1).values[..., -1:])  # the 2 largest channels of each token
+    assert torch.equal(y[top], x[top].half().float())  # kept exact to float16
+    assert top[..., 5].float().mean() > 0.9  # mostly the outlier channel
+    raw = kept.to_bytes(x)
+    assert raw.shape[-1] == kept.token_bytes(D) and torch.equal(kept.from_bytes(raw, torch.float32), y)
+
+
 @pytest.mark.parametrize("bits", [0, 1, 3, 16, "4", True, None])
 def test_bad_bits(bits):
     with pytest.raises(KVBoundError, match="bits must be one of 2, 4, 8"):
@@ -114,5 +130,5 @@ def test_bad_group(group):
 def test_bad_format():
     with pytest.raises(KVBoundError, match="unknown format"):
         parse_codec("int3", 64)
-    with pytest.raises(KVBoundError, match="group applies"):
+    with pytest.raises(KVBoundError, match="group and outliers apply"):
         parse_codec("bf16", 64, 32)

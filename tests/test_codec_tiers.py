@@ -59,9 +59,10 @@ def test_lossy_offload_cannot_verify_speculation():
 
 @pytest.mark.parametrize("options,message", [
     ({"codec": "int3"}, "unknown format 'int3'"),
-    ({"codec_group": 8}, "codec_group applies to an integer codec"),
+    ({"codec_group": 8}, "codec_group/codec_outliers apply to an integer codec"),
+    ({"codec": "int8", "codec_outliers": 16}, "outliers must be a whole number of channels in 0..15"),
     ({"codec": "int4", "codec_group": 5}, "group 5 does not divide head_dim 16"),
-    ({"codec": "bf16", "codec_group": 8}, "group applies to the integer formats"),
+    ({"codec": "bf16", "codec_group": 8}, "group and outliers apply to the integer formats"),
 ])
 def test_bad_codec_options(options, message):
     with pytest.raises(KVBoundError, match=message):
@@ -73,3 +74,24 @@ def test_cli_reports_a_codec_offload_as_lossy(capsys):
                      "--budget", "4", "--option", "codec=int8", "--max-new-tokens", "4", "--json"])
     out = capsys.readouterr().out.strip().splitlines()[-1]
     assert code == 0 and '"exact": false' in out
+
+
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "snapkv"])
+def test_eviction_hot_window_through_a_codec(policy):
+    model = tiny("tiny-qwen3")  # head_dim 16, 2 KV heads, 3 layers
+    plain = run_greedy(model, prompt_ids(PROMPT), kvbound.make_cache(model, policy, 8), NEW)
+    assert run_greedy(model, prompt_ids(PROMPT), kvbound.make_cache(model, policy, 8, codec="fp32"), NEW) == plain
+    cache = kvbound.make_cache(model, policy, 8, codec="int8")
+    run_greedy(model, prompt_ids(PROMPT), cache, NEW)
+    held = sum(layer.held() for layer in cache.layers)
+    assert held == 3 * 8
+    # the hot window holds each token's int8 codes + float16 scale and zero point, nothing else
+    assert cache.bytes_by_tier()["hot_kv"] == held * 2 * 2 * parse_codec("int8", 16).token_bytes(16)
+    assert not cache.exact
+
+
+def test_codec_hot_window_follows_beams():
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, "h2o", 8, codec="int4")
+    out = model.generate(prompt_ids(PROMPT), past_key_values=cache, max_new_tokens=5, num_beams=2, do_sample=False)
+    assert out.shape == (1, PROMPT + 5)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import kvbound
-from conftest import prompt_ids, tiny
+from conftest import FAMILIES, prompt_ids, run_greedy, tiny
 from kvbound.cache import exact_policies, registry
 from kvbound.errors import KVBoundError
 
@@ -37,6 +37,17 @@ def generate(model, policy, ids, **kw):
 def test_every_exact_policy_is_covered():
     assert {"full", "kv-direct", "residual", "offload"} <= set(EXACT)
     assert all(registry.get_policy(p).beams for p in EXACT)  # all support beams: none refuses below
+
+
+@pytest.mark.parametrize("budget", [1, 7])
+@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("policy", EXACT)
+def test_greedy_matches_full(policy, name, budget):
+    """The base promise, for every exact policy the registry lists (a new one is covered here)."""
+    model, ids = tiny(name), prompt_ids(16, seed=2)
+    cache = kvbound.make_cache(model, policy, None if policy == "full" else budget)
+    assert run_greedy(model, ids, cache, 12) == run_greedy(model, ids, kvbound.make_cache(model, "full"), 12)
+    cache.close()
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -354,6 +354,31 @@ def test_radix_tree_finds_every_stored_prefix():
     assert common_prefix([1, 2, 3, 4], [1, 2, 9]) == 2 and common_prefix([], [1]) == 0
 
 
+def test_parked_and_dropped_caches_are_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    from kvbound.serve.store import ConversationStore
+
+    model, _ = loaded()
+    store = ConversationStore(lambda: make_cache(model, "kv-direct", 4), memory_budget=0, max_conversations=1)
+    gc.disable()
+    try:
+        refs = []
+        for i in range(2):
+            prompt = [10 + i] * 12
+            lease = store.checkout(prompt)
+            refs.append(weakref.ref(lease.conversation.cache))
+            reply = greedy(model, torch.tensor([prompt]), lease.conversation.cache, 3, stop_at_eos=False)[0].tolist()
+            store.checkin(lease.conversation, prompt, reply)
+            assert refs[-1]() is None  # parked: memory_budget 0
+        s = store.stats()
+        assert s["conversations"] == 1 and s["parked"] == 1 and s["dropped"] == 1 and s["parks"] == 2
+        assert s["parked_bytes"] == 4 * 15
+    finally:
+        gc.enable()
+
+
 def test_parse_size():
     assert parse_size("64MiB") == 64 * 2**20 and parse_size("1GB") == 10**9 and parse_size("1000") == 1000
     assert parse_size("1.5 KiB") == 1536

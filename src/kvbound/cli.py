@@ -105,6 +105,12 @@ def _add_model_args(p: argparse.ArgumentParser, new_tokens: bool = True) -> None
     if not new_tokens:
         return
     g.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate per reply (default: 64)")
+    from .generation import DEFAULT_PREFILL_CHUNK
+
+    g.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                   help="feed the prompt N tokens per forward pass: the cache evicts or spills between chunks, so "
+                        f"memory is bounded by budget + N (default: {DEFAULT_PREFILL_CHUNK}; a chunk longer than "
+                        "the prompt = one pass)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     gen.add_argument("--json", action="store_true",
                      help="print one JSON object (model, policy, budget, prompt_tokens, token_ids, text, cache, "
-                          "seconds, tokens_per_s) on the last line of stdout")
+                          "seconds, prefill_seconds, decode_seconds, tokens_per_s, peak_rss_bytes) on the last line "
+                          "of stdout")
     spec = gen.add_argument_group("exact speculative decoding")
     spec.add_argument("--speculate", type=int, metavar="K",
                       help="draft K tokens with a lossy cache, verify them with the exact --policy")
@@ -166,11 +173,12 @@ def _add_serve(sub, fmt) -> None:
                     "/v1/models, /health, /stats). Each conversation keeps one cache under --policy; a request "
                     "continues the stored conversation that shares its longest token prefix. When the caches of "
                     "all conversations hold more than --memory-budget, the least recently used idle ones are "
-                    "parked as token ids (4 bytes per token) and restored exactly on their next request. "
+                    "parked as token ids (4 bytes per token) and restored by a prefill on their next request: with an "
+                    "exact policy the replies are those of a server without a budget. "
                     "Needs the serve extra: pip install 'kvbound[serve]'.",
         epilog=_policies_epilog() + "\n\n" + _models_epilog() + "\n\n" + EXAMPLES_SERVE, formatter_class=fmt)
+    from .generation import DEFAULT_PREFILL_CHUNK
     from .models import DEFAULT_MODEL
-    from .serve.config import DEFAULT_PREFILL_CHUNK
 
     g = serve.add_argument_group("model and cache")
     g.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME",
@@ -257,6 +265,8 @@ def _load(args):
 
     if args.max_new_tokens < 1:
         raise KVBoundError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.prefill_chunk < 1:
+        raise KVBoundError(f"--prefill-chunk must be >= 1 tokens, got {args.prefill_chunk}")
     return load(args.model)
 
 
@@ -266,22 +276,17 @@ def _make_cache(model, args):
     return make_cache(model, args.policy, args.budget, **dict(args.option))
 
 
-def _max_positions(model) -> int | None:
-    cfg = model.config.get_text_config(decoder=True)
-    return getattr(cfg, "max_position_embeddings", None)
-
-
 def _check_length(model, args, total_prompt: int) -> None:
-    limit = _max_positions(model)
-    if limit is None:
-        return
-    if total_prompt > limit:
-        raise KVBoundError(f"prompt is {total_prompt} tokens but model {args.model!r} handles at most {limit} positions")
-    if total_prompt + args.max_new_tokens > limit:
+    """As :func:`kvbound.generation.check_positions`, naming the command-line flag to change."""
+    from .generation import check_positions, max_positions
+
+    limit = max_positions(model)
+    if limit is not None and total_prompt <= limit < total_prompt + args.max_new_tokens:
         raise KVBoundError(
             f"prompt ({total_prompt} tokens) + --max-new-tokens {args.max_new_tokens} exceeds the model's "
             f"{limit} positions; use --max-new-tokens {limit - total_prompt} or less"
         )
+    check_positions(model, total_prompt, args.max_new_tokens, args.model)
 
 
 def _apply_template(tokenizer, messages: list[dict], args, add_generation_prompt: bool = True, tokenize: bool = True):
@@ -307,8 +312,8 @@ def _read_prompt(args) -> str:
 # --------------------------------------------------------------------------- generate
 
 
-def _speculate(model, input_ids: torch.Tensor, args) -> tuple[torch.Tensor, Any, dict]:
-    """Exact self-speculative decoding (``kvbound.speculative``): returns (new ids, exact cache, stats)."""
+def _speculate(model, input_ids: torch.Tensor, cache, args, timings) -> tuple[torch.Tensor, dict]:
+    """Exact self-speculative decoding (``kvbound.speculative``) into ``cache``: returns (new ids, stats)."""
     if args.speculate < 1:
         raise KVBoundError(f"--speculate must be >= 1 drafted tokens, got {args.speculate}")
     try:
@@ -317,21 +322,22 @@ def _speculate(model, input_ids: torch.Tensor, args) -> tuple[torch.Tensor, Any,
         if exc.name == "kvbound.speculative":
             raise KVBoundError("--speculate needs kvbound.speculative, which this install does not have") from None
         raise
-    cache = _make_cache(model, args)
     draft = {} if args.draft is None else {"draft": args.draft}
     try:
         new_ids, stats = speculative_greedy(model, input_ids, cache, budget=args.budget, k=args.speculate,
                                             max_new_tokens=args.max_new_tokens,
-                                            eos_token_id=model.generation_config.eos_token_id, **draft)
+                                            eos_token_id=model.generation_config.eos_token_id,
+                                            prefill_chunk=args.prefill_chunk, timings=timings, **draft)
     except BaseException:
         cache.close()
         raise
     report = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in stats.as_dict().items()}
-    return new_ids, cache, report
+    return new_ids, report
 
 
 def cmd_generate(args) -> int:
-    from .generation import greedy
+    from .generation import Timings, greedy
+    from .rss import peak_rss_bytes
 
     prompt = _read_prompt(args)
     model, tokenizer = _load(args)
@@ -343,20 +349,20 @@ def cmd_generate(args) -> int:
         raise KVBoundError("the prompt tokenized to zero tokens; give some text")
     _check_length(model, args, input_ids.shape[1])
 
-    speculation = cache = None
-    try:
+    speculation = None
+    timings = Timings()
+    cache = _make_cache(model, args)
+    try:  # close: an offload store's files go at once, also when generation fails (e.g. a full disk)
+        start = time.perf_counter()
         if args.speculate is not None:
-            start = time.perf_counter()
-            new, cache, speculation = _speculate(model, input_ids, args)
+            new, speculation = _speculate(model, input_ids, cache, args, timings)
         else:
-            cache = _make_cache(model, args)
-            start = time.perf_counter()
-            new = greedy(model, input_ids, cache, args.max_new_tokens)
+            new = greedy(model, input_ids, cache, args.max_new_tokens, prefill_chunk=args.prefill_chunk,
+                         timings=timings)
         seconds = time.perf_counter() - start
         report = cache.memory_report()
     finally:
-        if cache is not None:
-            cache.close()  # offload: the store's files go now, not at exit
+        cache.close()  # offload: the store's files go now, not at exit
     token_ids = new[0].tolist()
     text = tokenizer.decode(token_ids, skip_special_tokens=True)
     result = {
@@ -369,7 +375,11 @@ def cmd_generate(args) -> int:
         "text": text,
         "cache": report,
         "seconds": round(seconds, 4),
+        "prefill_seconds": round(timings.prefill_seconds, 4),  # time to the first token
+        "decode_seconds": round(timings.decode_seconds, 4),  # the rest
+        "prefill_chunk": args.prefill_chunk,
         "tokens_per_s": round(len(token_ids) / seconds, 3) if seconds > 0 else None,
+        "peak_rss_bytes": peak_rss_bytes(),  # the whole process's high-water mark (model load included)
     }
     if speculation is not None:
         result["speculation"] = speculation
@@ -377,9 +387,10 @@ def cmd_generate(args) -> int:
         print(json.dumps(result))
     else:
         print(text)
-        print(f"[{len(token_ids)} tokens in {seconds:.2f}s, {result['tokens_per_s']} tok/s; "
-              f"{args.policy} cache: {report['tokens_seen']} tokens seen, "
-              f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB]", file=sys.stderr)
+        print(f"[{len(token_ids)} tokens in {seconds:.2f}s (first after {timings.prefill_seconds:.2f}s), "
+              f"{result['tokens_per_s']} tok/s; {args.policy} cache: {report['tokens_seen']} tokens seen, "
+              f"peak hot K/V {report['peak_hot_kv_bytes'] / 2**20:.2f} MiB; "
+              f"process peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB]", file=sys.stderr)
     return 0
 
 
@@ -499,7 +510,7 @@ def _chat_loop(model, tokenizer, cache, args) -> list[dict]:
             cache.reset()
             print("[the chat template rewrote earlier turns: cache rebuilt from the whole conversation]",
                   file=sys.stderr)
-        new = greedy(model, ids, cache, args.max_new_tokens)
+        new = greedy(model, ids, cache, args.max_new_tokens, prefill_chunk=args.prefill_chunk)
         reply = tokenizer.decode(new[0].tolist(), skip_special_tokens=True).strip()
         print(reply, flush=True)
         messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]

@@ -1,12 +1,24 @@
-"""Greedy generation through a kvbound cache (the path the CLI and the bench share)."""
+"""Greedy generation through a kvbound cache (the path the CLI, the bench and speculative decoding share).
+
+Long prompts are fed in chunks of ``prefill_chunk`` tokens (:func:`prefill`): between chunks the
+cache evicts, spills or checkpoints, so its hot K/V never exceeds budget + chunk and attention's
+transients (scores, the logits of the last position only) are bounded by the chunk instead of the
+prompt. :data:`DEFAULT_PREFILL_CHUNK` was measured to be no slower than one-shot prefill on
+SmolLM2-135M at ~2k and ~7.5k tokens (``benchmarks/results/long-baseline.md``).
+"""
 
 from __future__ import annotations
 
-import torch
-from transformers import PreTrainedModel
+import time
+from dataclasses import dataclass, field
 
-from .cache.base import KVBoundCache
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
+
+from .cache.base import KVBoundCache, text_config
 from .errors import KVBoundError
+
+DEFAULT_PREFILL_CHUNK = 1024  # tokens per prefill forward pass (see the module docstring)
 
 
 def check_chunk(chunk: int | None) -> None:
@@ -14,11 +26,29 @@ def check_chunk(chunk: int | None) -> None:
         raise KVBoundError(f"prefill chunk must be a whole number of tokens >= 1, got {chunk!r}")
 
 
+def max_positions(model: PreTrainedModel) -> int | None:
+    """The model's position limit (``max_position_embeddings``), or ``None`` if it has none."""
+    return getattr(text_config(model), "max_position_embeddings", None)
+
+
+def check_positions(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: int = 0, name: str | None = None) -> None:
+    """Refuse a prompt (plus the tokens to generate) longer than the model's positions: past its
+    limit a RoPE model does not fail, it silently extrapolates."""
+    limit = max_positions(model)
+    if limit is None:
+        return
+    what = f"model {name!r}" if name else "the model"
+    if prompt_tokens > limit:
+        raise KVBoundError(f"prompt is {prompt_tokens} tokens but {what} handles at most {limit} positions")
+    if prompt_tokens + max_new_tokens > limit:
+        raise KVBoundError(f"prompt ({prompt_tokens} tokens) + {max_new_tokens} new tokens exceeds the {limit} "
+                           f"positions of {what}; generate {limit - prompt_tokens} new tokens or fewer")
+
+
 @torch.no_grad()
 def prefill(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCache, chunk: int | None) -> None:
     """Feed the tokens of ``input_ids`` the cache has not seen yet, ``chunk`` tokens per forward pass
-    (``None``: one pass). The cache evicts, spills or checkpoints between chunks, so its hot K/V never
-    exceeds budget + chunk and attention's transients are bounded by the chunk."""
+    (``None``: one pass), keeping only the last position's logits."""
     check_chunk(chunk)
     start = cache.get_seq_length()
     total = input_ids.shape[1]
@@ -31,27 +61,100 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCache
               past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
+def chunked_part(seen: int, total: int, chunk: int | None) -> int:
+    """How many tokens :func:`prefill` feeds before the last chunk, which the first decoding step
+    feeds itself (so a prompt that fits one chunk runs exactly as without chunking)."""
+    if chunk is None or total - seen <= chunk:
+        return seen
+    return seen + (total - seen - 1) // chunk * chunk
+
+
+@dataclass
+class Timings:
+    """Split of one generation: ``prefill_seconds`` is the wall time to the first token (every
+    prompt chunk included), ``decode_seconds`` the rest. The ``*_cpu_seconds`` are this process's
+    CPU time over the same spans: on a CPU shared with other jobs they move far less than wall time
+    (with one torch thread they are the work done)."""
+
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    new_tokens: int = 0
+    prefill_cpu_seconds: float = 0.0
+    decode_cpu_seconds: float = 0.0
+    stamps: list[tuple[float, float]] = field(default_factory=list, repr=False)  # (wall, cpu) per step
+
+    def split(self, start: tuple[float, float], end: tuple[float, float]) -> None:
+        """Set the prefill/decode split from the run's start and end (wall, cpu) and the step stamps."""
+        first = self.stamps[0] if self.stamps else end
+        self.prefill_seconds, self.decode_seconds = first[0] - start[0], end[0] - first[0]
+        self.prefill_cpu_seconds, self.decode_cpu_seconds = first[1] - start[1], end[1] - first[1]
+
+    @property
+    def seconds_per_token(self) -> float:
+        """Decode seconds per token after the first (the prefill's time if only one was made)."""
+        return self.decode_seconds / (self.new_tokens - 1) if self.new_tokens > 1 else self.prefill_seconds
+
+    @property
+    def cpu_seconds_per_token(self) -> float:
+        return self.decode_cpu_seconds / (self.new_tokens - 1) if self.new_tokens > 1 else self.prefill_cpu_seconds
+
+
+def now() -> tuple[float, float]:
+    """(wall clock, this process's CPU time)."""
+    return time.perf_counter(), time.process_time()
+
+
+class _Clock(LogitsProcessor):
+    """Timestamps each decoding step (called right after each forward pass)."""
+
+    def __init__(self, device: torch.device, stamps: list[tuple[float, float]]) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.stamps = stamps
+
+    def __call__(self, input_ids, scores):
+        self.sync()
+        self.stamps.append(now())
+        return scores
+
+
 @torch.no_grad()
+def generate(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCache, max_new_tokens: int, *,
+             stop_at_eos: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+             processors: list[LogitsProcessor] | None = None, output_logits: bool = False,
+             timings: Timings | None = None):
+    """``model.generate`` (greedy) after a chunked :func:`prefill`; returns its output
+    (``return_dict_in_generate``) and fills ``timings`` if given."""
+    check_chunk(prefill_chunk)
+    check_positions(model, input_ids.shape[1], max_new_tokens)
+    timings = Timings() if timings is None else timings
+    clock = _Clock(input_ids.device, timings.stamps)
+    eos = model.generation_config.eos_token_id if stop_at_eos else None
+    pad = model.generation_config.pad_token_id
+    pad = pad if pad is not None else eos if isinstance(eos, int) else (eos[0] if eos else 0)
+    start = now()
+    cut = chunked_part(cache.get_seq_length(), input_ids.shape[1], prefill_chunk)
+    if cut > cache.get_seq_length():
+        prefill(model, input_ids[:, :cut], cache, prefill_chunk)
+    out = model.generate(
+        input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
+        max_new_tokens=max_new_tokens, min_new_tokens=0 if stop_at_eos else max_new_tokens, do_sample=False,
+        temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad,
+        logits_processor=LogitsProcessorList([clock, *(processors or [])]),
+        output_logits=output_logits, return_dict_in_generate=True,
+    )
+    timings.split(start, now())
+    timings.new_tokens = out.sequences.shape[1] - input_ids.shape[1]
+    return out
+
+
 def greedy(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCache, max_new_tokens: int,
-           stop_at_eos: bool = True, prefill_chunk: int | None = None) -> torch.Tensor:
+           stop_at_eos: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+           timings: Timings | None = None) -> torch.Tensor:
     """Greedy-decode up to ``max_new_tokens`` after ``input_ids`` (which may include earlier turns
     already in ``cache``). Returns only the new token ids, shape ``[batch, n]``.
 
-    With ``prefill_chunk`` the prompt (all but its last token) is fed in chunks first (:func:`prefill`)."""
-    if prefill_chunk is not None:
-        prefill(model, input_ids[:, :-1], cache, prefill_chunk)
-    eos = model.generation_config.eos_token_id if stop_at_eos else None
-    out = model.generate(
-        input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        past_key_values=cache,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=0 if stop_at_eos else max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        eos_token_id=eos,
-        pad_token_id=eos if isinstance(eos, int) else (eos[0] if eos else 0),
-    )
-    return out[:, input_ids.shape[1]:]
+    The unseen prompt is fed ``prefill_chunk`` tokens per forward pass (``None``: one pass);
+    ``timings`` (a :class:`Timings`) receives the prefill/decode split."""
+    out = generate(model, input_ids, cache, max_new_tokens, stop_at_eos=stop_at_eos,
+                   prefill_chunk=prefill_chunk, timings=timings)
+    return out.sequences[:, input_ids.shape[1]:]

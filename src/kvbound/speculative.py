@@ -32,6 +32,7 @@ from .cache import make_cache
 from .cache.base import KVBoundCache
 from .cache.registry import get_policy, registered
 from .errors import KVBoundError
+from .generation import DEFAULT_PREFILL_CHUNK, Timings, check_chunk, check_positions, chunked_part, now, prefill
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
@@ -122,6 +123,8 @@ def speculative_greedy(
     draft_options: dict[str, Any] | None = None,
     do_sample: bool = False,
     adaptive: bool = True,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    timings: Timings | None = None,
 ) -> tuple[torch.Tensor, SpeculationStats]:
     """Greedy-decode up to ``max_new_tokens`` after ``input_ids`` with exact output, drafting
     ``k`` tokens at a time with a lossy ``draft`` cache at ``budget`` (default: the exact
@@ -132,8 +135,13 @@ def speculative_greedy(
     exact cache holds the prompt and every new token but the last (as after ``generate``).
     With ``adaptive`` the draft length follows acceptance (up to ``k``: +2 after a fully
     accepted block, -1 after a rejection, like transformers' assisted generation heuristic).
+    The prompt is fed to the exact cache ``prefill_chunk`` tokens per forward pass (``None``: one
+    pass, see :func:`kvbound.generation.prefill`); ``timings`` receives the prefill/decode split.
     """
     _check_args(model, input_ids, exact_cache, draft, k, max_new_tokens, do_sample)
+    check_chunk(prefill_chunk)
+    check_positions(model, input_ids.shape[1], max_new_tokens)
+    timings = Timings() if timings is None else timings
     budget = exact_cache.budget if budget is None else budget
     if budget is None:
         raise KVBoundError(f"the draft cache needs a budget (tokens kept hot); pass budget=... "
@@ -150,13 +158,18 @@ def speculative_greedy(
     out: list[int] = []
     if max_new_tokens == 0:
         return input_ids.new_zeros((1, 0)), stats
+    begin = now()
     warm = min(WARMUP, budget, input_ids.shape[1] - 1)
     if warm > 0:  # the draft sees the first tokens itself: policies that keep them (sinks) can
         model(input_ids[:, :warm], past_key_values=draft_cache, use_cache=True)
 
     t0 = time.perf_counter()
-    logits = model(input_ids[:, seen:], past_key_values=exact_cache, use_cache=True).logits[0, -1:]
+    cut = chunked_part(seen, input_ids.shape[1], prefill_chunk)
+    if cut > seen:
+        prefill(model, input_ids[:, :cut], exact_cache, prefill_chunk)
+    logits = model(input_ids[:, cut:], past_key_values=exact_cache, use_cache=True, logits_to_keep=1).logits[0, -1:]
     stats.verify_seconds += time.perf_counter() - t0
+    timings.stamps.append(now())  # the first token
     stats.min_margin = _margins(logits)
     nxt = int(logits.argmax(-1))
     out.append(nxt)
@@ -203,5 +216,6 @@ def speculative_greedy(
     extra = exact_cache.get_seq_length() - (input_ids.shape[1] + len(out) - 1)
     if extra > 0:
         exact_cache.truncate(extra)
-    stats.new_tokens = len(out)
+    stats.new_tokens = timings.new_tokens = len(out)
+    timings.split(begin, now())
     return torch.tensor([out], dtype=input_ids.dtype, device=input_ids.device), stats

@@ -12,10 +12,10 @@ from ..errors import KVBoundError
 
 from . import quality
 
-SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency", *quality.SCENARIOS)
+SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency", *quality.SCENARIOS, "long")
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_BUDGETS = {"budget-sweep": "64,256", "multiturn": "128", "bytes": "128", "latency": "128",
-                   **quality.DEFAULT_BUDGETS}
+                   **quality.DEFAULT_BUDGETS, "long": "512"}
 DEFAULT_NEW_TOKENS = {"budget-sweep": 16, "multiturn": 16, "bytes": 16, "latency": 0, "perplexity": 0, "needle": 0}
 DEFAULT_LENGTHS = "128,512,1024,4096"
 DEFAULT_BATCHES = "1,8,64"
@@ -26,7 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add ``kvbound bench``'s options to ``parser``."""
     parser.add_argument("--scenario", choices=SCENARIOS, default="budget-sweep",
                         help="what to measure (default: budget-sweep)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model name or path (default: {DEFAULT_MODEL})")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"model name or path, or random:CONFIG.json for that architecture with random weights "
+                             f"and a byte tokenizer (timing where no weights are available) (default: {DEFAULT_MODEL}); "
+                             "long: a comma-separated list")
     parser.add_argument("--policies", default=None,
                         help="comma-separated policies (default: every registered policy)")
     parser.add_argument("--budgets", default=None,
@@ -42,9 +45,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--turns", type=int, default=20, help="multiturn: number of turns (default: 20)")
     parser.add_argument("--lengths", default=None,
                         help=f"latency: cached tokens per sequence (default: {DEFAULT_LENGTHS}); needle: context "
-                             f"lengths (default: {quality.DEFAULT_NEEDLE_LENGTHS})")
+                             f"lengths (default: {quality.DEFAULT_NEEDLE_LENGTHS}); long: prompt tokens (default: "
+                             "smollm2-135m 2048,4096,7500; gemma3-270m 8192,16384,32760)")
     parser.add_argument("--batch-sizes", default=DEFAULT_BATCHES,
                         help=f"latency: batch sizes (default: {DEFAULT_BATCHES})")
+    from ..generation import DEFAULT_PREFILL_CHUNK
+
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                        help=f"feed prompts N tokens per forward pass (default: {DEFAULT_PREFILL_CHUNK})")
+    parser.add_argument("--one-shot-max", type=int, default=8192, metavar="N",
+                        help="long: also run full with one-shot prefill at lengths up to N, to compare prefill "
+                             "times (default: 8192; 0 = never)")
+    parser.add_argument("--speculate", type=int, default=None, metavar="K",
+                        help="long: also run offload with exact self-speculative decoding, K drafts per verification")
+    parser.add_argument("--timeout", type=float, default=3600, metavar="S",
+                        help="long: seconds one run (a fresh process) may take (default: 3600)")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
                         help="model precision; every policy, the reference `full` included, runs in it "
@@ -91,6 +106,34 @@ def _check(args: argparse.Namespace) -> None:
         raise KVBoundError(f"--turns must be >= 1, got {args.turns}")
     if args.threads is not None and args.threads < 1:
         raise KVBoundError(f"--threads must be >= 1, got {args.threads}")
+    if args.prefill_chunk < 1:
+        raise KVBoundError(f"--prefill-chunk must be >= 1 tokens, got {args.prefill_chunk}")
+    if args.speculate is not None and args.speculate < 1:
+        raise KVBoundError(f"--speculate must be >= 1 drafted tokens, got {args.speculate}")
+
+
+RANDOM_PREFIX = "random:"
+
+
+def load_model(name: str, seed: int = 0):
+    """``(model, tokenizer)`` for ``--model``: ``random:CONFIG.json`` builds that architecture with
+    random weights (seeded) and the tiny models' byte tokenizer; anything else is :func:`kvbound.models.load`."""
+    from .. import models
+
+    if not name.startswith(RANDOM_PREFIX):
+        return models.load(name)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = name[len(RANDOM_PREFIX):]
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise KVBoundError(f"--model {name}: cannot read a model config from {path!r} "
+                           f"({str(exc).splitlines()[0]})") from None
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return model, models.byte_tokenizer()
 
 
 def _raise_interrupt(signum, frame):
@@ -121,6 +164,8 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
             print(path)
         return 0
     _check(args)
+    if args.scenario == "long":
+        return _run_long(args, argv)
     policies = select_policies(args.policies)
     budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS[args.scenario])
     max_new = args.max_new_tokens or DEFAULT_NEW_TOKENS[args.scenario]
@@ -138,9 +183,7 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
 
         torch.set_num_threads(args.threads)
     if model_and_tokenizer is None:
-        from ..models import load
-
-        model, tokenizer = load(args.model)
+        model, tokenizer = load_model(args.model, args.seed)
     else:
         model, tokenizer = model_and_tokenizer
     try:
@@ -165,10 +208,9 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
 
         progress = tqdm
     bench = scenarios.Bench(model, tokenizer, policies, results, max_new, args.seed, progress,
-                            on_record or (lambda record: None))
-    interrupted = False
-    previous = _sigterm_as_interrupt()
-    try:
+                            on_record or (lambda record: None), args.prefill_chunk)
+
+    def body() -> None:
         if args.scenario == "budget-sweep":
             scenarios.budget_sweep(bench, prompts, budgets)
         elif args.scenario == "multiturn":
@@ -179,21 +221,65 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
             scenarios.bytes_per_token(bench, prompts[0], budgets)
         else:
             scenarios.latency(bench, lengths, batches)
+
+    return _drive(results, args.out, body)
+
+
+def _drive(results, out: str, body: Callable[[], None], on_exit: Callable[[], None] = lambda: None) -> int:
+    """Run ``body`` (SIGTERM acts like Ctrl-C and keeps finished runs), then render the report;
+    returns the exit code (0 ok, 1 if a run failed, 130 when interrupted)."""
+    from . import report
+
+    interrupted = False
+    previous = _sigterm_as_interrupt()
+    try:
+        body()
     except KeyboardInterrupt:
         interrupted = True
         print(f"\ninterrupted: keeping the {len(results.runs)} finished run(s)", file=sys.stderr)
     finally:
+        on_exit()
         results.finish(interrupted)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    for path in report.render(args.out):
+    for path in report.render(out):
         print(path)
     failed = [r for r in results.runs if r.get("status") == "error"]
     for r in failed:
-        print(f"kvbound bench: policy {r.get('policy')!r} failed: {r.get('reason')}", file=sys.stderr)
+        where = f" at {r['tokens']} tokens" if "tokens" in r and results.data["scenario"] == "long" else ""
+        print(f"kvbound bench: policy {r.get('policy')!r}{where} failed: {r.get('reason')}", file=sys.stderr)
     if interrupted:
         return 130
     return 1 if failed else 0
+
+
+def _run_long(args: argparse.Namespace, argv: list[str] | None) -> int:
+    """``--scenario long``: each run in a fresh process (see :mod:`kvbound.bench.long`)."""
+    from . import long
+    from .inputs import parse_budgets
+    from .results import Results, make_meta
+
+    models = [m.strip() for m in args.model.split(",") if m.strip()]
+    budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS["long"])
+    if budgets[0].is_fraction:
+        raise KVBoundError("the long scenario needs budgets in tokens, e.g. --budgets 512")
+    lengths = _positive_ints(args.lengths, "lengths") if args.lengths else None
+    jobs = long.plan_jobs(models, lengths, select_policies(args.policies), [int(b.value) for b in budgets],
+                          args.max_new_tokens, args.prefill_chunk, args.threads, args.one_shot_max, args.speculate)
+    options = {"scenario": "long", "models": models, "lengths": lengths, "budgets": [b.label for b in budgets],
+               "prefill_chunk": args.prefill_chunk, "one_shot_max": args.one_shot_max, "speculate": args.speculate,
+               "jobs": len(jobs)}
+    meta = make_meta(",".join(models), None, argv, options, "cpu")
+    results = Results(args.out, "long", meta)
+    if args.no_progress:
+        from .scenarios import _NoBar
+
+        bar = _NoBar()
+    else:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc="long", unit="run", dynamic_ncols=True)
+    return _drive(results, args.out, lambda: long.run_scenario(jobs, results, bar, args.timeout), bar.close)
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience entry point

@@ -170,3 +170,35 @@ class Conversation:
         text = self.tok.decode(kept)
         self.messages.append({"role": "assistant", "content": text})
         return text
+
+
+# --------------------------------------------------------------------------- long haystack
+
+
+def _body_and_question(text: str) -> tuple[str, str]:
+    """A built-in prompt split into its passage and its closing ``Question: ... Answer: ...``."""
+    at = text.rfind("\n\nQuestion:")
+    return (text, "") if at < 0 else (text[:at].strip(), text[at:])
+
+
+def haystack_ids(tokenizer, tokens: int, needle: str = "lighthouse") -> tuple[torch.Tensor, str | None]:
+    """A prompt of exactly ``tokens`` token ids built from the bundled passages: the passages (the
+    ``needle`` one first, so its fact sits at the far end of the context) repeated as numbered
+    parts until long enough, cut, then the ``needle`` prompt's question. Returns ``(ids [1, tokens],
+    expected answer or None)``."""
+    prompts = {p.name: p for p in load_prompts()}
+    if needle not in prompts:
+        raise KVBoundError(f"no built-in prompt named {needle!r}; valid: {', '.join(prompts)}")
+    bodies = [_body_and_question(prompts[needle].text)[0]]
+    bodies += [_body_and_question(p.text)[0] for name, p in prompts.items() if name != needle]
+    question = _body_and_question(prompts[needle].text)[1] or "\n\nQuestion: What was this text about?\nAnswer:"
+    tail = tokenizer(question, add_special_tokens=False)["input_ids"]
+    if tokens <= len(tail):
+        raise KVBoundError(f"a long prompt needs more than {len(tail)} tokens, got {tokens}")
+    parts: list[str] = []
+    body: list[int] = []
+    while len(body) < tokens - len(tail):
+        parts.append(f"Part {len(parts) + 1}.\n{bodies[len(parts) % len(bodies)]}")
+        body = tokenizer("\n\n".join(parts))["input_ids"]
+    ids = body[: tokens - len(tail)] + tail
+    return torch.tensor([ids], dtype=torch.long), prompts[needle].answer

@@ -22,16 +22,18 @@ def _exact(runs: list[dict[str, Any]]) -> dict[str, bool]:
 
 
 def best_lossy(runs: list[dict[str, Any]], key: str, higher_is_better: bool) -> dict[str, tuple[str, float]]:
-    """Per budget label: the lossy policy with the best mean ``key`` and that value."""
-    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    """Per budget label: the lossy policy (or policies tied, joined by " = ") with the best mean
+    ``key``, and that value."""
+    groups: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in _ok(runs):
         if not r.get("exact") and r.get("budget_label") is not None and r.get(key) is not None:
-            groups[(r["budget_label"], r["policy"])].append(float(r[key]))
+            groups[r["budget_label"]][r["policy"]].append(float(r[key]))
     best: dict[str, tuple[str, float]] = {}
-    for (label, policy), vals in sorted(groups.items()):
-        value = mean(vals)
-        if label not in best or (value > best[label][1] if higher_is_better else value < best[label][1]):
-            best[label] = (policy, value)
+    for label, by_policy in groups.items():
+        means = {p: mean(v) for p, v in by_policy.items()}
+        top = (max if higher_is_better else min)(means.values())
+        tied = sorted(p for p, v in means.items() if abs(v - top) <= 1e-9)
+        best[label] = ("` = `".join(tied), top)
     return best
 
 

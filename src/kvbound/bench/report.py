@@ -146,6 +146,7 @@ def sweep_summary(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "hot_ratio": ratio("peak_hot_kv_bytes"), "total_cache_bytes": avg("total_cache_bytes"),
             "total_ratio": ratio("total_cache_bytes"), "peak_transient_bytes": avg("peak_transient_bytes"),
             "seconds_per_token": avg("seconds_per_token"), "time_ratio_vs_full": avg("time_ratio_vs_full"),
+            "rss_added_bytes": avg("rss_added_bytes"),
             "needles": f"{sum(needles)}/{len(needles)}" if needles else None,
         })
     order = {p: i for i, p in enumerate(_policy_order(ok))}
@@ -168,7 +169,7 @@ def _sweep_md(data: dict[str, Any], plots: list[str]) -> str:
     detail = [[f"`{r['policy']}`", r["budget_label"] or "–", r["prompts"], _pct(r["token_match"]),
                _pct(r["prefix_match"]), _fmt(r["mean_kl"], 4), _mib(r["peak_hot_kv_bytes"]), _x(r["hot_ratio"]),
                _mib(r["total_cache_bytes"]), _x(r["total_ratio"]), _mib(r["peak_transient_bytes"]),
-               _fmt(r["seconds_per_token"] and r["seconds_per_token"] * 1000, 1), _x(r["time_ratio_vs_full"]),
+               _mib(r["rss_added_bytes"]), _fmt(r["seconds_per_token"] and r["seconds_per_token"] * 1000, 1), _x(r["time_ratio_vs_full"]),
                r["needles"] or "–"] for r in rows]
     prompts = sorted({(r["prompt"], r.get("prompt_tokens")) for r in runs if r["policy"] == REFERENCE})
     n_new = next((r.get("new_tokens") for r in _ok(runs)), "?")
@@ -181,11 +182,13 @@ def _sweep_md(data: dict[str, Any], plots: list[str]) -> str:
         "\n## Details\n\nMeans over prompts. `KL` = mean KL(full ‖ policy) in nats of the next-token distributions, "
         "teacher-forced on full's continuation. Memory columns are measured on the tensors held: "
         "`peak hot KV` = K/V held for attention; `cache` = all tiers at the end (hot K/V + checkpoints/offloaded...); "
-        "`× full` = ratio to `full` on the same prompt. `ms/token` = decode step time after the prefill; "
+        "`× full` = ratio to `full` on the same prompt. `RSS added` = the process's peak RSS during the run above "
+        "its RSS at the start (high-water mark reset between runs; allocator residue of earlier runs can hide "
+        "part of a run's growth, `--scenario long` runs each policy in a fresh process). `ms/token` = decode step time after the prefill; "
         "`time × full` = ratio to `full`'s measured in the same run. `needle` = continuations containing the "
         "prompt's needle answer.\n\n"
         + _table(["policy", "budget", "prompts", "token match", "prefix match", "KL", "peak hot KV MiB", "× full",
-                  "cache MiB", "× full", "transient MiB", "ms/token", "time × full", "needle"], detail)
+                  "cache MiB", "× full", "transient MiB", "RSS added MiB", "ms/token", "time × full", "needle"], detail)
         + _problems(runs, ["policy", "budget", "prompt"]),
     ]
     parts.append("\n## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in plots))
@@ -408,6 +411,11 @@ def render(out_dir: str | Path) -> list[Path]:
     elif scenario == "latency":
         plots = _latency_plots(data, out)
         md = _latency_md(data, plots)
+    elif scenario == "long":
+        from .long_report import long_md, long_plots
+
+        plots = long_plots(data, out)
+        md = long_md(data, plots)
     elif scenario in ("perplexity", "needle"):
         from . import quality_report
 

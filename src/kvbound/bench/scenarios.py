@@ -15,12 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor
 
 from ..cache import make_cache, registered
 from ..cache.base import KVBoundCache
 from ..cache.model_info import kv_bytes_per_token, text_config
 from ..errors import KVBoundError
+from ..generation import DEFAULT_PREFILL_CHUNK, Timings, generate
+from ..rss import current_rss_bytes, peak_rss_bytes, reset_peak_rss
 from . import metrics
 from .inputs import Budget, Conversation, Prompt
 from .results import Results
@@ -29,19 +31,6 @@ REFERENCE = "full"
 
 
 # --------------------------------------------------------------------------- decoding
-
-
-class _Clock(LogitsProcessor):
-    """Timestamps each decoding step (called right after each forward pass)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-        self.stamps: list[float] = []
-
-    def __call__(self, input_ids, scores):
-        self.sync()
-        self.stamps.append(time.perf_counter())
-        return scores
 
 
 class _Force(LogitsProcessor):
@@ -64,32 +53,28 @@ class Decoded:
     logits: torch.Tensor | None  # [N, vocab] raw next-token logits, float32 on CPU
     prefill_seconds: float
     seconds_per_token: float  # decode steps after the prefill
+    peak_rss_bytes: int = 0  # process high-water mark during this call (reset to the RSS at its start)
+    rss_added_bytes: int | None = None  # that peak minus the RSS at the start (None: the OS cannot reset it)
 
 
 @torch.no_grad()
 def decode(model, input_ids: torch.Tensor, cache: KVBoundCache, max_new_tokens: int, *,
-           force: list[int] | None = None, stop_at_eos: bool = False, keep_logits: bool = True) -> Decoded:
-    """Greedy decoding through ``model.generate`` (the path ``kvbound generate`` uses), optionally
-    teacher-forced on ``force``; returns tokens, raw logits and step timings."""
+           force: list[int] | None = None, stop_at_eos: bool = False, keep_logits: bool = True,
+           prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK) -> Decoded:
+    """Greedy decoding through :func:`kvbound.generation.generate` (the path ``kvbound generate``
+    uses), optionally teacher-forced on ``force``; returns tokens, raw logits and step timings."""
     n = len(force) if force is not None else max_new_tokens
-    clock = _Clock(input_ids.device)
-    procs = LogitsProcessorList([clock] + ([_Force(force)] if force is not None else []))
-    eos = model.generation_config.eos_token_id if stop_at_eos else None
-    pad = model.generation_config.pad_token_id
-    start = time.perf_counter()
-    out = model.generate(
-        input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
-        max_new_tokens=n, min_new_tokens=0 if stop_at_eos else n, do_sample=False,
-        temperature=None, top_p=None, top_k=None, eos_token_id=eos,
-        pad_token_id=pad if pad is not None else 0, logits_processor=procs,
-        output_logits=keep_logits, return_dict_in_generate=True,
-    )
+    timings = Timings()
+    gc.collect()
+    base, reset = current_rss_bytes(), reset_peak_rss()
+    out = generate(model, input_ids, cache, n, stop_at_eos=stop_at_eos, prefill_chunk=prefill_chunk,
+                   processors=[_Force(force)] if force is not None else None, output_logits=keep_logits,
+                   timings=timings)
     tokens = out.sequences[0, input_ids.shape[1]:].tolist()
     logits = torch.cat(out.logits).float().cpu() if keep_logits else None
-    s = clock.stamps
-    prefill = s[0] - start
-    per_token = (s[-1] - s[0]) / (len(s) - 1) if len(s) > 1 else prefill
-    return Decoded(tokens, logits, prefill, per_token)
+    peak = peak_rss_bytes()
+    return Decoded(tokens, logits, timings.prefill_seconds, timings.seconds_per_token, peak,
+                   peak - base if reset else None)
 
 
 def _seed(seed: int) -> None:
@@ -138,6 +123,7 @@ class Bench:
     seed: int = 0
     progress: Callable[..., Any] | None = None  # tqdm-like factory
     on_record: Callable[[dict[str, Any]], None] = field(default=lambda record: None)
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
 
     @property
     def device(self) -> torch.device:
@@ -186,7 +172,7 @@ def budget_sweep(bench: Bench, prompts: list[Prompt], budgets: list[Budget]) -> 
             bar.set_postfix_str(f"{prompt.name}: full")
             _seed(bench.seed)
             ref_cache = make_cache(bench.model, REFERENCE)
-            ref = decode(bench.model, ids, ref_cache, bench.max_new_tokens)
+            ref = decode(bench.model, ids, ref_cache, bench.max_new_tokens, prefill_chunk=bench.prefill_chunk)
             ref_record = _sweep_record(bench, REFERENCE, None, None, prompt, context, ref, ref_cache, ref, 0.0)
             _close(ref_cache)
             bench.save_run(ref_record)
@@ -210,13 +196,14 @@ def _sweep_one(bench: Bench, policy: str, budget: int | None, label: str | None,
     try:
         _seed(bench.seed)
         cache = _cache_for(bench.model, policy, budget)
-        got = decode(bench.model, ids, cache, bench.max_new_tokens)
+        got = decode(bench.model, ids, cache, bench.max_new_tokens, prefill_chunk=bench.prefill_chunk)
         if got.tokens == ref.tokens:
             kl = metrics.mean_kl(ref.logits, got.logits)
         else:
             _seed(bench.seed)
             forced_cache = _cache_for(bench.model, policy, budget)
-            forced = decode(bench.model, ids, forced_cache, bench.max_new_tokens, force=ref.tokens)
+            forced = decode(bench.model, ids, forced_cache, bench.max_new_tokens, force=ref.tokens,
+                            prefill_chunk=bench.prefill_chunk)
             kl = metrics.mean_kl(ref.logits, forced.logits)
         return _sweep_record(bench, policy, budget, label, prompt, context, got, cache, ref, kl)
     except Exception as exc:  # a policy that cannot run at this budget must not stop the bench
@@ -245,6 +232,8 @@ def _sweep_record(bench: Bench, policy: str, budget: int | None, label: str | No
         "first_divergence": metrics.first_divergence(ref.tokens, got.tokens),
         "mean_kl": kl,
         **_memory(cache),
+        "peak_rss_bytes": got.peak_rss_bytes,
+        "rss_added_bytes": got.rss_added_bytes,
         "prefill_seconds": got.prefill_seconds,
         "seconds_per_token": got.seconds_per_token,
         "time_ratio_vs_full": got.seconds_per_token / ref.seconds_per_token,
@@ -293,7 +282,8 @@ def _multiturn_policy(bench: Bench, policy: str, messages: list[str], turns: int
             bar.set_postfix_str(f"{policy} turn {turn + 1}")
             ids = conv.add_user(messages[turn % len(messages)])
             t0 = time.perf_counter()
-            got = decode(bench.model, ids, cache, bench.max_new_tokens, stop_at_eos=True, keep_logits=False)
+            got = decode(bench.model, ids, cache, bench.max_new_tokens, stop_at_eos=True, keep_logits=False,
+                         prefill_chunk=bench.prefill_chunk)
             seconds += time.perf_counter() - t0
             text = conv.add_reply(got.tokens)
             if policy == REFERENCE:
@@ -357,8 +347,9 @@ def bytes_per_token(bench: Bench, prompt: Prompt, budgets: list[Budget]) -> None
             try:
                 _seed(bench.seed)
                 cache = _cache_for(bench.model, policy, tokens)
-                decode(bench.model, ids, cache, bench.max_new_tokens, keep_logits=False)
-                mem = _memory(cache)
+                got = decode(bench.model, ids, cache, bench.max_new_tokens, keep_logits=False,
+                             prefill_chunk=bench.prefill_chunk)
+                mem = {**_memory(cache), "peak_rss_bytes": got.peak_rss_bytes, "rss_added_bytes": got.rss_added_bytes}
                 seen = max(1, mem["tokens_seen"])
                 record.update(mem)
                 record["bytes_per_token"] = mem["total_cache_bytes"] / seen

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -95,7 +96,9 @@ class Packed:
     ``data`` is ``[B, H, tokens, head_dim * bits / 8]`` uint8 for integer formats, or the K/V
     itself cast to the float format. ``scale``/``zero`` are ``[B, H, tokens, head_dim / group]``
     (``axis="token"``) or ``[B, H, tokens / group, head_dim]`` (``axis="channel"``); ``None`` for
-    float formats.
+    float formats. ``oidx``/``oval`` (``axis="token"`` with outliers): per token and head, the
+    ``[B, H, tokens, k]`` channels of largest magnitude (uint8 index, float16 value), kept apart
+    from the quantized groups and restored exactly (to float16) on decode.
     """
 
     data: torch.Tensor
@@ -104,13 +107,16 @@ class Packed:
     bits: int
     axis: str
     group: int
+    oidx: torch.Tensor | None = None
+    oval: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
         return self.data.shape[-2]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.data, self.scale, self.zero, self.oidx, self.oval)
+                   if t is not None)
 
     def decode(self, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         """The K/V this encodes, ``[B, H, tokens, head_dim]`` in ``dtype`` (written into ``out``, a
@@ -126,15 +132,19 @@ class Packed:
             shape, dim = (b, h, n // g, g, d), -2
         if out is None:
             out = torch.empty((b, h, n, d), dtype=dtype, device=self.data.device)
-        torch.addcmul(self.zero.to(dtype).unsqueeze(dim), codes.view(shape).to(dtype), self.scale.to(dtype).unsqueeze(dim),
+        # uint8 codes promote to ``dtype`` inside addcmul: no float copy of the codes
+        torch.addcmul(self.zero.to(dtype).unsqueeze(dim), codes.view(shape), self.scale.to(dtype).unsqueeze(dim),
                       out=out.view(shape))
+        if self.oidx is not None:
+            out.scatter_(-1, self.oidx.long(), self.oval.to(dtype))
         return out
 
     # -- token-axis operations (all return new tensors, so dropped parts are freed) ------
     def _map(self, fn, meta_fn=None) -> "Packed":
         meta_fn = meta_fn or fn
         return Packed(fn(self.data), None if self.scale is None else meta_fn(self.scale),
-                      None if self.zero is None else meta_fn(self.zero), self.bits, self.axis, self.group)
+                      None if self.zero is None else meta_fn(self.zero), self.bits, self.axis, self.group,
+                      None if self.oidx is None else fn(self.oidx), None if self.oval is None else fn(self.oval))
 
     def drop_front(self, n: int) -> "Packed":
         """Forget the first ``n`` tokens (a multiple of ``group`` for ``axis="channel"``)."""
@@ -166,11 +176,10 @@ def cat(parts: list[Packed]) -> Packed:
     if len(parts) == 1:
         return first
 
-    def c(get):
-        return torch.cat([get(p) for p in parts], dim=-2)
+    def c(name):
+        return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts], dim=-2)
 
-    return Packed(c(lambda p: p.data), None if first.scale is None else c(lambda p: p.scale),
-                  None if first.zero is None else c(lambda p: p.zero), first.bits, first.axis, first.group)
+    return Packed(c("data"), c("scale"), c("zero"), first.bits, first.axis, first.group, c("oidx"), c("oval"))
 
 
 # --------------------------------------------------------------------------- codec
@@ -182,6 +191,7 @@ class Codec:
 
     fmt: str
     group: int = 0  # 0 for float formats
+    outliers: int = 0  # per-token encodings: channels of largest magnitude kept apart in float16 (per token, head)
 
     @property
     def bits(self) -> int:
@@ -211,6 +221,12 @@ class Codec:
             blocks, red = xf.view(b, h, n // g, g, d), -2
         else:
             raise ValueError(f"axis must be 'token' or 'channel', got {axis!r}")
+        oidx = oval = None
+        if self.outliers and axis == "token":
+            top = xf.abs().topk(self.outliers, dim=-1).indices
+            oidx, oval = top.to(torch.uint8), xf.gather(-1, top).to(META_DTYPE)
+            xf = xf.scatter(-1, top, 0.0)  # the outliers no longer stretch their group's range
+            blocks = xf.view(b, h, n, d // g, g)
         qmax = (1 << self.bits) - 1
         lo, hi = blocks.amin(dim=red), blocks.amax(dim=red)
         if bool(lo.abs().max() > _FP16_MAX) or bool(hi.abs().max() > _FP16_MAX):
@@ -220,7 +236,7 @@ class Codec:
         scale = ((hi - zero.float()) / qmax).clamp(min=_MIN_SCALE).to(META_DTYPE)
         codes = ((blocks - zero.float().unsqueeze(red)) / scale.float().unsqueeze(red)).round_().clamp_(0, qmax)
         codes = codes.to(torch.uint8).view(b, h, n, d)
-        return Packed(pack(codes, self.bits), scale, zero, self.bits, axis, g)
+        return Packed(pack(codes, self.bits), scale, zero, self.bits, axis, g, oidx, oval)
 
     def roundtrip(self, x: torch.Tensor, axis: str = "token") -> torch.Tensor:
         return self.encode(x, axis).decode(x.dtype)
@@ -230,45 +246,98 @@ class Codec:
         """Bytes one token of one head takes in :meth:`to_bytes` (exact: codes + scales + zero points)."""
         if not self.is_int:
             return head_dim * self.bits // 8
-        return head_dim * self.bits // 8 + 2 * (head_dim // self.group) * META_DTYPE.itemsize
+        return (head_dim * self.bits // 8 + 2 * (head_dim // self.group) * META_DTYPE.itemsize
+                + self.outliers * (1 + META_DTYPE.itemsize))
 
     def to_bytes(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, H, n, D]`` -> ``[B, H, n, token_bytes]`` uint8: each token's encoding stands alone
         (per-token groups), so a store can keep, slice and reorder it like K/V of another width."""
+        if x.shape[-2] == 0:
+            return torch.empty((*x.shape[:-1], self.token_bytes(x.shape[-1])), dtype=torch.uint8, device=x.device)
         p = self.encode(x, "token")
-        parts = [t.contiguous().view(torch.uint8) for t in (p.data, p.scale, p.zero) if t is not None]
+        parts = [t.contiguous().view(torch.uint8) for t in (p.data, p.scale, p.zero, p.oidx, p.oval) if t is not None]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
     def from_bytes(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Inverse of :meth:`to_bytes`: ``[B, H, n, token_bytes]`` uint8 -> ``[B, H, n, D]`` in ``dtype``."""
         if not self.is_int:
             return raw.contiguous().view(torch.float32 if self.fmt == "fp32" else torch.bfloat16).to(dtype)
-        w = raw.shape[-1]
+        k = self.outliers
+        w = raw.shape[-1] - k * (1 + META_DTYPE.itemsize)
         g_bytes = 2 * META_DTYPE.itemsize  # scale + zero point per group
         d = w * 8 * self.group // (self.bits * self.group + 8 * g_bytes)  # w = d*bits/8 + (d/group)*g_bytes
         c, m = d * self.bits // 8, (d // self.group) * META_DTYPE.itemsize
         scale = raw[..., c:c + m].contiguous().view(META_DTYPE)
-        zero = raw[..., c + m:].contiguous().view(META_DTYPE)
-        return Packed(raw[..., :c], scale, zero, self.bits, "token", self.group).decode(dtype)
+        zero = raw[..., c + m:c + 2 * m].contiguous().view(META_DTYPE)
+        oidx = raw[..., c + 2 * m:c + 2 * m + k] if k else None
+        oval = raw[..., c + 2 * m + k:].contiguous().view(META_DTYPE) if k else None
+        return Packed(raw[..., :c], scale, zero, self.bits, "token", self.group, oidx, oval).decode(dtype)
 
 
-def parse_codec(name: object, head_dim: int, group: int | None = None, where: str = "codec") -> Codec:
-    """``fp32``/``bf16``/``int8``/``int4``/``int2`` (+ ``group``, default :func:`default_group`)."""
+def parse_codec(name: object, head_dim: int, group: int | None = None, where: str = "codec",
+                outliers: int = 0) -> Codec:
+    """``fp32``/``bf16``/``int8``/``int4``/``int2`` (+ ``group``, default :func:`default_group`;
+    ``outliers`` channels per token kept apart, see :class:`Packed`)."""
     if name not in FORMATS:
         raise KVBoundError(f"{where}: unknown format {name!r}; valid: {', '.join(FORMATS)}")
     fmt = str(name)
+    if isinstance(outliers, bool) or not isinstance(outliers, int) or not 0 <= outliers < min(head_dim, 256):
+        raise KVBoundError(f"{where}: outliers must be a whole number of channels in 0..{min(head_dim, 256) - 1}, "
+                           f"got {outliers!r}")
     if not fmt.startswith("int"):
-        if group is not None:
-            raise KVBoundError(f"{where}: group applies to the integer formats (int8/int4/int2), not {fmt}")
+        if group is not None or outliers:
+            raise KVBoundError(f"{where}: group and outliers apply to the integer formats (int8/int4/int2), not {fmt}")
         return Codec(fmt)
     bits = FORMATS[fmt]
     g = default_group(bits, head_dim) if group is None else check_group(group, head_dim, where)
     if head_dim % (8 // bits):
         raise KVBoundError(f"{where}: head_dim {head_dim} is not a multiple of {8 // bits} ({fmt} packs "
                            f"{8 // bits} codes per byte)")
-    return Codec(fmt, g)
+    return Codec(fmt, g, outliers)
 
 
-def int_codec(bits: object, head_dim: int, group: int | None, where: str) -> Codec:
+def int_codec(bits: object, head_dim: int, group: int | None, where: str, outliers: int = 0) -> Codec:
     """The integer codec for ``bits`` in :data:`BITS`, with a checked ``group``."""
-    return parse_codec(f"int{check_bits(bits, where)}", head_dim, group, where)
+    return parse_codec(f"int{check_bits(bits, where)}", head_dim, group, where, outliers)
+
+
+# --------------------------------------------------------------------------- codec'd tiers
+
+
+@dataclass
+class CodecOptions:
+    """Options of a tier that can keep its K/V through a codec (the offload store, the eviction
+    policies' hot window). Any format but fp32 makes the tier lossy."""
+
+    codec: str | None = None  # fp32/bf16/int8/int4/int2; default: K/V as the model computes them
+    codec_group: int | None = None  # integer codecs: channels per scale (default: the head for int8, else 32)
+    codec_outliers: int = 0  # integer codecs: per token, channels of largest magnitude kept in float16
+
+
+def tier_codec(options: Any, model, policy: str) -> Codec | None:
+    """The codec ``options`` (a :class:`CodecOptions`) ask for, checked against ``model``'s head_dim."""
+    from .model_info import head_dim
+
+    if options.codec is None:
+        if options.codec_group is not None or options.codec_outliers:
+            raise KVBoundError(f"{policy} options codec_group/codec_outliers apply to an integer codec; "
+                               "add codec=int8 (or int4/int2)")
+        return None
+    return parse_codec(options.codec, head_dim(model), options.codec_group, f"{policy} option codec",
+                       options.codec_outliers)
+
+
+def encode_kv(codec: Codec | None, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V as a codec'd tier holds them: unchanged, or each token's codec bytes (``[B, H, n, width]``
+    uint8, :meth:`Codec.to_bytes`), which slice, gather and reorder along tokens like K/V."""
+    if codec is None:
+        return keys, values
+    return codec.to_bytes(keys), codec.to_bytes(values)
+
+
+def decode_kv(codec: Codec | None, keys: torch.Tensor, values: torch.Tensor, dtype: torch.dtype
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`encode_kv`."""
+    if codec is None:
+        return keys, values
+    return codec.from_bytes(keys, dtype), codec.from_bytes(values, dtype)

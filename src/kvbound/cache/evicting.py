@@ -54,6 +54,7 @@ from .. import attention
 from ..recompute import LayerDriver
 from .base import KVBoundCache, PolicyLayer, nbytes
 from .checks import refuse_padding
+from .codec import decode_kv, encode_kv, tier_codec
 from .hooks import use_tiered_attention
 from .model_info import layer_windows
 
@@ -145,8 +146,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, h = key_states.shape[:2]
-        self.keys = key_states.new_empty((b, h, 0, key_states.shape[-1]))
-        self.values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.keys, self.values = encode_kv(self.cache.codec, key_states[..., :0, :], value_states[..., :0, :])
         self.positions = torch.empty((b, h, 0), dtype=torch.long, device=key_states.device)
         self.is_initialized = True
 
@@ -218,8 +218,10 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.pending_step = None  # a hand-over an interrupted pass never used
         b, h, new = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
         step_pos = torch.arange(self.seen, self.seen + new, device=key_states.device)
-        keys = torch.cat([self.keys, key_states], dim=-2)
-        values = torch.cat([self.values, value_states], dim=-2)
+        held_k, held_v = decode_kv(self.cache.codec, self.keys, self.values, key_states.dtype)
+        keys = torch.cat([held_k, key_states], dim=-2)
+        values = torch.cat([held_v, value_states], dim=-2)
+        stored = self._stored(key_states, value_states, keys, values)
         positions = torch.cat([self.positions, step_pos.expand(b, h, new)], dim=-1)
         query, self.pending_query = self.pending_query, None
         self.seen += new
@@ -231,10 +233,10 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             rows = self.query_rows(new)
             query_pos = step_pos[new - rows:] if rows else step_pos[:0]
             if rows and query is None and attention.active_cache() is self.cache:
-                self.keys, self.values, self.positions = keys, values, positions  # until attention scores them
+                self.keys, self.values, self.positions = stored[0], stored[1], positions  # until attention scores them
 
                 def scored(query_rows: torch.Tensor, mass: torch.Tensor) -> None:
-                    self._keep(keys, values, positions, self.select(keys, positions, query_rows, query_pos, mass))
+                    self._keep(stored, positions, self.select(keys, positions, query_rows, query_pos, mass))
                     self.cache.note_transient(nbytes(keys, values, query_rows))
 
                 self.pending_step = attention.TierStep(keys, rows=rows, scored=scored)
@@ -243,16 +245,27 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
                 raise RuntimeError(f"{self.cache.policy_name}: no query for layer {self.layer_idx}; "
                                    "the attention hooks did not run (call the model with this cache)")
             idx = self.select(keys, positions, query, query_pos)
-        self._keep(keys, values, positions, idx)
+        self._keep(stored, positions, idx)
         self.cache.note_transient(nbytes(keys, values, query))
         return keys, values
 
-    def _keep(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, idx: torch.Tensor | None) -> None:
-        """Hold the entries ``idx`` of ``keys``/``values``/``positions`` (all when ``None``)."""
+    def _stored(self, key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor,
+                values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the layer holds for past + new: ``keys``/``values`` themselves, or with a codec the
+        held codes plus the new tokens encoded (held tokens keep their codes)."""
+        if self.cache.codec is None:
+            return keys, values
+        new_k, new_v = encode_kv(self.cache.codec, key_states, value_states)
+        return torch.cat([self.keys, new_k], dim=-2), torch.cat([self.values, new_v], dim=-2)
+
+    def _keep(self, stored: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor,
+              idx: torch.Tensor | None) -> None:
+        """Hold the entries ``idx`` of ``stored`` (K/V or their codes) and ``positions`` (all when ``None``)."""
+        keep_k, keep_v = stored
         if idx is None:
-            self.keys, self.values, self.positions = keys, values, positions
+            self.keys, self.values, self.positions = keep_k, keep_v, positions
         else:
-            self.keys, self.values = gather_tokens(keys, idx), gather_tokens(values, idx)
+            self.keys, self.values = gather_tokens(keep_k, idx), gather_tokens(keep_v, idx)
             self.positions = gather_tokens(positions, idx)
         self.cache.account(self.layer_idx)
 
@@ -269,6 +282,7 @@ class EvictingCache(KVBoundCache):
 
     def __init__(self, model: "PreTrainedModel", budget: int, options: Any) -> None:
         self.options = options
+        self.codec = tier_codec(options, model, self.policy_name)  # hot window kept through a codec (option)
         self.driver = LayerDriver(model)  # clear error for unsupported families
         use_tiered_attention(model)
         windows = layer_windows(model)

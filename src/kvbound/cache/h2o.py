@@ -18,12 +18,13 @@ import torch
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
+from .codec import CodecOptions
 from .evicting import EvictingCache, EvictingLayer, attention_mass, gather_tokens, keep_top
 from .registry import register
 
 
 @dataclass
-class H2OOptions:
+class H2OOptions(CodecOptions):
     recent: int | None = None  # newest tokens always kept; default budget // 2
 
 

@@ -38,6 +38,7 @@ class KiviOptions:
     bits: int = 4  # 2, 4 or 8
     group: int | None = None  # channels (values) / tokens (keys) per scale; default 32 or a divisor of head_dim
     residual: int = 128  # newest tokens kept in full precision
+    outliers: int = 0  # values: per token, channels of largest magnitude kept in float16 (keys are per channel)
 
 
 def refuse_budget(policy: str, budget: int | None, window: str) -> None:
@@ -142,6 +143,6 @@ class KiviCache(KVBoundCache):
         refuse_budget("kivi", budget, f"its full-precision window is the option residual (default {KiviOptions.residual})")
         if isinstance(opts.residual, bool) or not isinstance(opts.residual, int) or opts.residual < 0:
             raise KVBoundError(f"kivi option residual must be a whole number >= 0, got {opts.residual!r}")
-        self.codec = int_codec(opts.bits, head_dim(model), opts.group, "kivi")
+        self.codec = int_codec(opts.bits, head_dim(model), opts.group, "kivi", opts.outliers)
         layers = [KiviLayer(self, i, w) for i, w in enumerate(layer_windows(model))]
         super().__init__(model, budget, layers)

@@ -56,11 +56,11 @@ import torch
 
 from ..errors import KVBoundError
 from .base import KVBoundCache, nbytes
-from .codec import parse_codec
-from .model_info import head_dim, layer_windows
-from .registry import register
+from .codec import CodecOptions, decode_kv, encode_kv, tier_codec
+from .model_info import layer_windows
 from .hooks import use_tiered_attention
 from .hot_window import HotWindowLayer
+from .registry import register
 
 STORES = ("auto", "file", "host")
 READS = ("mmap", "pread")
@@ -68,13 +68,11 @@ SEGMENT = 4096  # tokens per file segment (rounded up to whole pages); one atten
 
 
 @dataclass
-class OffloadOptions:
+class OffloadOptions(CodecOptions):
     dir: str | None = None  # parent folder of the store's temp folder (file store); default: system temp
     store: str = "auto"  # "file", "host" (pinned host memory) or "auto" (file on CPU, host on GPU)
     max_rollback: int = 64  # sliding layers keep this many tokens beyond the window for rollback
     read: str = "mmap"  # file store: "mmap" (attention reads the mapped file in place) or "pread" (a copy)
-    codec: str | None = None  # store K/V as fp32/bf16/int8/int4/int2 (kvbound.cache.codec; lossy); default: as computed
-    codec_group: int | None = None  # integer codecs: channels per scale (default: the head for int8, else 32)
 
 
 def _disk_error(exc: OSError, where: str, need: int) -> KVBoundError:
@@ -401,14 +399,14 @@ class OffloadLayer(HotWindowLayer):
         self.store = store
 
     def spill(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
-        self.store.write(start, *self.cache.encode(keys, values))
+        self.store.write(start, *encode_kv(self.cache.codec, keys, values))
 
     def recall_blocks(self, start: int, end: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         spill_until = self.seen + like.shape[-2] - self.hot  # this step spills up to here before attention
         blocks = self.store.blocks(start, end, like, spill_until)
         recalled = sum(nbytes(k, v) for k, v in blocks)
         if self.cache.codec is not None:  # the records read back and the K/V decoded from them
-            blocks = [self.cache.decode(k, v, like.dtype) for k, v in blocks]
+            blocks = [decode_kv(self.cache.codec, k, v, like.dtype) for k, v in blocks]
             recalled += sum(nbytes(k, v) for k, v in blocks)
         # alive together: the recalled K/V (mapped pages or the read-back buffer) and what update builds
         self.cache.note_transient(max(recalled, self.cache.readback_bytes()) + self.handover_bytes(recalled, like))
@@ -453,10 +451,7 @@ class OffloadCache(KVBoundCache):
             raise KVBoundError(f"offload option read must be one of {', '.join(READS)}, got {opts.read!r}")
         if isinstance(opts.max_rollback, bool) or not isinstance(opts.max_rollback, int) or opts.max_rollback < 0:
             raise KVBoundError(f"offload option max_rollback must be a whole number >= 0, got {opts.max_rollback!r}")
-        if opts.codec_group is not None and opts.codec is None:
-            raise KVBoundError("offload option codec_group applies to an integer codec; add codec=int8 (or int4/int2)")
-        self.codec = None if opts.codec is None else parse_codec(opts.codec, head_dim(model), opts.codec_group,
-                                                                  "offload option codec")
+        self.codec = tier_codec(opts, model, "offload")
         self.lossless = self.codec is None or self.codec.lossless
         on_gpu = next(model.parameters()).device.type != "cpu"
         kind = opts.store if opts.store != "auto" else ("host" if on_gpu else "file")
@@ -483,17 +478,6 @@ class OffloadCache(KVBoundCache):
         super().__init__(model, budget, layers)
         self.store_kind = kind
         use_tiered_attention(model)
-
-    # -- codec: what the store keeps ---------------------------------------------------------
-    def encode(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K/V as the store keeps them: unchanged, or each token's codec bytes (``[B, H, n, width]``
-        uint8, :meth:`~kvbound.cache.codec.Codec.to_bytes`), which the store handles like K/V."""
-        if self.codec is None:
-            return keys, values
-        return self.codec.to_bytes(keys), self.codec.to_bytes(values)
-
-    def decode(self, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.codec.from_bytes(k, dtype), self.codec.from_bytes(v, dtype)
 
     # -- read-back buffer shared by the layers of one forward pass ---------------------------
     def readback(self, size: int) -> torch.Tensor:

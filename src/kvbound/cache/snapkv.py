@@ -20,12 +20,13 @@ import torch
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
+from .codec import CodecOptions
 from .evicting import EvictingCache, EvictingLayer, attention_mass, keep_top, pool_votes
 from .registry import register
 
 
 @dataclass
-class SnapKVOptions:
+class SnapKVOptions(CodecOptions):
     window: int = 32  # observation window: newest queries that vote (and tokens always kept)
     kernel: int = 7  # max-pooling kernel over the votes (odd; 1 disables pooling)
 

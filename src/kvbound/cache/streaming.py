@@ -15,12 +15,13 @@ import torch
 
 from ..errors import KVBoundError
 from .checks import check_int
+from .codec import CodecOptions, encode_kv
 from .evicting import EvictingCache, EvictingLayer
 from .registry import register
 
 
 @dataclass
-class StreamingOptions:
+class StreamingOptions(CodecOptions):
     sinks: int = 4  # initial "attention sink" tokens always kept
 
 
@@ -46,8 +47,9 @@ class StreamingLayer(EvictingLayer):
         n = min(n, self.capacity - kept)
         b, h = keys.shape[:2]
         recent = torch.arange(seen - n, seen, device=keys.device).expand(b, h, n)
-        self.keys = torch.cat([self.keys[..., :kept, :], keys[..., keys.shape[-2] - n:, :]], dim=-2)
-        self.values = torch.cat([self.values[..., :kept, :], values[..., values.shape[-2] - n:, :]], dim=-2)
+        new_k, new_v = encode_kv(self.cache.codec, keys[..., keys.shape[-2] - n:, :], values[..., values.shape[-2] - n:, :])
+        self.keys = torch.cat([self.keys[..., :kept, :], new_k], dim=-2)
+        self.values = torch.cat([self.values[..., :kept, :], new_v], dim=-2)
         self.positions = torch.cat([self.positions[..., :kept], recent], dim=-1)
         self.seen = seen
         self.cache.account(self.layer_idx)

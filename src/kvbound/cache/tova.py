@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .codec import CodecOptions
 from .registry import register
 from .evicting import EvictingCache, EvictingLayer, attention_mass, keep_top
 
@@ -29,7 +30,7 @@ class TOVALayer(EvictingLayer):
 
 
 @register("tova", "lossy: TOVA (Oren et al. 2024) -- evicts the token the current query attends to least",
-          exact=False, beams=True)
+          exact=False, options=CodecOptions, beams=True)
 class TOVACache(EvictingCache):
     layer_cls = TOVALayer
 

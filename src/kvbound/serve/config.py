@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import KVBoundError
+from ..generation import DEFAULT_PREFILL_CHUNK  # prompt tokens per forward pass when prefilling or restoring
 from ..models import DEFAULT_MODEL
-
-# Prompt tokens fed per forward pass when a conversation is prefilled or restored.
-DEFAULT_PREFILL_CHUNK = 256
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}

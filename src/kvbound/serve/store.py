@@ -42,6 +42,14 @@ def held_bytes(cache: KVBoundCache) -> int:
     return sum(tiers.values())
 
 
+def release(cache: KVBoundCache) -> None:
+    """Free a cache's memory now: close it (offload files) and drop its layers. Each layer points back
+    at its cache, a reference cycle that would otherwise wait for the garbage collector's next full
+    pass -- parked caches then pile up in the RSS (measured: 1.1 GB more peak RSS in the benchmark)."""
+    cache.close()
+    cache.layers.clear()
+
+
 @dataclass(eq=False)
 class Conversation:
     """One conversation: its tokens (tree node = last prompt, ``tail`` = last reply) and its cache (``None``: parked)."""
@@ -103,7 +111,7 @@ class ConversationStore:
                 conv.cache = self.new_cache()
                 self.counters["restores"] += 1
             elif conv.cache.get_seq_length() > keep and not self._roll_back(conv.cache, keep):
-                conv.cache.close()  # start over from the tokens
+                release(conv.cache)  # start over from the tokens
                 conv.cache = self.new_cache()
             reused = conv.cache.get_seq_length()
             self.counters["prefix_hits"] += 1
@@ -174,7 +182,7 @@ class ConversationStore:
             _return_memory_to_os()
 
     def _park(self, conv: Conversation) -> None:
-        conv.cache.close()
+        release(conv.cache)
         conv.cache = None
         conv.hot_kv_bytes = conv.held_bytes = 0
         self.counters["parks"] += 1
@@ -184,7 +192,7 @@ class ConversationStore:
             self.tree.remove(conv.node, conv.id)
             conv.node = None
         if conv.cache is not None:
-            conv.cache.close()
+            release(conv.cache)
             conv.cache = None
         self.conversations.pop(conv.id, None)
 

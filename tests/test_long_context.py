@@ -1,0 +1,231 @@
+"""Chunked prefill through every entry point, its bad input, and the long bench scenario (tiny models)."""
+
+from __future__ import annotations
+
+import errno
+import functools
+import json
+import os
+
+import pytest
+
+from kvbound import make_cache
+from kvbound.cache import registered
+from kvbound.errors import KVBoundError
+from kvbound.generation import Timings, chunked_part, greedy, prefill
+from kvbound.speculative import speculative_greedy
+
+from conftest import prompt_ids, tiny
+
+EXACT = [name for name, spec in registered().items() if spec.exact]
+BUDGETED = [name for name, spec in registered().items() if spec.needs_budget]
+PROMPT, BUDGET, NEW = 24, 6, 4
+
+
+def _run(model, policy, ids, chunk, budget=BUDGET):
+    spec = registered()[policy]
+    cache = make_cache(model, policy, budget if spec.needs_budget else None)
+    try:
+        return greedy(model, ids, cache, NEW, stop_at_eos=False, prefill_chunk=chunk)[0].tolist(), cache
+    finally:
+        cache.close()
+
+
+@functools.lru_cache(maxsize=None)
+def _one_shot_full(name: str) -> list[int]:
+    return _run(tiny(name), "full", prompt_ids(PROMPT, seed=3), None)[0]
+
+
+# chunk 1, uneven chunks, and one larger than the prompt (one pass); tiny-gemma3 has sliding layers
+@pytest.mark.parametrize("name,chunk", [("tiny-llama", 1), ("tiny-llama", 7), ("tiny-llama", 64),
+                                        ("tiny-gemma3", 1), ("tiny-gemma3", 5), ("tiny-gemma3", 64)])
+def test_exact_policies_token_identical_with_chunked_prefill(name, chunk):
+    """Every exact policy of the registry, prefilled in chunks = full with one-shot prefill."""
+    model = tiny(name)
+    ids = prompt_ids(PROMPT, seed=3)
+    for policy in EXACT:
+        got, cache = _run(model, policy, ids, chunk)
+        assert got == _one_shot_full(name), policy
+        assert cache.get_seq_length() == PROMPT + NEW - 1
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_hot_kv_bounded_by_budget_plus_chunk(chunk):
+    """Every budgeted policy's hot K/V stays within budget + chunk tokens during a chunked prefill,
+    while full's grows with the prompt (so the bound is not vacuous)."""
+    model = tiny("tiny-llama")
+    ids = prompt_ids(PROMPT, seed=4)
+    _, full = _run(model, "full", ids, chunk)
+    per_token = full.kv_bytes_per_token
+    assert full.peak_hot_kv_bytes == (PROMPT + NEW - 1) * per_token
+    for policy in BUDGETED:
+        _, cache = _run(model, policy, ids, chunk)
+        assert 0 < cache.peak_hot_kv_bytes <= (BUDGET + chunk) * per_token, policy
+
+
+def test_chunked_part_leaves_the_last_chunk_to_decoding():
+    assert chunked_part(0, 40, None) == 0
+    assert chunked_part(0, 40, 64) == 0  # fits one chunk: no separate prefill
+    assert chunked_part(0, 40, 16) == 32  # 16 + 16 fed, the last 8 with the first decoding step
+    assert chunked_part(0, 32, 16) == 16  # never an empty last chunk
+    assert chunked_part(10, 40, 7) == 38  # continues after tokens already in the cache
+    assert chunked_part(0, 40, 1) == 39
+
+
+def test_speculative_with_chunked_prefill_matches_greedy():
+    model = tiny("tiny-llama")
+    ids = prompt_ids(PROMPT, seed=5)
+    ref, _ = _run(model, "full", ids, None)
+    for chunk in (1, 16, None):
+        cache = make_cache(model, "offload", BUDGET)
+        timings = Timings()
+        new, stats = speculative_greedy(model, ids, cache, k=3, max_new_tokens=NEW, prefill_chunk=chunk,
+                                        timings=timings)
+        cache.close()
+        assert new[0].tolist() == ref, chunk
+        assert timings.prefill_seconds > 0 and timings.decode_seconds > 0 and timings.new_tokens == NEW
+
+
+def test_timings_split():
+    model = tiny("tiny-llama")
+    timings = Timings()
+    cache = make_cache(model, "full")
+    greedy(model, prompt_ids(PROMPT), cache, NEW, stop_at_eos=False, prefill_chunk=16, timings=timings)
+    assert timings.prefill_seconds > 0 and timings.decode_seconds > 0
+    assert timings.new_tokens == NEW and len(timings.stamps) == NEW
+    assert timings.seconds_per_token == pytest.approx(timings.decode_seconds / (NEW - 1))
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("chunk", [0, -3, True, 2.5])
+def test_bad_chunk(chunk):
+    model = tiny("tiny-llama")
+    cache = make_cache(model, "full")
+    with pytest.raises(KVBoundError, match="prefill chunk"):
+        greedy(model, prompt_ids(8), cache, 2, prefill_chunk=chunk)
+    with pytest.raises(KVBoundError, match="prefill chunk"):
+        prefill(model, prompt_ids(8), cache, chunk)
+    with pytest.raises(KVBoundError, match="prefill chunk"):
+        speculative_greedy(model, prompt_ids(8), make_cache(model, "kv-direct", 4), max_new_tokens=2,
+                           prefill_chunk=chunk)
+
+
+def test_prompt_longer_than_positions_names_the_limit():
+    model = tiny("tiny-llama")  # 1024 positions
+    cache = make_cache(model, "offload", 16)
+    try:
+        with pytest.raises(KVBoundError, match="at most 1024 positions"):
+            greedy(model, prompt_ids(1030), cache, 2)
+        with pytest.raises(KVBoundError, match="1024 positions"):
+            greedy(model, prompt_ids(1020), cache, 8)
+        with pytest.raises(KVBoundError, match="at most 1024 positions"):
+            speculative_greedy(model, prompt_ids(1030), cache, max_new_tokens=2)
+        assert cache.get_seq_length() == 0  # refused before any forward pass
+    finally:
+        cache.close()
+
+
+def _offload_dirs(folder) -> list[str]:
+    return [p for p in os.listdir(folder) if p.startswith("kvbound-offload-")]
+
+
+@pytest.mark.parametrize("call", ["posix_fallocate", "pwrite"])
+def test_full_disk_during_chunked_prefill(tmp_path, monkeypatch, call):
+    """ENOSPC while the offload store is written mid-prefill: one clear error, the temp folder removed."""
+    import kvbound.cache.offload as offload
+
+    model = tiny("tiny-llama")
+    cache = make_cache(model, "offload", 8, dir=str(tmp_path))
+    assert len(_offload_dirs(tmp_path)) == 1
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(offload.os, call, full)
+    with pytest.raises(KVBoundError, match="out of disk space"):
+        greedy(model, prompt_ids(PROMPT), cache, 2, prefill_chunk=16)
+    cache.close()
+    assert _offload_dirs(tmp_path) == []
+
+
+def test_cli_full_disk_leaves_no_temp_folder(tmp_path, monkeypatch, capsys):
+    import kvbound.cache.offload as offload
+    from kvbound.cli import main
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(offload.os, "pwrite", full)
+    code = main(["generate", "--model", "tiny-llama", "--prompt", "x" * 60, "--policy", "offload", "--budget", "8",
+                 "--prefill-chunk", "16", "--max-new-tokens", "2", "--option", f"dir={tmp_path}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "out of disk space" in err[0]
+    assert _offload_dirs(tmp_path) == []
+
+
+def test_cli_prefill_chunk_and_split_timings(capsys):
+    from kvbound.cli import main
+
+    assert main(["generate", "--model", "tiny-llama", "--prompt", "y" * 50, "--prefill-chunk", "0"]) == 2
+    assert "--prefill-chunk must be >= 1" in capsys.readouterr().err
+    argv = ["generate", "--model", "tiny-llama", "--prompt", "hello world " * 5, "--policy", "offload",
+            "--budget", "8", "--max-new-tokens", "4", "--json"]
+    assert main(argv + ["--prefill-chunk", "7"]) == 0
+    chunked = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(argv + ["--prefill-chunk", "1000"]) == 0
+    one_shot = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert chunked["token_ids"] == one_shot["token_ids"] and chunked["prefill_chunk"] == 7
+    for result in (chunked, one_shot):
+        assert result["peak_rss_bytes"] > 2**20
+        assert result["prefill_seconds"] > 0 and result["decode_seconds"] > 0
+        assert result["prefill_seconds"] + result["decode_seconds"] <= result["seconds"] + 1e-3
+
+
+# --------------------------------------------------------------------------- the long bench scenario
+
+
+def test_haystack_has_the_length_asked_and_ends_with_the_question():
+    from kvbound.bench.inputs import haystack_ids
+    from kvbound.models import load
+
+    _, tok = load("tiny-llama")
+    for n in (200, 5000):
+        ids, answer = haystack_ids(tok, n)
+        assert ids.shape == (1, n)
+        text = tok.decode(ids[0].tolist())
+        assert text.startswith("Part 1.\n") and text.rstrip().endswith("Answer: The spare key to the oil store is kept")
+        assert answer == "bell"
+    assert "Part 4." in tok.decode(haystack_ids(tok, 12000)[0][0].tolist())  # passages repeat
+    with pytest.raises(KVBoundError, match="long prompt needs more than"):
+        haystack_ids(tok, 10)
+
+
+def test_long_plan_and_comparison():
+    from kvbound.bench.long import compare, plan_jobs
+
+    jobs = plan_jobs(["tiny-llama"], [300, 2000], ["offload", "full", "window"], [64], 4, 256, 1, 1000, 8)
+    labels = [(j.tokens, j.policy, j.chunk, j.speculate) for j in jobs]
+    assert labels == [(300, "full", 256, None), (300, "full", None, None), (300, "offload", 256, None),
+                      (300, "offload", 256, 8), (300, "window", 256, None),
+                      (2000, "full", 256, None), (2000, "offload", 256, None), (2000, "offload", 256, 8),
+                      (2000, "window", 256, None)]  # no one-shot run above one_shot_max
+    ref = {"status": "ok", "token_ids": [1, 2, 3, 4], "rss_added_bytes": 400, "prefill_seconds": 2.0,
+           "seconds_per_token": 0.5}
+    rec = compare({"status": "ok", "token_ids": [1, 2, 9, 4], "rss_added_bytes": 100, "prefill_seconds": 3.0,
+                   "seconds_per_token": 0.25}, ref)
+    assert rec["token_match"] == 0.75 and rec["first_divergence"] == 2
+    assert rec["rss_added_ratio_vs_full"] == 0.25 and rec["prefill_ratio_vs_full"] == 1.5
+    assert rec["decode_ratio_vs_full"] == 0.5
+
+
+def test_long_run_job_reports_process_memory_and_split_timings():
+    from kvbound.bench.long import LongJob, run_job
+
+    rec = run_job(LongJob("tiny-llama", "offload", 300, budget=32, new_tokens=4, chunk=64))
+    assert rec["status"] == "ok" and len(rec["token_ids"]) == 4
+    assert rec["peak_rss_bytes"] >= rec["loaded_rss_bytes"] > 2**20
+    assert rec["rss_added_bytes"] == rec["peak_rss_bytes"] - rec["loaded_rss_bytes"]
+    assert rec["peak_hot_kv_bytes"] <= (32 + 64) * rec["full_kv_bytes"] // (300 + 3)
+    assert rec["bytes_by_tier"]["offloaded"] > 0 and rec["prefill_seconds"] > 0 and rec["seconds_per_token"] > 0
