@@ -152,10 +152,12 @@ def rss_all(args) -> dict:
                "--threads", str(args.threads), "--model", args.model, "--fill", args.fill]
         out[policy] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     full = out.get("full")
+    ref = None if full is None else full["tokens"]
     for rec in out.values():
         rec["added_vs_full"] = None if not full else round(rec["added_bytes"] / full["added_bytes"], 3)
-        rec["tokens_match_full"] = None if not full else rec.pop("tokens") == full["tokens"]
-    full and full.pop("tokens", None)
+        rec["tokens_match_full"] = None if ref is None else rec["tokens"] == ref
+    for rec in out.values():
+        rec.pop("tokens")
     return out
 
 
