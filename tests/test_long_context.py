@@ -38,8 +38,7 @@ def _one_shot_full(name: str) -> list[int]:
 
 # chunk 1, uneven chunks, and one larger than the prompt (one pass); tiny-gemma3 has sliding layers
 @pytest.mark.parametrize("name,chunk", [("tiny-llama", 1), ("tiny-llama", 7), ("tiny-llama", 64),
-                                        pytest.param("tiny-gemma3", 1, marks=pytest.mark.long),
-                                        ("tiny-gemma3", 5), ("tiny-gemma3", 64)])
+                                        ("tiny-gemma3", 1), ("tiny-gemma3", 5), ("tiny-gemma3", 64)])
 def test_exact_policies_token_identical_with_chunked_prefill(name, chunk):
     """Every exact policy of the registry, prefilled in chunks = full with one-shot prefill."""
     model = tiny(name)
