@@ -402,7 +402,7 @@ def cmd_perplexity(args) -> int:
 
     from .models import load
     from .quality import perplexity
-    from .quality.perplexity import max_positions
+    from .generation import max_positions
 
     if args.chunk < 1:
         raise KVBoundError(f"--chunk must be >= 1 token, got {args.chunk}")

@@ -175,7 +175,7 @@ def _perplexity_one(bench: Bench, policy: str, tokens: int | None, budget: Budge
 def needle_grid(bench: Bench, budgets: list[Budget], opts: dict[str, Any]) -> None:
     """For every task (kind x length x depth): ``full`` first, then every policy x budget, each
     answering greedily through its own fresh cache; ``same_as_full`` compares hit/miss with full's."""
-    from ..quality.perplexity import max_positions
+    from ..generation import max_positions
 
     limit = max_positions(bench.model)
     too_long = [n for n in opts["lengths"] if limit is not None and n > limit]

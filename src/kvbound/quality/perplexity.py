@@ -31,7 +31,7 @@ from typing import Any, Callable
 import torch
 
 from ..errors import KVBoundError
-from ..generation import check_chunk
+from ..generation import check_chunk, max_positions
 from ..rss import peak_rss_bytes, reset_peak_rss
 
 DEFAULT_CHUNK = 16
@@ -50,12 +50,6 @@ class PerplexityResult:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def max_positions(model) -> int | None:
-    """The model's position limit (``max_position_embeddings``), or ``None`` if it has none."""
-    cfg = model.config.get_text_config(decoder=True)
-    return getattr(cfg, "max_position_embeddings", None)
 
 
 def _as_ids(input_ids: Any) -> torch.Tensor:

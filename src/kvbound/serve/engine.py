@@ -12,6 +12,7 @@ from typing import Sequence
 
 from .. import make_cache
 from ..errors import KVBoundError
+from ..generation import max_positions
 from ..rss import current_rss_bytes, peak_rss_bytes
 from .config import ServeConfig
 from .sampling import SamplingParams
@@ -34,7 +35,7 @@ class Engine:
         self.created = int(time.time())
         make_cache(model, config.policy, config.budget, **config.options).close()  # bad policy/options: fail now
         cfg = model.config.get_text_config(decoder=True)
-        self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None)
+        self.max_positions: int | None = max_positions(model)
         self.vocab_size: int = cfg.vocab_size
         self._tok_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
         self.store = ConversationStore(self.new_cache, config.memory_budget, config.max_conversations)
