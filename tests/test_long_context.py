@@ -229,3 +229,17 @@ def test_long_run_job_reports_process_memory_and_split_timings():
     assert rec["rss_added_bytes"] == rec["peak_rss_bytes"] - rec["loaded_rss_bytes"]
     assert rec["peak_hot_kv_bytes"] <= (32 + 64) * rec["full_kv_bytes"] // (300 + 3)
     assert rec["bytes_by_tier"]["offloaded"] > 0 and rec["prefill_seconds"] > 0 and rec["seconds_per_token"] > 0
+    assert rec["model_info"]["layers"] == 3 and rec["model_info"]["model_type"] == "llama"
+
+
+def test_long_report_names_each_model_from_its_workers():
+    from kvbound.bench.long_report import long_md
+
+    runs = [{"status": "ok", "model": m, "tokens": 64, "policy": "full", "budget": None, "chunk": 32,
+             "peak_rss_bytes": 2**20, "rss_added_bytes": 2**19, "peak_hot_kv_bytes": 1, "total_cache_bytes": 1,
+             "prefill_seconds": 1.0, "seconds_per_token": 0.1,
+             "model_info": {"name": m, "model_type": t, "layers": n, "hidden_size": 8, "kv_heads": 1, "head_dim": 4,
+                            "dtype": "float32"}}
+            for m, t, n in [("a", "llama", 30), ("b", "gemma3_text", 18)]]
+    md = long_md({"meta": {"model": {"name": "a,b"}, "hardware": {}, "versions": {}}, "runs": runs}, [])
+    assert "`a` (llama, 30 layers" in md and "`b` (gemma3_text, 18 layers" in md and "? layers" not in md

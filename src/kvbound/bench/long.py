@@ -59,11 +59,13 @@ def run_job(job: LongJob) -> dict[str, Any]:
     from ..models import load
     from ..rss import current_rss_bytes, peak_rss_bytes, reset_peak_rss
     from .inputs import haystack_ids
+    from .results import describe_model
 
     if job.threads:
         torch.set_num_threads(job.threads)
     record: dict[str, Any] = {**asdict(job), "exact": registered()[job.policy].exact}
     model, tokenizer = load(job.model)
+    record["model_info"] = describe_model(job.model, model)
     ids, answer = haystack_ids(tokenizer, job.tokens)
     with torch.no_grad():  # touch every weight: file-mapped weight pages count in RSS once read
         model(ids[:, :8], use_cache=False, logits_to_keep=1)

@@ -38,10 +38,19 @@ HEADER = ["model", "prompt tokens", "policy", "budget", "prefill chunk", "token 
           "time to first token (s)", "decode ms/token", "decode ÷ full's"]
 
 
+def _models(runs: list[dict[str, Any]]) -> list[dict[str, Any]] | None:
+    """The models as the workers described them (first finished run of each)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in _ok(runs):
+        if r.get("model_info") and r["model"] not in seen:
+            seen[r["model"]] = r["model_info"]
+    return list(seen.values()) or None
+
+
 def long_md(data: dict[str, Any], plots: list[str]) -> str:
     runs = data["runs"]
     parts = [
-        "# kvbound bench -- long context", "", _meta_section(data), "",
+        "# kvbound bench -- long context", "", _meta_section(data, _models(runs)), "",
         "Each run is a fresh process: it loads the model, lowers the RSS high-water mark to the loaded "
         "model's resident size, then prefills the prompt and decodes. *RSS added* = peak RSS minus that "
         "loaded size; *time to first token* includes every prefill chunk; decode ms/token is the mean "

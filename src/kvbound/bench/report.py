@@ -53,10 +53,18 @@ def _policy_order(runs: list[dict[str, Any]]) -> list[str]:
     return ([REFERENCE] if REFERENCE in names else []) + [n for n in names if n != REFERENCE]
 
 
-def _meta_section(data: dict[str, Any]) -> str:
+def _model_line(model: dict[str, Any]) -> str:
+    return (f"`{model.get('name', '?')}` ({model.get('model_type', '?')}, {model.get('layers', '?')} layers, "
+            f"hidden {model.get('hidden_size', '?')}, {model.get('kv_heads', '?')} KV heads x {model.get('head_dim', '?')}, "
+            f"{model.get('dtype', '?')})")
+
+
+def _meta_section(data: dict[str, Any], models: list[dict[str, Any]] | None = None) -> str:
+    """The run's machine, model(s), versions, command, dates and load. ``models`` replaces the
+    meta's model (scenarios whose workers load the models themselves)."""
     meta = data["meta"]
     hw = meta.get("hardware", {})
-    model = meta.get("model", {})
+    models = models or [meta.get("model", {})]
     vers = meta.get("versions", {})
     machine = f"{hw.get('cpu', '?')}, {hw.get('cpu_count', '?')} CPUs, torch threads {hw.get('torch_threads', '?')}"
     if hw.get("device", "cpu") != "cpu":
@@ -65,9 +73,7 @@ def _meta_section(data: dict[str, Any]) -> str:
         machine += f", {hw['memory_bytes'] / 2**30:.0f} GiB RAM"
     lines = [
         f"- **Machine**: {machine}; {hw.get('platform', '?')}",
-        f"- **Model**: `{model.get('name', '?')}` ({model.get('model_type', '?')}, {model.get('layers', '?')} layers, "
-        f"hidden {model.get('hidden_size', '?')}, {model.get('kv_heads', '?')} KV heads x {model.get('head_dim', '?')}, "
-        f"{model.get('dtype', '?')})",
+        f"- **Model{'s' if len(models) > 1 else ''}**: " + "; ".join(_model_line(m) for m in models),
         "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
         f"- **Command**: `{meta.get('command', '?')}`",
         f"- **Date**: {meta.get('date', '?')} (finished {meta.get('finished', 'not yet')})",

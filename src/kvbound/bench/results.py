@@ -155,7 +155,8 @@ def versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
-def make_meta(model_name: str, model, argv: list[str] | None, options: dict[str, Any], device: str) -> dict[str, Any]:
+def describe_model(model_name: str, model) -> dict[str, Any]:
+    """Name, architecture, size and dtype of ``model`` (only the name when ``model`` is ``None``)."""
     cfg = model.config.get_text_config(decoder=True) if model is not None else None
     model_info: dict[str, Any] = {"name": model_name}
     if cfg is not None:
@@ -167,10 +168,14 @@ def make_meta(model_name: str, model, argv: list[str] | None, options: dict[str,
             head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
             parameters=sum(p.numel() for p in model.parameters()),
         )
+    return model_info
+
+
+def make_meta(model_name: str, model, argv: list[str] | None, options: dict[str, Any], device: str) -> dict[str, Any]:
     return {
         "date": _now(),
         "command": " ".join(argv if argv is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "model": model_info,
+        "model": describe_model(model_name, model),
         "versions": versions(),
         "hardware": hardware(device),
         "options": options,
