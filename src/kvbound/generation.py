@@ -17,6 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from .cache.base import KVBoundCache, text_config
 from .errors import KVBoundError
+from .rss import returned_transients
 
 DEFAULT_PREFILL_CHUNK = 1024  # tokens per prefill forward pass (see the module docstring)
 
@@ -55,10 +56,11 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCache
     if start > total:
         raise KVBoundError(f"the cache has seen {start} tokens but the input has only {total}")
     step = total - start if chunk is None else chunk
-    for pos in range(start, total, max(step, 1)):
-        ids = input_ids[:, pos:pos + step]
-        model(input_ids=ids, attention_mask=torch.ones_like(input_ids[:, :pos + ids.shape[1]]),
-              past_key_values=cache, use_cache=True, logits_to_keep=1)
+    with returned_transients():  # each chunk's freed tensors leave the process (see kvbound.rss)
+        for pos in range(start, total, max(step, 1)):
+            ids = input_ids[:, pos:pos + step]
+            model(input_ids=ids, attention_mask=torch.ones_like(input_ids[:, :pos + ids.shape[1]]),
+                  past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
 def chunked_part(seen: int, total: int, chunk: int | None) -> int:
