@@ -14,14 +14,17 @@ newest queries, with the votes they cast at their own step).
 
 Decoding (the paper compresses only the prompt; here the budget holds during decoding too):
 whenever a step overflows the budget the same rule runs with the newest ``window`` queries, and
-**each query's vote is its own attention at its own step** -- the probabilities it gave the keys
-the layer held then (normalized over those keys, tokens evicted since included), never
-recomputed. The layer keeps those rows (the ``votes`` tier, ``[B, kv_heads, <= window, held]``
-float32): a new step appends its rows, a key that arrived after a query has no vote from it
-(causal), and an eviction gathers the rows' columns together with the K/V. With kvbound's
-tiered attention the step's rows are the model's own attention probabilities; for a model on
-another attention implementation the layer computes them from the parked query (same values).
-Stored queries are therefore never re-scored against keys that were evicted or added later.
+**each query's vote is its own attention at its own step**: the probabilities it gave the keys
+the layer returned to attention at that step (its softmax ran over exactly those keys), never
+recomputed. A key evicted since takes its votes with it; a key that arrived after a query has
+no vote from that query (causal). The layer keeps these rows (the ``votes`` tier,
+``[B, kv_heads, <= window, held]`` float32, columns aligned with the held keys): a step appends
+its own rows (zeros for the older rows under its new keys) and drops the oldest, and an eviction
+gathers the columns together with the K/V. Before this, every overflowing step re-scored the
+stored window queries against the keys held now (a softmax over a different set of keys per
+step); that cost a second attention pass per layer and step. With kvbound's tiered attention
+the step's rows are the model's own attention probabilities; for a model on another attention
+implementation the layer computes them from the parked query (the same values).
 """
 
 from __future__ import annotations
