@@ -201,14 +201,16 @@ def masked_logits(query, keys, visible, scaling, softcap) -> torch.Tensor:
     return logits
 
 
-def mass_from_lse(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, lse: torch.Tensor | None,
+def mass_from_lse(query: torch.Tensor, keys: torch.Tensor,
+                  visible: torch.Tensor | Callable[[int, int], torch.Tensor] | None, lse: torch.Tensor | None,
                   scaling: float, softcap: float | None = None, per_query: bool = False) -> torch.Tensor:
     """Probability each key got from each query, ``exp(logit - lse)``, summed over the query heads of
     each KV head and over the queries: ``[B, kv_heads, n]`` float32 (``per_query``: one row per
     query, ``[B, kv_heads, T, n]``).
 
     ``lse`` ``[B, H, T]`` is the attention call's own log-sum-exp; ``None`` normalizes over ``keys``
-    (a plain softmax). ``visible`` (bool) is ``[B or 1, 1 or kv_heads, T, n]`` or ``None``.
+    (a plain softmax). ``visible`` (bool) is ``[B or 1, 1 or kv_heads, T, n]``, ``None`` (all), or a
+    function ``(start, stop)`` giving the rows of queries ``start:stop`` (built one block at a time).
 
     Memory: the queries go in blocks of at most :data:`MASS_BLOCK_BYTES` of float32 logits, all
     computed in one reused buffer (in-place scaling, masking and ``exp``). One fresh tensor per block
@@ -232,7 +234,8 @@ def mass_from_lse(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)
         if visible is not None:
-            logits.masked_fill_(~visible[..., start:start + tc, :].unsqueeze(2), float("-inf"))
+            vis = visible(start, start + tc) if callable(visible) else visible[..., start:start + tc, :]
+            logits.masked_fill_(~vis.unsqueeze(2), float("-inf"))
         if lse is None:  # softmax over the keys, in place
             probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
             probs.div_(probs.sum(-1, keepdim=True))

@@ -82,7 +82,10 @@ def attention_mass(
     Query head ``h`` reads KV head ``h // groups`` (transformers' ``repeat_kv``). Returns
     ``[B, kv_heads, n]`` float32, or with ``per_query`` one row per query, ``[B, kv_heads, T, n]``.
     """
-    visible = key_pos[:, :, None, :] <= query_pos[None, None, :, None]  # [B, kv_heads, T, n]
+
+    def visible(start: int, stop: int) -> torch.Tensor:  # [B, kv_heads, stop - start, n], one block at a time
+        return key_pos[:, :, None, :] <= query_pos[start:stop][None, None, :, None]
+
     return attention.mass_from_lse(query, keys, visible, None, scaling, softcap, per_query)
 
 
