@@ -89,20 +89,27 @@ def test_no_mask_multi_token_step_is_causal():
 
 @pytest.mark.parametrize("rows", [1, 3, 5])
 @pytest.mark.parametrize("cuts", [[], [6]])
-def test_mass_is_the_probability_the_newest_queries_give_each_key(rows, cuts):
+@pytest.mark.parametrize("softcap,block_bytes", [(None, attention.MASS_BLOCK_BYTES), (5.0, 2 * 4 * 4 * 14)])
+def test_mass_is_the_probability_the_newest_queries_give_each_key(rows, cuts, softcap, block_bytes, monkeypatch):
+    """Summed and per query; the second case scores 1-2 query rows per block (blocks of the
+    reused logits buffer, a short last block) on the explicit softcapped path."""
+    monkeypatch.setattr(attention, "MASS_BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(rows)
     q = torch.randn(1, 4, 5, 16, generator=g)
     k = torch.randn(1, 2, 20, 16, generator=g)
     v = torch.randn(1, 2, 20, 16, generator=g)
     mask = causal_mask(5, 20)
     sinks = torch.randn(4, generator=g)
-    ref, probs = reference(q, k, v, mask, 0.25, sinks=sinks)
+    ref, probs = reference(q, k, v, mask, 0.25, softcap, sinks=sinks)
     blocks = split(k, v, cuts)
     hot_k, hot_v = blocks.pop()
-    out, mass = tiered_attention(q, blocks, hot_k, hot_v, mask, 0.25, sinks=sinks, mass_rows=rows)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    want = probs[:, :, -rows:, sum(b[0].shape[-2] for b in blocks):].reshape(1, 2, 2, rows, -1).sum((2, 3))
-    torch.testing.assert_close(mass, want, rtol=1e-5, atol=1e-6)
+    old = sum(b[0].shape[-2] for b in blocks)
+    want = probs[:, :, -rows:, old:].reshape(1, 2, 2, rows, -1).sum(2)  # [B, kv_heads, rows, n]
+    for per_query in (False, True):
+        out, mass = tiered_attention(q, blocks, hot_k, hot_v, mask, 0.25, softcap, sinks=sinks, mass_rows=rows,
+                                     per_query=per_query)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mass, want if per_query else want.sum(2), rtol=1e-5, atol=1e-6)
 
 
 def test_plain_calls_fall_back_to_sdpa():

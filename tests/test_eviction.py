@@ -256,7 +256,71 @@ def test_snapkv_keeps_what_the_window_attends_to():
     k10 = torch.zeros(1, 2, 1, 16)
     layer.update(k10, k10)
     assert layer.positions[0].tolist() == [[7, 8, 9, 10]] * 2
-    assert layer.window_pos.tolist() == [9, 10]
+    # the stored votes: token 9's query as cast at prefill (on 7; none on 10, which came later),
+    # token 10's (on 8); 2 query heads per KV head; columns follow the kept tokens 7, 8, 9, 10
+    expect = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    torch.testing.assert_close(layer.votes[0], expect.expand(2, 2, 4), atol=1e-5, rtol=0)
+
+
+def snapkv_reference_check(layer, held, pos, probs, records, window, budget, kernel):
+    """Check one snapkv layer after one step against a loop over the model's own attention.
+
+    ``held`` ``[kv_heads, m]``: the positions the layer held before the step; ``pos``: the step's
+    positions; ``probs`` ``[kv_heads, T, m + T]``: the step's attention (eager weights, query heads
+    summed per KV head) over the keys the layer returned (held, then new). ``records`` maps
+    (kv head, query position) to {key position: vote}, each query's attention at its own step."""
+    kv_heads = held.shape[0]
+    for kv in range(kv_heads):
+        keys = held[kv].tolist() + pos
+        for t, q in enumerate(pos):
+            records[kv, q] = {k: float(probs[kv, t, j]) for j, k in enumerate(keys) if k <= q}
+        kept = layer.positions[0, kv].tolist()
+        voters = sorted(q for (h, q) in records if h == kv)[-window:]
+        if len(keys) <= budget:
+            assert kept == keys
+            continue
+        protect = min(window, budget)
+        older = keys[:len(keys) - protect]
+        votes = [sum(records[kv, q].get(k, 0.0) for q in voters) for k in older]
+        pooled = [max(votes[max(0, j - kernel // 2):j + kernel // 2 + 1]) for j in range(len(votes))]
+        assert kept[-protect:] == keys[-protect:]  # the window's own tokens
+        chosen = set(kept[:-protect])
+        assert len(chosen) == budget - protect and chosen <= set(older)
+        lowest_kept = min(p for p, k in zip(pooled, older) if k in chosen)
+        highest_dropped = max(p for p, k in zip(pooled, older) if k not in chosen)
+        assert lowest_kept >= highest_dropped - 1e-5  # a top-(budget - window), ties either way
+        # the stored rows: the newest `window` queries' own votes, columns aligned with the kept tokens
+        expect = torch.tensor([[records[kv, q].get(k, 0.0) for k in kept] for q in voters])
+        torch.testing.assert_close(layer.votes[0, kv], expect, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_snapkv_votes_are_each_querys_own_attention(name):
+    """Prefill, decode steps and a 2-token step (fewer rows than the window), each evicting: the
+    newest ``window`` queries vote with the attention they gave at their own step (the model's
+    eager weights), by token, however many evictions happened since."""
+    window, budget, kernel = 4, 8, 3
+    model = tiny(name, "eager")
+    cache = kvbound.make_cache(model, "snapkv", budget, window=window, kernel=kernel)
+    records: dict[int, dict] = {l: {} for l in range(len(cache.layers))}
+    step, seen = prompt_ids(14), 0
+    for turn in range(10):
+        if turn == 5:
+            step = torch.cat([step, prompt_ids(1, seed=5)], dim=1)
+        held = [None if l.positions is None else l.positions[0].clone() for l in cache.layers]
+        with torch.no_grad():
+            out = model(step, past_key_values=cache, use_cache=True, output_attentions=True)
+        pos = list(range(seen, seen + step.shape[1]))
+        seen += step.shape[1]
+        for l, layer in enumerate(cache.layers):
+            if layer.is_sliding:
+                continue
+            kv_heads = layer.keys.shape[1]
+            before = held[l] if held[l] is not None else torch.empty(kv_heads, 0, dtype=torch.long)
+            probs = group_sum(out.attentions[l], kv_heads)[0]
+            snapkv_reference_check(layer, before, pos, probs, records[l], window, budget, kernel)
+        step = out.logits[:, -1:].argmax(-1)
+    assert seen == 14 + 9 + 1
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])

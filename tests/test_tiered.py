@@ -88,8 +88,11 @@ def test_scored_policies_take_scores_from_attention_and_select_as_before(policy,
         model = tiny("tiny-qwen3", attn)
         cache = kvbound.make_cache(model, policy, 6, **options)
         tokens = greedy_chunked(model, ids, cache, 6, 5)
-        kept[attn] = (tokens, [layer.positions.clone() for layer in cache.layers])
+        state = [getattr(layer, {"h2o": "scores", "snapkv": "votes"}.get(policy, "positions")) for layer in cache.layers]
+        kept[attn] = (tokens, [layer.positions.clone() for layer in cache.layers], state)
     assert any(rows for _, rows in count_tiered)  # the sdpa model scored through attention
     assert kept["sdpa"][0] == kept["eager"][0]
     for a, b in zip(kept["sdpa"][1], kept["eager"][1]):
         assert torch.equal(a, b)
+    for a, b in zip(kept["sdpa"][2], kept["eager"][2]):  # h2o's scores, snapkv's stored votes
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

@@ -40,7 +40,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NAME = "kvbound"
 FALLBACK = "sdpa"
-QUERY_CHUNK = 256  # query rows per block when probabilities are materialized (bounds the logits)
+QUERY_CHUNK = 256  # query rows per block of the explicit (softcapped) attention (bounds its logits)
+MASS_BLOCK_BYTES = 2 << 20  # float32 logits per block of queries when scoring (see mass_from_lse)
 
 Block = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, n, D]
 
@@ -61,6 +62,7 @@ class TierStep:
     * ``rows`` / ``scored`` -- the scored policies: ``scored(query_rows, mass)`` is called after
       attention with the newest ``rows`` query rows and the attention mass ``[B, kv_heads, n]``
       they gave the keys of ``keys`` (summed over those rows and the query heads of each KV head);
+      with ``per_query`` the mass keeps one row per query, ``[B, kv_heads, rows, n]``;
     * ``release`` -- called once attention is done with the blocks (drop mapped pages).
     """
 
@@ -68,6 +70,7 @@ class TierStep:
     blocks: list[Block] = field(default_factory=list)
     rows: int = 0
     scored: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+    per_query: bool = False
     release: Callable[[], None] | None = None
 
 
@@ -198,21 +201,52 @@ def masked_logits(query, keys, visible, scaling, softcap) -> torch.Tensor:
     return logits
 
 
-def mass_from_lse(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor | None, lse: torch.Tensor,
-                   scaling: float, softcap: float | None = None) -> torch.Tensor:
-    """Probability each key got from each query, ``exp(logit - lse)`` with the attention call's own
-    log-sum-exp ``lse`` ``[B, H, T]``, summed over the queries and the query heads of each KV head:
-    ``[B, kv_heads, n]`` float32."""
-    b, heads, t, _ = query.shape
+def mass_from_lse(query: torch.Tensor, keys: torch.Tensor,
+                  visible: torch.Tensor | Callable[[int, int], torch.Tensor] | None, lse: torch.Tensor | None,
+                  scaling: float, softcap: float | None = None, per_query: bool = False) -> torch.Tensor:
+    """Probability each key got from each query, ``exp(logit - lse)``, summed over the query heads of
+    each KV head and over the queries: ``[B, kv_heads, n]`` float32 (``per_query``: one row per
+    query, ``[B, kv_heads, T, n]``).
+
+    ``lse`` ``[B, H, T]`` is the attention call's own log-sum-exp; ``None`` normalizes over ``keys``
+    (a plain softmax). ``visible`` (bool) is ``[B or 1, 1 or kv_heads, T, n]``, ``None`` (all), or a
+    function ``(start, stop)`` giving the rows of queries ``start:stop`` (built one block at a time).
+
+    Memory: the queries go in blocks of at most :data:`MASS_BLOCK_BYTES` of float32 logits, all
+    computed in one reused buffer (in-place scaling, masking and ``exp``). One fresh tensor per block
+    and per operation -- what a straightforward version allocates -- left glibc's heap fragmented: an
+    H2O prefill (every query scored) grew the process by ~0.4 GiB more than its live tensors.
+    """
+    b, heads, t, d = query.shape
     kv_heads, n = keys.shape[1], keys.shape[-2]
-    mass = torch.zeros(b, kv_heads, n, dtype=torch.float32, device=keys.device)
-    for start in range(0, t, QUERY_CHUNK):
-        q = query[:, :, start:start + QUERY_CHUNK]
-        tc = q.shape[-2]
-        logits = masked_logits(q, keys, None if visible is None else visible[..., start:start + tc, :], scaling, softcap)
-        norm = lse[:, :, start:start + tc].reshape(b, kv_heads, heads // kv_heads, tc, 1)
-        mass += torch.exp(logits - norm).nan_to_num(0.0).sum(dim=(2, 3))
-    return mass
+    groups = heads // kv_heads
+    out = torch.zeros(b, kv_heads, *((t,) if per_query else ()), n, dtype=torch.float32, device=keys.device)
+    if t == 0 or n == 0:
+        return out
+    block = max(1, min(t, MASS_BLOCK_BYTES // (4 * b * heads * n)))
+    keys_t = keys.float().transpose(-1, -2)  # a copy only for non-float32 keys, once per call
+    buf = torch.empty(b * heads * block * n, dtype=torch.float32, device=keys.device)
+    for start in range(0, t, block):
+        tc = min(block, t - start)
+        q = query[:, :, start:start + tc].float().reshape(b, kv_heads, groups * tc, d)
+        logits = torch.matmul(q, keys_t, out=buf[:b * heads * tc * n].view(b, kv_heads, groups * tc, n))
+        logits = logits.mul_(scaling).view(b, kv_heads, groups, tc, n)
+        if softcap:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        if visible is not None:
+            vis = visible(start, start + tc) if callable(visible) else visible[..., start:start + tc, :]
+            logits.masked_fill_(~vis.unsqueeze(2), float("-inf"))
+        if lse is None:  # softmax over the keys, in place
+            probs = logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+            probs.div_(probs.sum(-1, keepdim=True))
+        else:
+            probs = logits.sub_(lse[:, :, start:start + tc].reshape(b, kv_heads, groups, tc, 1)).exp_()
+        probs.nan_to_num_(0.0)  # rows seeing nothing: 0, not NaN
+        if per_query:
+            out[:, :, start:start + tc] = probs.sum(2)
+        else:
+            out += probs.sum(dim=(2, 3))
+    return out
 
 
 def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -230,13 +264,14 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 
 def tiered_attention(query: torch.Tensor, blocks: list[Block], keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | None, scaling: float, softcap: float | None = None,
-                     sinks: torch.Tensor | None = None, mass_rows: int = 0):
+                     sinks: torch.Tensor | None = None, mass_rows: int = 0, per_query: bool = False):
     """Attention of ``query`` over ``blocks`` followed by ``keys``/``values``, merged exactly.
 
     ``mask`` (transformers', over every block then ``keys``; bool, additive float, or ``None``:
     blocks fully visible and ``keys`` causal, bottom-right aligned). ``sinks`` (``[heads]``, gpt-oss
     style) add ``exp(sink)`` to each softmax denominator. With ``mass_rows`` the newest query rows'
-    probabilities over ``keys`` are returned too. Returns ``(out [B, H, T, D], mass or None)``.
+    probabilities over ``keys`` are returned too (:func:`mass_from_lse`, one row per query with
+    ``per_query``). Returns ``(out [B, H, T, D], mass or None)``.
     """
     t = query.shape[-2]
     n_old = sum(k.shape[-2] for k, _ in blocks)
@@ -266,7 +301,7 @@ def tiered_attention(query: torch.Tensor, blocks: list[Block], keys: torch.Tenso
         return merge(parts), None
     lse = torch.logsumexp(torch.stack([part_lse[..., t - rows:] for _, part_lse in parts]), dim=0)
     mass = mass_from_lse(query[:, :, t - rows:], keys, None if vis is None else vis[..., t - rows:, :], lse,
-                          scaling, softcap)
+                         scaling, softcap, per_query)
     return merge(parts), mass
 
 
@@ -297,7 +332,8 @@ def kvbound_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
             scaling = query.shape[-1] ** -0.5
         softcap = softcap if softcap is not None else getattr(module, "attn_logit_softcapping", None)
         out, mass = tiered_attention(query, step.blocks, key, value, attention_mask, scaling, softcap,
-                                     sinks=kwargs.get("s_aux"), mass_rows=step.rows if step.scored else 0)
+                                     sinks=kwargs.get("s_aux"), mass_rows=step.rows if step.scored else 0,
+                                     per_query=step.per_query)
     finally:
         if step.release is not None:
             step.release()

@@ -8,8 +8,8 @@ rectangular ``[batch, kv_heads, n, head_dim]`` tensor. Inside a step a layer ret
 past plus the step's new tokens to attention, then evicts down to the budget at the end of
 ``update`` and stores *fresh* tensors (``gather`` / ``clone``), so evicted K/V are really freed
 and the accounting (which counts elements) measures what is held. The concatenation returned
-to attention and the step's query are reported as transient bytes; the scoring buffers (float32
-logits of at most ``QUERY_CHUNK`` query rows x held keys, per head) are not.
+to attention and the step's query are reported as transient bytes; the scoring buffer (float32
+logits of a block of queries, at most :data:`kvbound.attention.MASS_BLOCK_BYTES`) is not.
 
 Every kept token keeps its original RoPE rotation; ``positions`` records, per head, which
 token each kept entry is (ascending). Masks stay consistent because ``get_mask_sizes`` reports
@@ -26,7 +26,7 @@ model on another attention implementation the attention pre-hook
 :meth:`EvictingCache.observe_attention_input`, which computes the post-RoPE query of the rows
 the policy needs with :meth:`kvbound.recompute.LayerDriver.query` and parks it on the layer;
 ``update`` then computes softmax(q·Kᵀ·scaling) over the keys it returns (causal by position,
-query chunks to bound memory) with :func:`attention_mass`.
+blocks of queries to bound memory) with :func:`attention_mass`.
 
 Sliding-window layers (Gemma 3)
 -------------------------------
@@ -38,7 +38,7 @@ number of keys (one mask serves them all). The policy proper runs on full-attent
 Batches
 -------
 Batches without padding work (each sequence selects its own tokens), and beam search reorders
-every per-sequence tensor (K/V, positions, scores, stored queries) together. Padded batches are
+every per-sequence tensor (K/V, positions, scores, stored votes) together. Padded batches are
 refused: after eviction the padding mask would be applied to the wrong keys.
 """
 
@@ -61,9 +61,6 @@ from .model_info import layer_windows
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
-QUERY_CHUNK = attention.QUERY_CHUNK  # query rows per block when scoring a long prefill
-
-
 # --------------------------------------------------------------------------- scoring helpers
 
 
@@ -74,25 +71,22 @@ def attention_mass(
     key_pos: torch.Tensor,
     scaling: float,
     softcap: float | None = None,
-    chunk: int = QUERY_CHUNK,
+    per_query: bool = False,
 ) -> torch.Tensor:
     """Attention probability each key receives, summed over the given queries and over the
     query heads sharing each KV head.
 
     ``query`` is ``[B, heads, T, D]`` (post-RoPE) at positions ``query_pos`` ``[T]``; ``keys``
     ``[B, kv_heads, n, D]`` at per-head positions ``key_pos`` ``[B, kv_heads, n]``. A query sees
-    keys at positions <= its own (causal). Query head ``h`` reads KV head ``h // groups``
-    (transformers' ``repeat_kv``). Returns ``[B, kv_heads, n]`` float32.
+    keys at positions <= its own (causal); one that sees none gives no attention (zeros, not NaN).
+    Query head ``h`` reads KV head ``h // groups`` (transformers' ``repeat_kv``). Returns
+    ``[B, kv_heads, n]`` float32, or with ``per_query`` one row per query, ``[B, kv_heads, T, n]``.
     """
-    b, t, kv_heads, n = query.shape[0], query.shape[-2], keys.shape[1], keys.shape[-2]
-    out = torch.zeros(b, kv_heads, n, dtype=torch.float32, device=keys.device)
-    for start in range(0, t, chunk):
-        tc = min(chunk, t - start)
-        visible = key_pos[:, :, None, :] <= query_pos[start:start + tc][None, None, :, None]  # [B, kv, tc, n]
-        logits = attention.masked_logits(query[:, :, start:start + tc], keys, visible, scaling, softcap)
-        # a stored query older than every held key sees nothing: it gives no attention (not NaN)
-        out += logits.softmax(-1).nan_to_num(0.0).sum(dim=(2, 3))
-    return out
+
+    def visible(start: int, stop: int) -> torch.Tensor:  # [B, kv_heads, stop - start, n], one block at a time
+        return key_pos[:, :, None, :] <= query_pos[start:stop][None, None, :, None]
+
+    return attention.mass_from_lse(query, keys, visible, None, scaling, softcap, per_query)
 
 
 def keep_top(scores: torch.Tensor, k: int, protect_last: int = 0) -> torch.Tensor:
@@ -154,6 +148,8 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         return 0 if self.keys is None else self.keys.shape[-2]
 
     # -- what a policy provides ---------------------------------------------------------
+    per_query_mass = False  # ``select`` gets ``mass`` per query row ([B, kv_heads, rows, n]), not summed
+
     def query_rows(self, new: int) -> int:
         """How many of the newest query rows of a ``new``-token step ``select`` needs."""
         return 0
@@ -164,11 +160,12 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         ``None`` to keep all. Called every step on full-attention layers, after the new
         tokens were appended (``keys`` holds past + new). ``query`` holds the step's newest
         :meth:`query_rows` query rows at ``query_pos``; ``mass``, when given, is the attention
-        they gave ``keys`` (:func:`attention_mass` of them, taken from the model's attention)."""
+        they gave ``keys`` (:func:`attention_mass` of them, taken from the model's attention;
+        one row per query when :attr:`per_query_mass`)."""
         raise NotImplementedError
 
     def policy_tiers(self) -> dict[str, int]:
-        """Bytes of policy state besides K/V (scores, stored queries)."""
+        """Bytes of policy state besides K/V (scores, stored votes)."""
         return {}
 
     def reset_policy(self) -> None:
@@ -239,7 +236,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
                     self._keep(stored, positions, self.select(keys, positions, query_rows, query_pos, mass))
                     self.cache.note_transient(nbytes(keys, values, query_rows))
 
-                self.pending_step = attention.TierStep(keys, rows=rows, scored=scored)
+                self.pending_step = attention.TierStep(keys, rows=rows, scored=scored, per_query=self.per_query_mass)
                 return keys, values
             if rows and query is None:
                 raise RuntimeError(f"{self.cache.policy_name}: no query for layer {self.layer_idx}; "

@@ -1,13 +1,30 @@
 """``snapkv``: SnapKV (Li et al. 2024) -- an observation window votes for the tokens to keep.
 
 The queries of the newest ``window`` tokens vote: each older token's score is the attention
-they give it (softmax over the held keys, causal), summed over the window's queries and the
-query heads of each KV head's group, then smoothed by 1-D max pooling (``kernel``, 1 = off).
-Each KV head keeps the window's own tokens plus its top-scoring older tokens. At prefill the
-window is the prompt's last ``window`` positions; during decoding the same scoring runs on the
-newest window (its queries are kept, a ``queries`` memory tier) whenever a step overflows the
-budget. If ``budget <= window`` only the newest ``budget`` tokens fit and SnapKV keeps exactly
-what ``window`` would.
+they give it, summed over the window's queries and over the query heads of each KV head's group,
+then smoothed by 1-D max pooling (``kernel``, 1 = off) along the held tokens. Each KV head keeps
+the window's own tokens plus its top-scoring older tokens. If ``budget <= window`` only the
+newest ``budget`` tokens fit and SnapKV keeps exactly what ``window`` would.
+
+Prefill (as in the paper): the prompt's last ``window`` queries vote with their attention over
+the prompt (softmax over every key they see, causal) and the prompt is compressed once. A prompt
+fed in chunks is compressed after each chunk: the chunk's last ``window`` queries vote over the
+held keys plus the chunk (a final chunk shorter than ``window`` also counts the previous chunk's
+newest queries, with the votes they cast at their own step).
+
+Decoding (the paper compresses only the prompt; here the budget holds during decoding too):
+whenever a step overflows the budget the same rule runs with the newest ``window`` queries, and
+**each query's vote is its own attention at its own step**: the probabilities it gave the keys
+the layer returned to attention at that step (its softmax ran over exactly those keys), never
+recomputed. A key evicted since takes its votes with it; a key that arrived after a query has
+no vote from that query (causal). The layer keeps these rows (the ``votes`` tier,
+``[B, kv_heads, <= window, held]`` float32, columns aligned with the held keys): a step appends
+its own rows (zeros for the older rows under its new keys) and drops the oldest, and an eviction
+gathers the columns together with the K/V. Before this, every overflowing step re-scored the
+stored window queries against the keys held now (a softmax over a different set of keys per
+step); that cost a second attention pass per layer and step. With kvbound's tiered attention
+the step's rows are the model's own attention probabilities; for a model on another attention
+implementation the layer computes them from the parked query (the same values).
 """
 
 from __future__ import annotations
@@ -16,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import KVBoundError
 from .base import nbytes
@@ -39,42 +57,40 @@ def snapkv_scores(votes: torch.Tensor, protect: int, kernel: int) -> torch.Tenso
 
 
 class SnapKVLayer(EvictingLayer):
-    batch_state = (*EvictingLayer.batch_state, "window_query")
+    batch_state = (*EvictingLayer.batch_state, "votes")
+    per_query_mass = True
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.window_query: torch.Tensor | None = None  # [B, heads, <= window, D]
-        self.window_pos: torch.Tensor | None = None
+        # [B, kv_heads, <= window, held]: the newest queries' own attention, columns aligned with the held keys
+        self.votes: torch.Tensor | None = None
 
     def query_rows(self, new: int) -> int:
         return min(self.cache.options.window, new)
 
     def policy_tiers(self) -> dict[str, int]:
-        return {"queries": nbytes(self.window_query, self.window_pos)}
+        return {"votes": nbytes(self.votes)}
 
     def reset_policy(self) -> None:
-        self.window_query = self.window_pos = None
+        self.votes = None
 
     def select(self, keys, positions, query, query_pos, mass=None):
         window = self.cache.options.window
-        older = 0  # stored queries still in the window
-        if self.window_query is not None:
-            older = min(self.window_query.shape[-2], window - query.shape[-2]) if query.shape[-2] < window else 0
-            query = torch.cat([self.window_query, query], dim=-2)
-            query_pos = torch.cat([self.window_pos, query_pos])
-        self.window_query, self.window_pos = query[..., -window:, :].clone(), query_pos[-window:].clone()
-        n = keys.shape[-2]
+        if mass is None:  # no tiered attention: the step's rows are scored here
+            mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap,
+                                  per_query=True)
+        ring, n = mass, keys.shape[-2]  # [B, kv_heads, rows, n]
+        keep_old = window - mass.shape[-2]
+        if self.votes is not None and keep_old > 0:
+            old = self.votes[..., -keep_old:, :]  # the step's new keys come after these queries: no votes
+            ring = torch.cat([F.pad(old, (0, n - old.shape[-1])), mass], dim=-2)
         if n <= self.capacity:
+            self.votes = ring
             return None
-        if mass is None:  # score the whole window
-            votes = attention_mass(self.window_query, self.window_pos, keys, positions, self.scaling(), self.cache.softcap)
-        else:  # the step's rows come from the model's attention; stored rows are scored here
-            votes = mass
-            if older:
-                votes = votes + attention_mass(self.window_query[..., :older, :], self.window_pos[:older], keys,
-                                               positions, self.scaling(), self.cache.softcap)
-        scores = snapkv_scores(votes, min(window, self.capacity), self.cache.options.kernel)
-        return keep_top(scores, self.capacity)
+        scores = snapkv_scores(ring.sum(dim=-2), min(window, self.capacity), self.cache.options.kernel)
+        idx = keep_top(scores, self.capacity)
+        self.votes = ring.gather(-1, idx.unsqueeze(-2).expand(*ring.shape[:-1], idx.shape[-1]))
+        return idx
 
 
 @register("snapkv", "lossy: SnapKV (Li et al. 2024) -- the last `window` queries vote (max-pooled) for tokens to keep",
