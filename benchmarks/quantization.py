@@ -37,10 +37,11 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
     "full": ("full", None, {}),
     "kivi-8": ("kivi", None, {"bits": 8}),
     "kivi-4": ("kivi", None, {"bits": 4}),
-    "kivi-2": ("kivi", None, {"bits": 2}),
-    "kivi-2-g16": ("kivi", None, {"bits": 2, "group": 16}),
+    "kivi-2": ("kivi", None, {"bits": 2}),  # group 16 (int2's default), values clip-searched
+    "kivi-2-noclip": ("kivi", None, {"bits": 2, "clip": False}),
+    "kivi-2-g32": ("kivi", None, {"bits": 2, "group": 32}),
+    "kivi-2-g32-noclip": ("kivi", None, {"bits": 2, "group": 32, "clip": False}),
     "kivi-2-o2": ("kivi", None, {"bits": 2, "outliers": 2}),
-    "kivi-2-g16-o2": ("kivi", None, {"bits": 2, "group": 16, "outliers": 2}),
     "kivi-4-o2": ("kivi", None, {"bits": 4, "outliers": 2}),
     "hf-quanto-4": ("hf-quantized", None, {"backend": "quanto", "bits": 4}),
     "hf-quanto-2": ("hf-quantized", None, {"backend": "quanto", "bits": 2}),
@@ -51,7 +52,7 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
     "offload-int8-o2": ("offload", 256, {"codec": "int8", "codec_outliers": 2}),
     "offload-int4-o2": ("offload", 256, {"codec": "int4", "codec_outliers": 2}),
 }
-DEFAULT = ["full", "kivi-8", "kivi-4", "kivi-2", "kivi-2-g16", "hf-quanto-4", "hf-quanto-2", "hf-fp8", "offload",
+DEFAULT = ["full", "kivi-8", "kivi-4", "kivi-2", "kivi-2-g32", "hf-quanto-4", "hf-quanto-2", "hf-fp8", "offload",
            "offload-int8", "offload-int4"]
 LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1024, {"codec": "int8"})}
 LONG_TEXT = "/usr/share/common-licenses/GPL-3"  # ~7.6k SmolLM2 tokens of plain English, on any Debian

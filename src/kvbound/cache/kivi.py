@@ -19,7 +19,7 @@ their float16 scales and zero points, counted exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -39,6 +39,7 @@ class KiviOptions:
     group: int | None = None  # channels (values) / tokens (keys) per scale; default 32 or a divisor of head_dim
     residual: int = 128  # newest tokens kept in full precision
     outliers: int = 0  # values: per token, channels of largest magnitude kept in float16 (keys are per channel)
+    clip: bool = True  # values: per group, the clipping range of least squared error (keys keep min-max)
 
 
 def refuse_budget(policy: str, budget: int | None, window: str) -> None:
@@ -55,6 +56,7 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         DynamicLayer.__init__(self)
         self._init_policy(cache, layer_idx, sliding_window)
         self.codec: Codec = cache.codec
+        self.vcodec: Codec = replace(cache.codec, clip=cache.options.clip)
         self.residual = cache.options.residual
         self.qk: Packed | None = None
         self.qv: Packed | None = None
@@ -94,7 +96,7 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         over = res_k.shape[-2] - self.residual
         m = (over // g) * g if over >= g else 0
         if m:
-            qk, qv = self.codec.encode(res_k[..., :m, :], "channel"), self.codec.encode(res_v[..., :m, :], "token")
+            qk, qv = self.codec.encode(res_k[..., :m, :], "channel"), self.vcodec.encode(res_v[..., :m, :], "token")
             self.qk = qk if self.qk is None else cat([self.qk, qk])
             self.qv = qv if self.qv is None else cat([self.qv, qv])
         self.keys, self.values = res_k[..., m:, :].clone(), res_v[..., m:, :].clone()
@@ -143,6 +145,8 @@ class KiviCache(KVBoundCache):
         refuse_budget("kivi", budget, f"its full-precision window is the option residual (default {KiviOptions.residual})")
         if isinstance(opts.residual, bool) or not isinstance(opts.residual, int) or opts.residual < 0:
             raise KVBoundError(f"kivi option residual must be a whole number >= 0, got {opts.residual!r}")
+        if not isinstance(opts.clip, bool):
+            raise KVBoundError(f"kivi option clip must be true or false, got {opts.clip!r}")
         self.codec = int_codec(opts.bits, head_dim(model), opts.group, "kivi", opts.outliers)
         layers = [KiviLayer(self, i, w) for i, w in enumerate(layer_windows(model))]
         super().__init__(model, budget, layers)
