@@ -314,10 +314,12 @@ class Codec:
         parts = [t.contiguous().view(torch.uint8) for t in (p.data, p.scale, p.zero, p.oidx, p.oval) if t is not None]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def from_bytes(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Inverse of :meth:`to_bytes`: ``[B, H, n, token_bytes]`` uint8 -> ``[B, H, n, D]`` in ``dtype``."""
+    def from_bytes(self, raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`to_bytes`: ``[B, H, n, token_bytes]`` uint8 -> ``[B, H, n, D]`` in ``dtype``
+        (written into ``out`` when given)."""
         if not self.is_int:
-            return raw.contiguous().view(torch.float32 if self.fmt == "fp32" else torch.bfloat16).to(dtype)
+            x = raw.contiguous().view(torch.float32 if self.fmt == "fp32" else torch.bfloat16)
+            return x.to(dtype) if out is None else out.copy_(x)
         k = self.outliers
         w = raw.shape[-1] - k * (1 + META_DTYPE.itemsize)
         g_bytes = 2 * META_DTYPE.itemsize  # scale + zero point per group
@@ -327,7 +329,7 @@ class Codec:
         zero = raw[..., c + m:c + 2 * m].contiguous().view(META_DTYPE)
         oidx = raw[..., c + 2 * m:c + 2 * m + k] if k else None
         oval = raw[..., c + 2 * m + k:].contiguous().view(META_DTYPE) if k else None
-        return Packed(raw[..., :c], scale, zero, self.bits, "token", self.group, oidx, oval).decode(dtype)
+        return Packed(raw[..., :c], scale, zero, self.bits, "token", self.group, oidx, oval).decode(dtype, out)
 
 
 def parse_codec(name: object, head_dim: int, group: int | None = None, where: str = "codec",
