@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -68,8 +69,12 @@ def make(model, spec):
     return kvbound.make_cache(model, policy, budget, **options)
 
 
-def round_robin_decode(model, ids: torch.Tensor, specs: dict, steps: int, chunk: int) -> dict:
-    """Prefill each variant, then step them one token each in turn; per-step seconds and tokens."""
+def round_robin_decode(model, ids: torch.Tensor, specs: dict, steps: int, chunk: int, cold: bool = False) -> dict:
+    """Prefill each variant, then step them one token each in turn; per-step seconds and tokens.
+
+    ``cold``: each offload variant also takes a second step per round right after its store files
+    were flushed and dropped from the OS page cache (``OffloadCache.drop_page_cache``), so that step
+    reads the offloaded K/V from disk (``cold_steps_s``, ``cold_seconds_per_token``)."""
     caches, nxt, out = {}, {}, {}
     for name, spec in specs.items():
         t = time.perf_counter()
@@ -86,9 +91,17 @@ def round_robin_decode(model, ids: torch.Tensor, specs: dict, steps: int, chunk:
                 out[name]["steps_s"].append(time.perf_counter() - t)
                 nxt[name] = logits.argmax(-1, keepdim=True)
                 out[name]["tokens"].append(int(nxt[name]))
+                if cold and hasattr(cache, "drop_page_cache"):
+                    cache.drop_page_cache()
+                    t = time.perf_counter()
+                    logits = model(nxt[name], past_key_values=cache, use_cache=True).logits[:, -1]
+                    out[name].setdefault("cold_steps_s", []).append(time.perf_counter() - t)
+                    nxt[name] = logits.argmax(-1, keepdim=True)
     for name, cache in caches.items():
         out[name]["memory"] = cache.memory_report()
         out[name]["seconds_per_token"] = statistics.median(out[name]["steps_s"])
+        if "cold_steps_s" in out[name]:
+            out[name]["cold_seconds_per_token"] = statistics.median(out[name]["cold_steps_s"])
         cache.close()
     return out
 
@@ -127,13 +140,21 @@ def report(results: dict) -> str:
     if long:
         base = long.get("offload")
         lines += ["", f"## Decode at {meta.get('long_tokens')} tokens: offload with and without a codec", "",
-                  "| variant | options | offloaded bytes | time/token | × fp32 offload |", "|---|---|---|---|---|"]
+                  "Warm: the store files sit in the OS page cache (RAM), as on a machine with memory to spare; "
+                  "cold: before each such step the files were flushed and dropped from the page cache "
+                  "(`OffloadCache.drop_page_cache`), so the step reads the offloaded K/V from disk, as when the "
+                  "store is larger than the RAM left to cache it. Both step kinds alternate round-robin in one process.",
+                  "", "| variant | options | offloaded bytes | time/token warm | × fp32 offload | time/token cold | "
+                  "× fp32 offload |", "|---|---|---|---|---|---|---|"]
         for name, d in long.items():
             policy, budget, options = meta["long_variants"][name]
             tiers = d["memory"]["bytes_by_tier"]
+            cold = d.get("cold_seconds_per_token")
+            cold_cols = (f"{cold * 1000:.1f} ms | {cold / base['cold_seconds_per_token']:.2f}×"
+                         if cold and base.get("cold_seconds_per_token") else "– | –")
             lines.append(f"| `{name}` | budget={budget} {', '.join(f'{k}={v}' for k, v in options.items())} | "
                          f"{tiers.get('offloaded', 0) / 2**20:.1f} MiB | {d['seconds_per_token'] * 1000:.1f} ms | "
-                         f"{d['seconds_per_token'] / base['seconds_per_token']:.2f}× |")
+                         f"{d['seconds_per_token'] / base['seconds_per_token']:.2f}× | {cold_cols} |")
     return "\n".join(lines) + "\n"
 
 
@@ -161,7 +182,8 @@ def main() -> None:
     results = {"meta": {"model": "smollm2-135m", "ppl_tokens": ids.shape[1], "chunk": args.chunk,
                         "decode_tokens": args.decode_tokens, "threads": args.threads, "torch": torch.__version__,
                         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                        "variants": {n: VARIANTS[n] for n in names}, "long_variants": LONG_VARIANTS},
+                        "variants": {n: VARIANTS[n] for n in names}, "long_variants": LONG_VARIANTS,
+                        "command": " ".join(["python3", *sys.argv]), "stage_runs": {}},
                "ppl": {}, "decode": {}, "long": {}}
     path = out / "results.json"
     if path.exists():  # stages skipped now keep their earlier results
@@ -169,13 +191,22 @@ def main() -> None:
         results.update({k: old[k] for k in ("decode", "long") if k in old and k in skip})
         results["ppl"] = old.get("ppl", {})  # perplexity rows accumulate: a run adds or replaces variants
         results["meta"]["variants"] = {**old["meta"].get("variants", {}), **results["meta"]["variants"]}
-        results["meta"]["earlier"] = {k: v for k, v in old["meta"].items() if k != "earlier"}
+        results["meta"]["earlier"] = {k: v for k, v in old["meta"].items() if k not in ("earlier", "stage_runs")}
+        runs = old["meta"].get("stage_runs", {})  # kept: skipped stages' runs, and ppl's (its rows accumulate)
+        results["meta"]["stage_runs"] = {k: v for k, v in runs.items() if k in skip or k == "ppl"}
+
+    def stamp(stage: str, when: str) -> None:  # date, load average (shared machine) and command of each stage run
+        runs = results["meta"]["stage_runs"].setdefault(stage, [])
+        if when == "start" or not runs:
+            runs.append({"command": results["meta"]["command"]})
+        runs[-1][when] = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg": os.getloadavg()}
 
     def save():
         path.write_text(json.dumps(results, indent=1))
         (out / "report.md").write_text(report(results))
 
     if "ppl" not in skip:
+        stamp("ppl", "start")
         for name in names:
             cache = make(model, VARIANTS[name])
             t = time.perf_counter()
@@ -186,19 +217,25 @@ def main() -> None:
                                     "bytes_by_tier": rep["bytes_by_tier"], "total_bytes": rep["total_bytes"],
                                     "exact": rep["exact"], "perplexity_fn": "kvbound.quality.perplexity"}
             print(f"{name:14s} ppl {ppl:.4f}  bytes {rep['total_bytes']:,}  {rep['bytes_by_tier']}", flush=True)
+            stamp("ppl", "end")
             save()
             gc.collect()
     if "decode" not in skip:
         print("decode at", ids.shape[1], "tokens", flush=True)
+        stamp("decode", "start")
         results["decode"] = round_robin_decode(model, ids, {n: VARIANTS[n] for n in names}, args.decode_tokens,
                                                args.prefill_chunk)
+        stamp("decode", "end")
         save()
     if "long" not in skip:
         long_text = Path(LONG_TEXT).read_text() if Path(LONG_TEXT).exists() else text * 4
         long_ids = tok(long_text, return_tensors="pt").input_ids[:, : args.long_tokens]
         results["meta"]["long_tokens"] = long_ids.shape[1]
         print("decode at", long_ids.shape[1], "tokens", flush=True)
-        results["long"] = round_robin_decode(model, long_ids, LONG_VARIANTS, args.long_decode_tokens, args.prefill_chunk)
+        stamp("long", "start")
+        results["long"] = round_robin_decode(model, long_ids, LONG_VARIANTS, args.long_decode_tokens, args.prefill_chunk,
+                                             cold=True)
+        stamp("long", "end")
         save()
     print("wrote", path)
 
