@@ -94,9 +94,9 @@ def unpack_into(data: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tenso
     words = data.view(-1).view(torch.int64) if data.is_contiguous() and data.numel() % 8 == 0 else None
     for i in range(per):
         if words is not None:
-            plane = ((words >> (bits * i)) & _WORD_MASK[bits]).view(torch.uint8).view(data.shape)
+            plane = ((words >> (bits * i) if i else words) & _WORD_MASK[bits]).view(torch.uint8).view(data.shape)
         else:
-            plane = (data >> (bits * i)) & ((1 << bits) - 1)
+            plane = (data >> (bits * i) if i else data) & ((1 << bits) - 1)
         out[..., i * w:(i + 1) * w].copy_(plane)
     return out
 
