@@ -13,7 +13,9 @@ Two groupings (``axis``):
   (KIVI's key cache: keys have outlier *channels*, so a scale per channel keeps them from
   swamping the others). The number of tokens must be a multiple of ``group``.
 
-Codes are packed along ``head_dim``: int4 two to a byte, int2 four to a byte, int8 one. Scales
+Codes are packed along ``head_dim``: int4 two to a byte, int2 four to a byte, int8 one; planar
+(byte ``j`` holds channels ``j, j + d/2, ...``), so unpacking is a few shifts on int64 words plus one
+conversion copy per bit plane (:func:`unpack_into`). Scales
 and zero points are float16 (as in KIVI's kernels). :meth:`Packed.nbytes` counts exactly the
 bytes held: packed codes + scales + zero points.
 

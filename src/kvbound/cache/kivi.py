@@ -1,8 +1,13 @@
 """``kivi``: every token kept, quantized -- KIVI (Liu et al. 2024), lossy.
 
 Keys are quantized per channel over blocks of ``group`` tokens, values per token over groups of
-``group`` channels (:mod:`kvbound.cache.codec`), to ``bits`` 2, 4 or 8. The newest tokens stay in
-full precision: between ``residual`` and ``residual + group - 1`` of them (KIVI's residual: keys
+``group`` channels (:mod:`kvbound.cache.codec`), to ``bits`` 2, 4 or 8 -- KIVI's grouping (its
+reference code transposes the keys and groups along tokens). Default ``group``: 32 at 4 bits (KIVI's),
+16 at 2 bits, the whole head at 8. Values' groups take the clipping range of least squared error
+(option ``clip``, default on; keys keep min-max): at 2 bits on SmolLM2 this halves the values' error
+and, with group 16, brings perplexity from +16.8% (KIVI's group 32, min-max) to +4.7% of ``full``'s.
+
+The newest tokens stay in full precision: between ``residual`` and ``residual + group - 1`` of them (KIVI's residual: keys
 can only be quantized per channel once a whole block of ``group`` tokens has arrived). Each step
 the quantized part is dequantized into the K/V handed to attention (a transient buffer, freed
 after the layer), as in KIVI's reference implementation and transformers' ``QuantizedCache``.
@@ -36,7 +41,7 @@ from .registry import register
 @dataclass
 class KiviOptions:
     bits: int = 4  # 2, 4 or 8
-    group: int | None = None  # channels (values) / tokens (keys) per scale; default 32 or a divisor of head_dim
+    group: int | None = None  # channels (values) / tokens (keys) per scale; default by bits (codec.default_group)
     residual: int = 128  # newest tokens kept in full precision
     outliers: int = 0  # values: per token, channels of largest magnitude kept in float16 (keys are per channel)
     clip: bool = True  # values: per group, the clipping range of least squared error (keys keep min-max)
