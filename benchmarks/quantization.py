@@ -125,7 +125,8 @@ def report(results: dict) -> str:
              "match = positions equal to full's greedy tokens.", "",
              "| variant | policy and options | exact | perplexity | Δ vs full | cache bytes | × full | token match | "
              "time/token × full |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, row in ppl.items():
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    for name, row in sorted(ppl.items(), key=lambda item: order.get(item[0], len(order))):
         policy, budget, options = variants.get(name, ("?", None, {}))
         opts = ", ".join(f"{k}={v}" for k, v in options.items()) + (f" budget={budget}" if budget else "")
         d = dec.get(name)
@@ -155,6 +156,14 @@ def report(results: dict) -> str:
             lines.append(f"| `{name}` | budget={budget} {', '.join(f'{k}={v}' for k, v in options.items())} | "
                          f"{tiers.get('offloaded', 0) / 2**20:.1f} MiB | {d['seconds_per_token'] * 1000:.1f} ms | "
                          f"{d['seconds_per_token'] / base['seconds_per_token']:.2f}× | {cold_cols} |")
+    runs = meta.get("stage_runs", {})
+    if runs:
+        lines += ["", "## Runs", "", "Each stage's runs (UTC, 1/5/15-minute load average of the shared 2-core machine):", ""]
+        for stage, stage_runs in runs.items():
+            for run in stage_runs:
+                when = " → ".join(f"{run[k]['utc']} (load {', '.join(f'{x:.1f}' for x in run[k]['loadavg'])})"
+                                  for k in ("start", "end") if k in run)
+                lines.append(f"- {stage}: {when}: `{run.get('command', '?')}`")
     return "\n".join(lines) + "\n"
 
 
@@ -189,6 +198,8 @@ def main() -> None:
     if path.exists():  # stages skipped now keep their earlier results
         old = json.loads(path.read_text())
         results.update({k: old[k] for k in ("decode", "long") if k in old and k in skip})
+        if "long" in skip and "long_tokens" in old["meta"]:
+            results["meta"]["long_tokens"] = old["meta"]["long_tokens"]
         results["ppl"] = old.get("ppl", {})  # perplexity rows accumulate: a run adds or replaces variants
         results["meta"]["variants"] = {**old["meta"].get("variants", {}), **results["meta"]["variants"]}
         results["meta"]["earlier"] = {k: v for k, v in old["meta"].items() if k not in ("earlier", "stage_runs")}
