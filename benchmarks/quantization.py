@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -37,10 +38,11 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
     "full": ("full", None, {}),
     "kivi-8": ("kivi", None, {"bits": 8}),
     "kivi-4": ("kivi", None, {"bits": 4}),
-    "kivi-2": ("kivi", None, {"bits": 2}),
-    "kivi-2-g16": ("kivi", None, {"bits": 2, "group": 16}),
+    "kivi-2": ("kivi", None, {"bits": 2}),  # group 16 (int2's default), values clip-searched
+    "kivi-2-noclip": ("kivi", None, {"bits": 2, "clip": False}),
+    "kivi-2-g32": ("kivi", None, {"bits": 2, "group": 32}),
+    "kivi-2-g32-noclip": ("kivi", None, {"bits": 2, "group": 32, "clip": False}),
     "kivi-2-o2": ("kivi", None, {"bits": 2, "outliers": 2}),
-    "kivi-2-g16-o2": ("kivi", None, {"bits": 2, "group": 16, "outliers": 2}),
     "kivi-4-o2": ("kivi", None, {"bits": 4, "outliers": 2}),
     "hf-quanto-4": ("hf-quantized", None, {"backend": "quanto", "bits": 4}),
     "hf-quanto-2": ("hf-quantized", None, {"backend": "quanto", "bits": 2}),
@@ -51,7 +53,7 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
     "offload-int8-o2": ("offload", 256, {"codec": "int8", "codec_outliers": 2}),
     "offload-int4-o2": ("offload", 256, {"codec": "int4", "codec_outliers": 2}),
 }
-DEFAULT = ["full", "kivi-8", "kivi-4", "kivi-2", "kivi-2-g16", "hf-quanto-4", "hf-quanto-2", "hf-fp8", "offload",
+DEFAULT = ["full", "kivi-8", "kivi-4", "kivi-2", "kivi-2-g32", "hf-quanto-4", "hf-quanto-2", "hf-fp8", "offload",
            "offload-int8", "offload-int4"]
 LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1024, {"codec": "int8"})}
 LONG_TEXT = "/usr/share/common-licenses/GPL-3"  # ~7.6k SmolLM2 tokens of plain English, on any Debian
@@ -67,8 +69,12 @@ def make(model, spec):
     return kvbound.make_cache(model, policy, budget, **options)
 
 
-def round_robin_decode(model, ids: torch.Tensor, specs: dict, steps: int, chunk: int) -> dict:
-    """Prefill each variant, then step them one token each in turn; per-step seconds and tokens."""
+def round_robin_decode(model, ids: torch.Tensor, specs: dict, steps: int, chunk: int, cold: bool = False) -> dict:
+    """Prefill each variant, then step them one token each in turn; per-step seconds and tokens.
+
+    ``cold``: each offload variant also takes a second step per round right after its store files
+    were flushed and dropped from the OS page cache (``OffloadCache.drop_page_cache``), so that step
+    reads the offloaded K/V from disk (``cold_steps_s``, ``cold_seconds_per_token``)."""
     caches, nxt, out = {}, {}, {}
     for name, spec in specs.items():
         t = time.perf_counter()
@@ -85,9 +91,17 @@ def round_robin_decode(model, ids: torch.Tensor, specs: dict, steps: int, chunk:
                 out[name]["steps_s"].append(time.perf_counter() - t)
                 nxt[name] = logits.argmax(-1, keepdim=True)
                 out[name]["tokens"].append(int(nxt[name]))
+                if cold and hasattr(cache, "drop_page_cache"):
+                    cache.drop_page_cache()
+                    t = time.perf_counter()
+                    logits = model(nxt[name], past_key_values=cache, use_cache=True).logits[:, -1]
+                    out[name].setdefault("cold_steps_s", []).append(time.perf_counter() - t)
+                    nxt[name] = logits.argmax(-1, keepdim=True)
     for name, cache in caches.items():
         out[name]["memory"] = cache.memory_report()
         out[name]["seconds_per_token"] = statistics.median(out[name]["steps_s"])
+        if "cold_steps_s" in out[name]:
+            out[name]["cold_seconds_per_token"] = statistics.median(out[name]["cold_steps_s"])
         cache.close()
     return out
 
@@ -111,7 +125,8 @@ def report(results: dict) -> str:
              "match = positions equal to full's greedy tokens.", "",
              "| variant | policy and options | exact | perplexity | Δ vs full | cache bytes | × full | token match | "
              "time/token × full |", "|---|---|---|---|---|---|---|---|---|"]
-    for name, row in ppl.items():
+    order = {name: i for i, name in enumerate(VARIANTS)}
+    for name, row in sorted(ppl.items(), key=lambda item: order.get(item[0], len(order))):
         policy, budget, options = variants.get(name, ("?", None, {}))
         opts = ", ".join(f"{k}={v}" for k, v in options.items()) + (f" budget={budget}" if budget else "")
         d = dec.get(name)
@@ -126,13 +141,29 @@ def report(results: dict) -> str:
     if long:
         base = long.get("offload")
         lines += ["", f"## Decode at {meta.get('long_tokens')} tokens: offload with and without a codec", "",
-                  "| variant | options | offloaded bytes | time/token | × fp32 offload |", "|---|---|---|---|---|"]
+                  "Warm: the store files sit in the OS page cache (RAM), as on a machine with memory to spare; "
+                  "cold: before each such step the files were flushed and dropped from the page cache "
+                  "(`OffloadCache.drop_page_cache`), so the step reads the offloaded K/V from disk, as when the "
+                  "store is larger than the RAM left to cache it. Both step kinds alternate round-robin in one process.",
+                  "", "| variant | options | offloaded bytes | time/token warm | × fp32 offload | time/token cold | "
+                  "× fp32 offload |", "|---|---|---|---|---|---|---|"]
         for name, d in long.items():
             policy, budget, options = meta["long_variants"][name]
             tiers = d["memory"]["bytes_by_tier"]
+            cold = d.get("cold_seconds_per_token")
+            cold_cols = (f"{cold * 1000:.1f} ms | {cold / base['cold_seconds_per_token']:.2f}×"
+                         if cold and base.get("cold_seconds_per_token") else "– | –")
             lines.append(f"| `{name}` | budget={budget} {', '.join(f'{k}={v}' for k, v in options.items())} | "
                          f"{tiers.get('offloaded', 0) / 2**20:.1f} MiB | {d['seconds_per_token'] * 1000:.1f} ms | "
-                         f"{d['seconds_per_token'] / base['seconds_per_token']:.2f}× |")
+                         f"{d['seconds_per_token'] / base['seconds_per_token']:.2f}× | {cold_cols} |")
+    runs = meta.get("stage_runs", {})
+    if runs:
+        lines += ["", "## Runs", "", "Each stage's runs (UTC, 1/5/15-minute load average of the shared 2-core machine):", ""]
+        for stage, stage_runs in runs.items():
+            for run in stage_runs:
+                when = " → ".join(f"{run[k]['utc']} (load {', '.join(f'{x:.1f}' for x in run[k]['loadavg'])})"
+                                  for k in ("start", "end") if k in run)
+                lines.append(f"- {stage}: {when}: `{run.get('command', '?')}`")
     return "\n".join(lines) + "\n"
 
 
@@ -160,21 +191,33 @@ def main() -> None:
     results = {"meta": {"model": "smollm2-135m", "ppl_tokens": ids.shape[1], "chunk": args.chunk,
                         "decode_tokens": args.decode_tokens, "threads": args.threads, "torch": torch.__version__,
                         "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                        "variants": {n: VARIANTS[n] for n in names}, "long_variants": LONG_VARIANTS},
+                        "variants": {n: VARIANTS[n] for n in names}, "long_variants": LONG_VARIANTS,
+                        "command": " ".join(["python3", *sys.argv]), "stage_runs": {}},
                "ppl": {}, "decode": {}, "long": {}}
     path = out / "results.json"
     if path.exists():  # stages skipped now keep their earlier results
         old = json.loads(path.read_text())
         results.update({k: old[k] for k in ("decode", "long") if k in old and k in skip})
+        if "long" in skip and "long_tokens" in old["meta"]:
+            results["meta"]["long_tokens"] = old["meta"]["long_tokens"]
         results["ppl"] = old.get("ppl", {})  # perplexity rows accumulate: a run adds or replaces variants
         results["meta"]["variants"] = {**old["meta"].get("variants", {}), **results["meta"]["variants"]}
-        results["meta"]["earlier"] = {k: v for k, v in old["meta"].items() if k != "earlier"}
+        results["meta"]["earlier"] = {k: v for k, v in old["meta"].items() if k not in ("earlier", "stage_runs")}
+        runs = old["meta"].get("stage_runs", {})  # kept: skipped stages' runs, and ppl's (its rows accumulate)
+        results["meta"]["stage_runs"] = {k: v for k, v in runs.items() if k in skip or k == "ppl"}
+
+    def stamp(stage: str, when: str) -> None:  # date, load average (shared machine) and command of each stage run
+        runs = results["meta"]["stage_runs"].setdefault(stage, [])
+        if when == "start" or not runs:
+            runs.append({"command": results["meta"]["command"]})
+        runs[-1][when] = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "loadavg": os.getloadavg()}
 
     def save():
         path.write_text(json.dumps(results, indent=1))
         (out / "report.md").write_text(report(results))
 
     if "ppl" not in skip:
+        stamp("ppl", "start")
         for name in names:
             cache = make(model, VARIANTS[name])
             t = time.perf_counter()
@@ -185,19 +228,25 @@ def main() -> None:
                                     "bytes_by_tier": rep["bytes_by_tier"], "total_bytes": rep["total_bytes"],
                                     "exact": rep["exact"], "perplexity_fn": "kvbound.quality.perplexity"}
             print(f"{name:14s} ppl {ppl:.4f}  bytes {rep['total_bytes']:,}  {rep['bytes_by_tier']}", flush=True)
+            stamp("ppl", "end")
             save()
             gc.collect()
     if "decode" not in skip:
         print("decode at", ids.shape[1], "tokens", flush=True)
+        stamp("decode", "start")
         results["decode"] = round_robin_decode(model, ids, {n: VARIANTS[n] for n in names}, args.decode_tokens,
                                                args.prefill_chunk)
+        stamp("decode", "end")
         save()
     if "long" not in skip:
         long_text = Path(LONG_TEXT).read_text() if Path(LONG_TEXT).exists() else text * 4
         long_ids = tok(long_text, return_tensors="pt").input_ids[:, : args.long_tokens]
         results["meta"]["long_tokens"] = long_ids.shape[1]
         print("decode at", long_ids.shape[1], "tokens", flush=True)
-        results["long"] = round_robin_decode(model, long_ids, LONG_VARIANTS, args.long_decode_tokens, args.prefill_chunk)
+        stamp("long", "start")
+        results["long"] = round_robin_decode(model, long_ids, LONG_VARIANTS, args.long_decode_tokens, args.prefill_chunk,
+                                             cold=True)
+        stamp("long", "end")
         save()
     print("wrote", path)
 

@@ -86,6 +86,7 @@ def test_beam_search_runs():
     ({"bits": 3}, None, "bits must be one of 2, 4, 8"),
     ({"group": 5}, None, "group 5 does not divide head_dim 16"),
     ({"residual": -1}, None, "residual must be a whole number"),
+    ({"clip": "yes"}, None, "clip must be true or false"),
     ({}, 64, "takes no budget"),
     ({"window": 3}, None, "unknown option"),
 ])

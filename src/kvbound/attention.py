@@ -45,6 +45,24 @@ MASS_BLOCK_BYTES = 2 << 20  # float32 logits per block of queries when scoring (
 
 Block = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, n, D]
 
+
+@dataclass
+class LazyBlock:
+    """A block built only when attention reaches it: ``load()`` returns its K/V. Lazy blocks may
+    share one buffer (a codec'd store decodes each span into it), so attention reads each block
+    before it loads the next."""
+
+    tokens: int
+    load: Callable[[], Block]
+
+
+def block_tokens(block: "Block | LazyBlock") -> int:
+    return block.tokens if isinstance(block, LazyBlock) else block[0].shape[-2]
+
+
+def load_block(block: "Block | LazyBlock") -> Block:
+    return block.load() if isinstance(block, LazyBlock) else block
+
 # Dtypes whose blocks are merged by tiered attention. Below float32 each block's output is rounded
 # to the model's dtype before the merge (and once more after it), where one attention call over the
 # concatenation rounds once; in bf16 that flipped near-tie greedy tokens (offload and residual
@@ -58,7 +76,8 @@ class TierStep:
     """What a layer's ``update`` leaves for the attention call of the same step.
 
     * ``keys`` -- the tensor ``update`` returned (attention must receive this very object);
-    * ``blocks`` -- older K/V blocks, in position order, that come before ``keys`` in the mask;
+    * ``blocks`` -- older K/V blocks (or :class:`LazyBlock`), in position order, that come before
+      ``keys`` in the mask;
     * ``rows`` / ``scored`` -- the scored policies: ``scored(query_rows, mass)`` is called after
       attention with the newest ``rows`` query rows and the attention mass ``[B, kv_heads, n]``
       they gave the keys of ``keys`` (summed over those rows and the query heads of each KV head);
@@ -67,7 +86,7 @@ class TierStep:
     """
 
     keys: torch.Tensor
-    blocks: list[Block] = field(default_factory=list)
+    blocks: list["Block | LazyBlock"] = field(default_factory=list)
     rows: int = 0
     scored: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     per_query: bool = False
@@ -262,7 +281,7 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     return out.to(parts[0][0].dtype)
 
 
-def tiered_attention(query: torch.Tensor, blocks: list[Block], keys: torch.Tensor, values: torch.Tensor,
+def tiered_attention(query: torch.Tensor, blocks: list["Block | LazyBlock"], keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | None, scaling: float, softcap: float | None = None,
                      sinks: torch.Tensor | None = None, mass_rows: int = 0, per_query: bool = False):
     """Attention of ``query`` over ``blocks`` followed by ``keys``/``values``, merged exactly.
@@ -274,7 +293,7 @@ def tiered_attention(query: torch.Tensor, blocks: list[Block], keys: torch.Tenso
     ``per_query``). Returns ``(out [B, H, T, D], mass or None)``.
     """
     t = query.shape[-2]
-    n_old = sum(k.shape[-2] for k, _ in blocks)
+    n_old = sum(block_tokens(b) for b in blocks)
     total = n_old + keys.shape[-2]
     visible = _visible(mask)
     if visible is not None and visible.shape[-1] != total:
@@ -284,7 +303,8 @@ def tiered_attention(query: torch.Tensor, blocks: list[Block], keys: torch.Tenso
         visible = (torch.arange(total, device=query.device)[None, :] <= q_pos[:, None]).view(1, 1, t, total)
     parts = []
     col = 0
-    for k, v in blocks:
+    for block in blocks:
+        k, v = load_block(block)  # a lazy block may reuse the previous one's buffer: read it now
         n = k.shape[-2]
         vis = None if visible is None else visible[..., col:col + n]
         if vis is not None and bool(vis.all()):

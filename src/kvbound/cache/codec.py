@@ -13,7 +13,9 @@ Two groupings (``axis``):
   (KIVI's key cache: keys have outlier *channels*, so a scale per channel keeps them from
   swamping the others). The number of tokens must be a multiple of ``group``.
 
-Codes are packed along ``head_dim``: int4 two to a byte, int2 four to a byte, int8 one. Scales
+Codes are packed along ``head_dim``: int4 two to a byte, int2 four to a byte, int8 one; planar
+(byte ``j`` holds channels ``j, j + d/2, ...``), so unpacking is a few shifts on int64 words plus one
+conversion copy per bit plane (:func:`unpack_into`). Scales
 and zero points are float16 (as in KIVI's kernels). :meth:`Packed.nbytes` counts exactly the
 bytes held: packed codes + scales + zero points.
 
@@ -55,35 +57,57 @@ def check_group(group: object, head_dim: int, where: str) -> int:
 
 
 def default_group(bits: int, head_dim: int) -> int:
-    """32 channels (KIVI's default) where it divides ``head_dim``; int8 uses the whole head."""
-    return head_dim if bits == 8 else math.gcd(32, head_dim)
+    """int8: the whole head; int4: 32 (KIVI's default); int2: 16 -- at 2 bits a 32-value group
+    costs SmolLM2 +17% perplexity, 16 costs +7% for one more bit per value (benchmarks/quantization.py).
+    Each a divisor of ``head_dim``."""
+    return head_dim if bits == 8 else math.gcd(16 if bits == 2 else 32, head_dim)
 
 
 # --------------------------------------------------------------------------- packing
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes ``< 2**bits`` along the last dim: ``8 // bits`` codes per byte."""
+    """Pack uint8 codes ``< 2**bits`` along the last dim, ``per = 8 // bits`` codes per byte, planar:
+    byte ``j`` holds channels ``j, j + d/per, j + 2d/per, ...`` (lowest bits first), so each bit
+    plane unpacks to one contiguous run of channels (:func:`unpack_into`)."""
     per = 8 // bits
     if per == 1:
         return codes
     if codes.shape[-1] % per:
         raise KVBoundError(f"head_dim {codes.shape[-1]} is not a multiple of {per} (needed to pack {bits}-bit codes)")
-    c = codes.view(*codes.shape[:-1], codes.shape[-1] // per, per)
-    out = c[..., 0].clone()
+    c = codes.view(*codes.shape[:-1], per, codes.shape[-1] // per)
+    out = c[..., 0, :].clone()
     for i in range(1, per):
-        out |= c[..., i] << (bits * i)
+        out |= c[..., i, :] << (bits * i)
+    return out
+
+
+_WORD_MASK = {2: 0x0303030303030303, 4: 0x0F0F0F0F0F0F0F0F}  # the low ``bits`` of each byte of an int64
+
+
+def unpack_into(data: torch.Tensor, bits: int, out: torch.Tensor) -> torch.Tensor:
+    """Write the codes of ``data`` (:func:`pack`) into ``out`` (``[..., d]``, any dtype; may be a
+    strided slice). The shifts and masks run on int64 words, 8 packed bytes at a time, where ``data``
+    is contiguous; each bit plane then lands in its channel run with one conversion copy."""
+    per = 8 // bits
+    if per == 1:
+        return out.copy_(data)
+    w = data.shape[-1]
+    words = data.view(-1).view(torch.int64) if data.is_contiguous() and data.numel() % 8 == 0 else None
+    for i in range(per):
+        if words is not None:
+            plane = ((words >> (bits * i) if i else words) & _WORD_MASK[bits]).view(torch.uint8).view(data.shape)
+        else:
+            plane = (data >> (bits * i) if i else data) & ((1 << bits) - 1)
+        out[..., i * w:(i + 1) * w].copy_(plane)
     return out
 
 
 def unpack(data: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of :func:`pack`."""
-    per = 8 // bits
-    if per == 1:
+    """Inverse of :func:`pack`: uint8 codes."""
+    if bits == 8:
         return data
-    mask = (1 << bits) - 1
-    parts = [(data >> (bits * i)) & mask for i in range(per)]
-    return torch.stack(parts, dim=-1).view(*data.shape[:-1], data.shape[-1] * per)
+    return unpack_into(data, bits, data.new_empty((*data.shape[:-1], data.shape[-1] * 8 // bits)))
 
 
 # --------------------------------------------------------------------------- packed tensors
@@ -123,18 +147,20 @@ class Packed:
         tensor of that shape, when given: saves the copy of a later concatenation)."""
         if self.scale is None:
             return self.data.to(dtype) if out is None else out.copy_(self.data)
-        codes = unpack(self.data, self.bits)
-        b, h, n, d = codes.shape
-        g = self.group
-        if self.axis == "token":
-            shape, dim = (b, h, n, d // g, g), -1
-        else:
-            shape, dim = (b, h, n // g, g, d), -2
+        b, h, n, w = self.data.shape
+        d, g = w * 8 // self.bits, self.group
         if out is None:
             out = torch.empty((b, h, n, d), dtype=dtype, device=self.data.device)
-        # uint8 codes promote to ``dtype`` inside addcmul: no float copy of the codes
-        torch.addcmul(self.zero.to(dtype).unsqueeze(dim), codes.view(shape), self.scale.to(dtype).unsqueeze(dim),
-                      out=out.view(shape))
+        unpack_into(self.data, self.bits, out)  # the codes, already in ``dtype``
+        if self.axis == "token":
+            blocks, dim = out.view(b, h, n, d // g, g), -1
+        else:
+            blocks, dim = out.view(b, h, n // g, g, d), -2
+        scale, zero = self.scale.to(dtype).unsqueeze(dim), self.zero.to(dtype).unsqueeze(dim)
+        if self.axis == "token":  # in place over float codes (faster than addcmul broadcasting the last dim)
+            blocks.mul_(scale).add_(zero)
+        else:
+            torch.addcmul(zero, blocks, scale, out=blocks)
         if self.oidx is not None:
             out.scatter_(-1, self.oidx.long(), self.oval.to(dtype))
         return out
@@ -185,6 +211,38 @@ def cat(parts: list[Packed]) -> Packed:
 # --------------------------------------------------------------------------- codec
 
 
+def _quantize(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, red: int):
+    """float16 ``scale``/``zero`` mapping ``[lo, hi]`` onto codes ``0..qmax``, and the (float) codes."""
+    zero = lo.to(META_DTYPE)
+    # the scale covers [zero, hi] after zero's rounding; float16 rounding of the scale is absorbed by clamping
+    scale = ((hi - zero.float()) / qmax).clamp(min=_MIN_SCALE).to(META_DTYPE)
+    codes = ((blocks - zero.float().unsqueeze(red)) / scale.float().unsqueeze(red)).round_().clamp_(0, qmax)
+    return scale, zero, codes
+
+
+CLIP_RATIOS = tuple(1 - 0.04 * i for i in range(1, 13))  # 0.96 .. 0.52 of the min-max range
+
+
+def _clip_search(blocks: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, qmax: int, best):
+    """Per-token groups (``red = -1``): per group, the range ``[lo, hi]`` shrunk about its middle by the
+    ratio of :data:`CLIP_RATIOS` (or none) whose round trip has the least squared error -- the
+    clipping search of AWQ/OmniQuant-style quantizers. At 2 bits it halves the error of SmolLM2's
+    values; keys are left at min-max (clipping their extremes costs attention far more)."""
+    def err(scale, zero, codes):
+        return (codes * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1) - blocks).square_().sum(-1)
+
+    best_err = err(*best)
+    mid = (lo + hi) / 2
+    for r in CLIP_RATIOS:
+        cand = _quantize(blocks, mid - (mid - lo) * r, mid + (hi - mid) * r, qmax, -1)
+        e = err(*cand)
+        better = e < best_err
+        best_err = torch.where(better, e, best_err)
+        best = tuple(torch.where(better.unsqueeze(-1) if t.dim() > better.dim() else better, c, t)
+                     for c, t in zip(cand, best))
+    return best
+
+
 @dataclass(frozen=True)
 class Codec:
     """A K/V format: ``fmt`` in :data:`FORMATS`; ``group`` values share a scale (integer formats)."""
@@ -192,6 +250,7 @@ class Codec:
     fmt: str
     group: int = 0  # 0 for float formats
     outliers: int = 0  # per-token encodings: channels of largest magnitude kept apart in float16 (per token, head)
+    clip: bool = False  # per-token encodings: search each group's clipping range (:func:`_clip_search`)
 
     @property
     def bits(self) -> int:
@@ -231,10 +290,9 @@ class Codec:
         lo, hi = blocks.amin(dim=red), blocks.amax(dim=red)
         if bool(lo.abs().max() > _FP16_MAX) or bool(hi.abs().max() > _FP16_MAX):
             raise KVBoundError(f"{self.fmt} codec: K/V values beyond float16 range ({_FP16_MAX:.0f}); use fp32 or bf16")
-        zero = lo.to(META_DTYPE)
-        # the scale covers [zero, hi] after zero's rounding; float16 rounding of the scale is absorbed by clamping
-        scale = ((hi - zero.float()) / qmax).clamp(min=_MIN_SCALE).to(META_DTYPE)
-        codes = ((blocks - zero.float().unsqueeze(red)) / scale.float().unsqueeze(red)).round_().clamp_(0, qmax)
+        scale, zero, codes = _quantize(blocks, lo, hi, qmax, red)
+        if self.clip and axis == "token":
+            scale, zero, codes = _clip_search(blocks, lo, hi, qmax, (scale, zero, codes))
         codes = codes.to(torch.uint8).view(b, h, n, d)
         return Packed(pack(codes, self.bits), scale, zero, self.bits, axis, g, oidx, oval)
 
@@ -258,10 +316,12 @@ class Codec:
         parts = [t.contiguous().view(torch.uint8) for t in (p.data, p.scale, p.zero, p.oidx, p.oval) if t is not None]
         return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
-    def from_bytes(self, raw: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Inverse of :meth:`to_bytes`: ``[B, H, n, token_bytes]`` uint8 -> ``[B, H, n, D]`` in ``dtype``."""
+    def from_bytes(self, raw: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Inverse of :meth:`to_bytes`: ``[B, H, n, token_bytes]`` uint8 -> ``[B, H, n, D]`` in ``dtype``
+        (written into ``out`` when given)."""
         if not self.is_int:
-            return raw.contiguous().view(torch.float32 if self.fmt == "fp32" else torch.bfloat16).to(dtype)
+            x = raw.contiguous().view(torch.float32 if self.fmt == "fp32" else torch.bfloat16)
+            return x.to(dtype) if out is None else out.copy_(x)
         k = self.outliers
         w = raw.shape[-1] - k * (1 + META_DTYPE.itemsize)
         g_bytes = 2 * META_DTYPE.itemsize  # scale + zero point per group
@@ -271,7 +331,7 @@ class Codec:
         zero = raw[..., c + m:c + 2 * m].contiguous().view(META_DTYPE)
         oidx = raw[..., c + 2 * m:c + 2 * m + k] if k else None
         oval = raw[..., c + 2 * m + k:].contiguous().view(META_DTYPE) if k else None
-        return Packed(raw[..., :c], scale, zero, self.bits, "token", self.group, oidx, oval).decode(dtype)
+        return Packed(raw[..., :c], scale, zero, self.bits, "token", self.group, oidx, oval).decode(dtype, out)
 
 
 def parse_codec(name: object, head_dim: int, group: int | None = None, where: str = "codec",

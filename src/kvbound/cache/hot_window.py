@@ -59,6 +59,11 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
     def release_blocks(self) -> None:
         """Attention is done with this step's recalled blocks."""
 
+    def attends_tiered(self, like: torch.Tensor) -> bool:
+        """Whether this step's attention reads recalled blocks one by one (kvbound's tiered attention
+        for this cache, K/V like ``like``), so they may be :class:`~kvbound.attention.LazyBlock`s."""
+        return attention.active_cache() is self.cache and like.dtype in attention.TIERED_DTYPES
+
     def handover_bytes(self, recalled: int, like: torch.Tensor) -> int:
         """Bytes ``update`` builds for attention besides ``recalled`` bytes of recalled K/V: the
         hot + new concatenation, and a concatenated copy of everything without tiered attention."""
@@ -158,7 +163,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         self.values = values[..., n_spill:, :].clone()
         self.seen += new
         self.cache.account(self.layer_idx)
-        if blocks and attention.active_cache() is self.cache and keys.dtype in attention.TIERED_DTYPES:
+        if blocks and self.attends_tiered(keys):
             self.pending_step = attention.TierStep(keys, blocks, release=self.release_blocks)
         elif blocks:
             keys = torch.cat([*(k for k, _ in blocks), keys], dim=-2)

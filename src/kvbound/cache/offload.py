@@ -58,6 +58,7 @@ from ..errors import KVBoundError
 from .base import KVBoundCache, nbytes
 from .codec import CodecOptions, decode_kv, encode_kv, tier_codec
 from .model_info import layer_windows
+from .. import attention
 from .hooks import use_tiered_attention
 from .hot_window import HotWindowLayer
 from .registry import register
@@ -65,6 +66,7 @@ from .registry import register
 STORES = ("auto", "file", "host")
 READS = ("mmap", "pread")
 SEGMENT = 4096  # tokens per file segment (rounded up to whole pages); one attention block each
+DECODE_CHUNK = SEGMENT  # codec'd stores: tokens decoded per attention block, into one reused buffer
 
 
 @dataclass
@@ -401,16 +403,31 @@ class OffloadLayer(HotWindowLayer):
     def spill(self, keys: torch.Tensor, values: torch.Tensor, start: int) -> None:
         self.store.write(start, *encode_kv(self.cache.codec, keys, values))
 
-    def recall_blocks(self, start: int, end: int, like: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def recall_blocks(self, start: int, end: int, like: torch.Tensor) -> list:
         spill_until = self.seen + like.shape[-2] - self.hot  # this step spills up to here before attention
         blocks = self.store.blocks(start, end, like, spill_until)
         recalled = sum(nbytes(k, v) for k, v in blocks)
-        if self.cache.codec is not None:  # the records read back and the K/V decoded from them
-            blocks = [decode_kv(self.cache.codec, k, v, like.dtype) for k, v in blocks]
+        codec = self.cache.codec
+        if codec is not None and self.attends_tiered(like):
+            # decoded DECODE_CHUNK tokens at a time, when attention reaches them, into one reused buffer
+            blocks = [attention.LazyBlock(min(DECODE_CHUNK, k.shape[-2] - i), self._decoder(k, v, i, like))
+                      for k, v in blocks for i in range(0, k.shape[-2], DECODE_CHUNK)]
+            recalled += self.cache.decode_bytes(like, min(DECODE_CHUNK, end - start))
+        elif codec is not None:  # the records read back and the K/V decoded from them
+            blocks = [decode_kv(codec, k, v, like.dtype) for k, v in blocks]
             recalled += sum(nbytes(k, v) for k, v in blocks)
         # alive together: the recalled K/V (mapped pages or the read-back buffer) and what update builds
         self.cache.note_transient(max(recalled, self.cache.readback_bytes()) + self.handover_bytes(recalled, like))
         return blocks
+
+    def _decoder(self, k: torch.Tensor, v: torch.Tensor, i: int, like: torch.Tensor):
+        """Loads the K/V of records ``i .. i + DECODE_CHUNK`` of ``k``/``v`` into the cache's decode buffer."""
+        def load() -> tuple[torch.Tensor, torch.Tensor]:
+            kr, vr = k[..., i:i + DECODE_CHUNK, :], v[..., i:i + DECODE_CHUNK, :]
+            buf = self.cache.decode_buffer((2, *kr.shape[:-1], like.shape[-1]), like.dtype)
+            codec = self.cache.codec
+            return codec.from_bytes(kr, like.dtype, out=buf[0]), codec.from_bytes(vr, like.dtype, out=buf[1])
+        return load
 
     def release_blocks(self) -> None:
         self.store.release()
@@ -459,6 +476,7 @@ class OffloadCache(KVBoundCache):
         self.fds: list[int] = []
         self.folder: str | None = None
         self._readback: torch.Tensor | None = None
+        self._decoded: torch.Tensor | None = None
         if kind == "file":
             parent = os.path.expanduser(opts.dir) if opts.dir is not None else None
             try:
@@ -489,8 +507,29 @@ class OffloadCache(KVBoundCache):
     def readback_bytes(self) -> int:
         return 0 if self._readback is None else self._readback.numel()
 
+    def decode_buffer(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer for K/V decoded from codec records, reused by every block and layer of a pass."""
+        size = math.prod(shape) * dtype.itemsize
+        if self._decoded is None or self._decoded.numel() < size:
+            self._decoded = torch.empty(size, dtype=torch.uint8)
+        return self._decoded[:size].view(dtype).view(shape)
+
+    @staticmethod
+    def decode_bytes(like: torch.Tensor, tokens: int) -> int:
+        """Bytes of :meth:`decode_buffer` for ``tokens`` tokens of K and V like ``like``."""
+        return 2 * like.shape[0] * like.shape[1] * tokens * like.shape[-1] * like.element_size()
+
     def release_readback(self) -> None:
-        self._readback = None
+        self._readback = self._decoded = None
+
+    def drop_page_cache(self) -> None:
+        """File store: write the store's files out and ask the OS to drop their cached pages, so the
+        next reads come from disk (benchmarks: a store larger than the RAM left for caching it)."""
+        for layer in self.layers:
+            fd = getattr(layer.store, "fd", None)
+            if fd is not None:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
     def close(self) -> None:
         """Delete the store's files now (also done on garbage collection and at exit)."""
