@@ -33,7 +33,7 @@ DEFAULT_CHUNK = {"perplexity": 16, "needle": 256}
 DEFAULT_NEEDLE_LENGTHS = "1024,2048"
 DEFAULT_DEPTHS = "0,0.5,1"
 DEFAULT_KINDS = "single,multikey"
-DEFAULT_RERUN_MAX_LENGTH = 1024  # kv-direct at 2048: ~12x full's time per cell (benchmarks/results/needle-long)
+DEFAULT_RERUN_MAX_LENGTH = 1024  # kv-direct CPU time per cell: 6.7x full at 1024, 9.5x at 2048 (benchmarks/results/needle-long)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
