@@ -56,6 +56,10 @@ def merge(out: Path, sources: list[Path]) -> list[Path]:
             seen.add(key)
             runs.append(r)
     merged["runs"] = runs
+    for key, field in (("lengths", "length"), ("depths", "depth"), ("kinds", "kind")):  # the cells actually held
+        if key in merged["meta"]["options"]:
+            held = [x for x in merged["meta"]["options"][key] if any(r.get(field) == x for r in runs)]
+            merged["meta"]["options"][key] = held
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RESULTS, merged)
     return report.render(out)

@@ -117,14 +117,15 @@ def perplexity_plots(data: dict[str, Any], out: Path) -> list[str]:
 # --------------------------------------------------------------------------- needle
 
 
-def _rerun_note(opts: dict[str, Any]) -> str:
+def _rerun_note(opts: dict[str, Any], ok: list[dict[str, Any]]) -> str:
     """Which (policy, length) cells ``--rerun-max-length`` left out, if any."""
     from ..cache import registered
 
     cap = opts.get("rerun_max_length") or 0
     specs = registered()
     slow = [p for p in opts.get("policies", []) if p in specs and specs[p].reruns_model]
-    above = [n for n in opts.get("lengths", []) if n > cap]
+    above = sorted(n for n in {r["length"] for r in ok} if n > cap
+                   and not any(r["policy"] in slow and r["length"] == n for r in ok))
     if not cap or not slow or not above:
         return ""
     return (f"\n- **Not run**: {', '.join(f'`{p}`' for p in slow)} at lengths {above} (`--rerun-max-length {cap}`: it "
@@ -171,7 +172,7 @@ def needle_md(data: dict[str, Any], plots: list[str]) -> str:
         f"# kvbound bench: needle retrieval\n\n{_meta_section(data)}",
         f"- **Tasks**: {', '.join(opts.get('kinds', []))} (RULER-style, built in code); lengths "
         f"{opts.get('lengths')} tokens; depths {opts.get('depths')}; prompt prefilled {opts.get('chunk', '?')} tokens "
-        "per forward pass, answer greedy" + _rerun_note(opts),
+        "per forward pass, answer greedy" + _rerun_note(opts, ok),
         "\n## Accuracy (all tasks; in brackets: cells whose hit/miss equals `full`'s)\n\n"
         + _table(["policy", "kind", *[f"budget {lab}" for lab in labels]], rows),
         "\n**Lossy policy that retrieves best, per budget:**\n\n" + (ranking or "- (no lossy runs)"),
