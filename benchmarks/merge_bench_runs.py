@@ -5,11 +5,13 @@ render its report (used when a long sweep was split over parallel processes on a
 
 Runs are taken in order; a record that repeats an earlier one's cell (same policy, budget and
 scenario keys; e.g. the ``full`` reference every run measures) is dropped, so each cell counts once. ``meta`` is the first run's, with
-every run's command listed under ``meta.merged_from``.
+every run's command, dates and load averages listed under ``meta.merged_from`` and list-valued
+options (lengths, kinds, policies, ...) the union over the runs.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,12 +21,32 @@ from kvbound.bench.results import RESULTS, load_results, write_json_atomic
 CELL_KEYS = ("kind", "length", "depth", "prompt")
 
 
+def _source(data: dict) -> dict:
+    """What the merged report lists for one source run: its command, dates and load averages."""
+    meta, hw = data["meta"], data["meta"].get("hardware", {})
+    return {"command": meta.get("command"), "date": meta.get("date"), "finished": meta.get("finished"),
+            "load_average_start": hw.get("load_average_start"), "load_average_end": hw.get("load_average_end")}
+
+
+def _union_options(options: list[dict]) -> dict:
+    """The first run's options, with list-valued ones (lengths, depths, kinds, policies, budgets)
+    replaced by the union over every run (numbers sorted), so the merged report names every cell it holds."""
+    merged = dict(options[0])
+    for key, value in options[0].items():
+        if isinstance(value, list):
+            union = list({json.dumps(x): x for o in options for x in o.get(key, [])}.values())
+            numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in union)
+            merged[key] = sorted(union) if numeric else union
+    return merged
+
+
 def merge(out: Path, sources: list[Path]) -> list[Path]:
     datas = [load_results(s) for s in sources]
     if len({d["scenario"] for d in datas}) != 1:
         raise SystemExit("all runs must be of the same scenario")
     merged = dict(datas[0])
-    merged["meta"] = dict(datas[0]["meta"], merged_from=[d["meta"].get("command") for d in datas])
+    merged["meta"] = dict(datas[0]["meta"], merged_from=[_source(d) for d in datas],
+                          options=_union_options([d["meta"].get("options", {}) for d in datas]))
     seen, runs = set(), []
     for d in datas:
         for r in d["runs"]:
@@ -34,6 +56,10 @@ def merge(out: Path, sources: list[Path]) -> list[Path]:
             seen.add(key)
             runs.append(r)
     merged["runs"] = runs
+    for key, field in (("lengths", "length"), ("depths", "depth"), ("kinds", "kind")):  # the cells actually held
+        if key in merged["meta"]["options"]:
+            held = [x for x in merged["meta"]["options"][key] if any(r.get(field) == x for r in runs)]
+            merged["meta"]["options"][key] = held
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / RESULTS, merged)
     return report.render(out)

@@ -304,24 +304,66 @@ def test_perplexity_scenario(tmp_path):
 
 def test_needle_scenario(tmp_path):
     args = _bench_args(tmp_path, "--scenario", "needle", "--policies", "full,kv-direct,window", "--budgets", "40",
-                       "--lengths", "600,700", "--depths", "0,1", "--kinds", "single", "--chunk", "128")
+                       "--lengths", "600,700", "--depths", "0,1", "--kinds", "single", "--chunk", "128",
+                       "--rerun-max-length", "650")
     assert bench_cli.run(args, model_and_tokenizer=_loaded()) == 0
     out = tmp_path / "out"
     runs = json.loads((out / "results.json").read_text())["runs"]
-    assert len(runs) == 2 * 2 * 3
+    assert len(runs) == 2 * 3 + 2 * 2  # kv-direct (reruns_model) only at 600 <= --rerun-max-length
     assert {(r["length"], r["depth"]) for r in runs} == {(600, 0.0), (600, 1.0), (700, 0.0), (700, 1.0)}
+    assert {r["length"] for r in runs if r["policy"] == "kv-direct"} == {600}
     for r in runs:
         assert r["status"] == "ok" and isinstance(r["found"], bool) and r["prompt_tokens"] <= r["length"]
+        assert 0 < r["cpu_seconds"]
         if r["policy"] == "kv-direct":
             assert r["same_as_full"] and r["answer_matches_full"]
     report = (out / "report.md").read_text()
     assert "budget 40" in report and "| `kv-direct` | exact |" in report
+    assert "**Not run**: `kv-direct` at lengths [700] (`--rerun-max-length 650`" in report
+    assert "`kv-direct`: hit/miss equal to `full` in 2/2 cells, same answer text in 2/2 (lengths 600)" in report
+    assert "| policy | budget | 600 tokens | 700 tokens |" in report
     assert (out / "needle_heatmap.png").stat().st_size > 5000
+
+    # a second run at another length, merged with the first (benchmarks/merge_bench_runs.py)
+    import importlib.util
+    from pathlib import Path
+
+    more = _bench_args(tmp_path, "--scenario", "needle", "--policies", "full,kv-direct", "--budgets", "40",
+                       "--lengths", "640", "--depths", "0.5", "--kinds", "multikey", "--chunk", "128")
+    more.out = str(tmp_path / "more")
+    assert bench_cli.run(more, model_and_tokenizer=_loaded()) == 0
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_bench_runs.py"
+    spec = importlib.util.spec_from_file_location("merge_bench_runs", path)
+    merger = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merger)
+    merger.merge(tmp_path / "merged", [out, tmp_path / "more"])
+    merged = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert len(merged["runs"]) == len(runs) + 2
+    assert merged["meta"]["options"]["lengths"] == [600, 640, 700]
+    assert merged["meta"]["options"]["kinds"] == ["single", "multikey"]
+    assert [m["command"] for m in merged["meta"]["merged_from"]] == [json.loads((d / "results.json").read_text())[
+        "meta"]["command"] for d in (out, tmp_path / "more")]
+    report = (tmp_path / "merged" / "report.md").read_text()
+    assert "- **Merged from**" in report and "| policy | budget | single | multikey | mean seconds |" in report
+
+
+def test_needle_exact_check_flags_a_differing_cell():
+    from kvbound.bench.quality_report import exact_check
+
+    cell = dict(kind="single", length=900, depth=0.5, budget=64, exact=True, status="ok")
+    runs = [dict(cell, policy="full", budget=None, found=True, answer="1234567"),
+            dict(cell, policy="offload", found=True, answer="1234567", same_as_full=True, answer_matches_full=True),
+            dict(cell, policy="kv-direct", found=False, answer="123", same_as_full=False, answer_matches_full=False)]
+    text = exact_check(runs)
+    assert "`offload`: hit/miss equal to `full` in 1/1 cells, same answer text in 1/1 (lengths 900)" in text
+    assert "`kv-direct`: hit/miss equal to `full` in 0/1 cells" in text and "NOT EQUAL: a bug" in text
+    assert "differs: single 900 @ 0.5, budget 64: answer '123'" in text
 
 
 @pytest.mark.parametrize("extra, message", [
     (["--scenario", "needle", "--depths", "0,1.5"], "--depths"),
     (["--scenario", "needle", "--kinds", "single,haystack"], "--kinds"),
+    (["--scenario", "needle", "--rerun-max-length", "-1"], "--rerun-max-length must be >= 0"),
     (["--scenario", "perplexity", "--chunk", "0"], "--chunk must be >= 1"),
     (["--scenario", "perplexity", "--max-tokens", "1"], "--max-tokens must be >= 2"),
 ])

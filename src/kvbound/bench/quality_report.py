@@ -117,6 +117,33 @@ def perplexity_plots(data: dict[str, Any], out: Path) -> list[str]:
 # --------------------------------------------------------------------------- needle
 
 
+def _rerun_note(opts: dict[str, Any], ok: list[dict[str, Any]]) -> str:
+    """Which (policy, length) cells ``--rerun-max-length`` left out, if any."""
+    from ..cache import registered
+
+    cap = opts.get("rerun_max_length") or 0
+    specs = registered()
+    slow = [p for p in opts.get("policies", []) if p in specs and specs[p].reruns_model]
+    above = sorted(n for n in {r["length"] for r in ok} if n > cap
+                   and not any(r["policy"] in slow and r["length"] == n for r in ok))
+    if not cap or not slow or not above:
+        return ""
+    return (f"\n- **Not run**: {', '.join(f'`{p}`' for p in slow)} at lengths {above} (`--rerun-max-length {cap}`: it "
+            "re-runs the model over the whole evicted span every step, so its time grows with the context; "
+            "`--rerun-max-length 0` runs it everywhere)")
+
+
+def _accuracy_rows(ok: list[dict[str, Any]], labels: list[str], key: str, values: list[Any]):
+    """Per policy and budget: ``([policy, budget, accuracy for each of values of key...], runs)``."""
+    for policy in _policy_order(ok):
+        for label in ([None] if any(r["policy"] == policy and r.get("budget_label") is None for r in ok) else labels):
+            rs = [r for r in ok if r["policy"] == policy and r.get("budget_label") == label]
+            if rs:
+                yield ([f"`{policy}`", label or "–",
+                        *[_pct(mean(r["found"] for r in rs if r[key] == v)) if any(r[key] == v for r in rs) else "–"
+                          for v in values]], rs)
+
+
 def needle_md(data: dict[str, Any], plots: list[str]) -> str:
     runs = data["runs"]
     ok = _ok(runs)
@@ -135,30 +162,50 @@ def needle_md(data: dict[str, Any], plots: list[str]) -> str:
             same = [r["same_as_full"] for r in rs if r.get("same_as_full") is not None]
             cells.append(f"{_pct(mean(r['found'] for r in rs))} ({sum(same)}/{len(same)} = full)")
         rows.append([f"`{policy}`", kind, *cells])
-    by_kind = []
-    for policy in _policy_order(ok):
-        for label in ([None] if any(r["policy"] == policy and r.get("budget_label") is None for r in ok) else labels):
-            rs = [r for r in ok if r["policy"] == policy and r.get("budget_label") == label]
-            if rs:
-                by_kind.append([f"`{policy}`", label or "–",
-                                *[_pct(mean(r["found"] for r in rs if r["kind"] == k)) if any(r["kind"] == k for r in rs)
-                                  else "–" for k in opts.get("kinds", [])],
-                                _fmt(mean(r["seconds"] for r in rs), 1)])
+    by_kind = [row + [_fmt(mean(r["seconds"] for r in rs), 1)]
+               for row, rs in _accuracy_rows(ok, labels, "kind", opts.get("kinds", []))]
     best = best_lossy(runs, "found", higher_is_better=True)
     ranking = "\n".join(f"- budget {label}: `{p}` ({_pct(v)})" for label, (p, v) in sorted(best.items(), key=lambda kv: _label_key(kv[0])))
+    lengths = sorted({r["length"] for r in ok})
+    by_length = [row for row, _ in _accuracy_rows(ok, labels, "length", lengths)]
     parts = [
         f"# kvbound bench: needle retrieval\n\n{_meta_section(data)}",
         f"- **Tasks**: {', '.join(opts.get('kinds', []))} (RULER-style, built in code); lengths "
         f"{opts.get('lengths')} tokens; depths {opts.get('depths')}; prompt prefilled {opts.get('chunk', '?')} tokens "
-        "per forward pass, answer greedy",
+        "per forward pass, answer greedy" + _rerun_note(opts, ok),
         "\n## Accuracy (all tasks; in brackets: cells whose hit/miss equals `full`'s)\n\n"
         + _table(["policy", "kind", *[f"budget {lab}" for lab in labels]], rows),
         "\n**Lossy policy that retrieves best, per budget:**\n\n" + (ranking or "- (no lossy runs)"),
-        "\n## By task\n\n" + _table(["policy", "budget", *opts.get("kinds", []), "mean seconds"], by_kind)
+        "\n" + exact_check(ok),
+        "\n## By task\n\n" + _table(["policy", "budget", *opts.get("kinds", []), "mean seconds"], by_kind),
+        "\n## By context length (accuracy over kinds and depths)\n\n"
+        + _table(["policy", "budget", *[f"{n} tokens" for n in lengths]], by_length)
         + _problems(runs, ["policy", "budget", "kind", "length", "depth"]),
         "\n## Plots\n\n" + "\n".join(f"![{p}]({p})" for p in plots),
     ]
     return "\n".join(parts) + "\n"
+
+
+def exact_check(ok: list[dict[str, Any]]) -> str:
+    """The issue's goal for exact policies: hit/miss equal to ``full``'s in every cell they ran
+    (and, stricter, the same answer text); lists every cell that differs."""
+    lines = ["## Exact policies vs `full` (goal: equal in every cell)", ""]
+    exact = [p for p in _policy_order(ok) if p != REFERENCE and _exact(ok).get(p)]
+    if not exact:
+        return "\n".join(lines + ["- (no exact policy besides `full` ran)"])
+    for policy in exact:
+        rs = [r for r in ok if r["policy"] == policy and r.get("same_as_full") is not None]
+        same = sum(bool(r["same_as_full"]) for r in rs)
+        text = sum(bool(r.get("answer_matches_full")) for r in rs)
+        cells = sorted({r["length"] for r in rs})
+        lines.append(f"- `{policy}`: hit/miss equal to `full` in {same}/{len(rs)} cells, same answer text in "
+                     f"{text}/{len(rs)} (lengths {', '.join(map(str, cells)) or '–'})"
+                     + ("" if same == len(rs) else " -- **NOT EQUAL: a bug**"))
+        for r in rs:
+            if not r["same_as_full"] or not r.get("answer_matches_full"):
+                lines.append(f"  - differs: {r['kind']} {r['length']} @ {r['depth']:g}, budget {r.get('budget')}: "
+                             f"answer {r['answer']!r}")
+    return "\n".join(lines)
 
 
 def needle_plots(data: dict[str, Any], out: Path) -> list[str]:

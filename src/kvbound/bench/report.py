@@ -85,6 +85,15 @@ def _meta_section(data: dict[str, Any], models: list[dict[str, Any]] | None = No
                      "timings are inflated (ratios to `full` measured in the same run are less affected).")
     if meta.get("interrupted"):
         lines.append("- **Interrupted**: yes -- only the runs finished before Ctrl-C are included.")
+    if meta.get("merged_from"):
+        lines.append("- **Merged from** (`benchmarks/merge_bench_runs.py`; the Command/Date/Load lines above are the "
+                     "first run's):")
+        for src in meta["merged_from"]:
+            src = src if isinstance(src, dict) else {"command": src}
+            when = f" -- {src['date']} to {src.get('finished') or '?'}" if src.get("date") else ""
+            load = (f", load {src.get('load_average_start')} -> {src.get('load_average_end')}"
+                    if src.get("load_average_start") else "")
+            lines.append(f"  - `{src.get('command', '?')}`{when}{load}")
     return "\n".join(lines)
 
 

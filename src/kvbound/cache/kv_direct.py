@@ -43,7 +43,7 @@ class _Span:
 
 
 @register("kv-direct", "exact: hot window of `budget` tokens; older K/V recomputed from token ids each step",
-          exact=True, can_rollback=True, beams=True)
+          exact=True, can_rollback=True, beams=True, reruns_model=True)
 class KVDirectCache(RecomputingCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
         super().__init__(model, budget, self.parse_options(options))

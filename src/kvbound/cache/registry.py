@@ -28,7 +28,9 @@ class PolicySpec:
     * ``can_draft`` -- its layers can restart from an exact hot window (``adopt_recent``), so it
       can draft for :mod:`kvbound.speculative`;
     * ``beams`` -- supports beam search and batch reordering (``reorder_cache``,
-      ``batch_select_indices``, ``batch_repeat_interleave``).
+      ``batch_select_indices``, ``batch_repeat_interleave``);
+    * ``reruns_model`` -- every forward pass re-runs the model's layers over the whole evicted
+      span, so its cost grows with the context (benches cap the lengths it runs at).
     """
 
     name: str
@@ -40,13 +42,14 @@ class PolicySpec:
     can_rollback: bool = False
     can_draft: bool = False
     beams: bool = False
+    reruns_model: bool = False
 
 
 _REGISTRY: dict[str, PolicySpec] = {}
 
 
 def register(name: str, description: str, *, exact: bool, needs_budget: bool = True, options: type = NoOptions,
-             can_rollback: bool = False, can_draft: bool = False, beams: bool = False):
+             can_rollback: bool = False, can_draft: bool = False, beams: bool = False, reruns_model: bool = False):
     """Class decorator: register a cache class under ``name``.
 
     The class must accept ``(model, budget, **options)``; ``options`` is the dataclass its
@@ -57,7 +60,7 @@ def register(name: str, description: str, *, exact: bool, needs_budget: bool = T
         if name in _REGISTRY:
             raise RuntimeError(f"policy {name!r} registered twice")
         _REGISTRY[name] = PolicySpec(name, description, cls, exact, needs_budget, options,
-                                     can_rollback, can_draft, beams)
+                                     can_rollback, can_draft, beams, reruns_model)
         cls.policy_name = name
         return cls
 
