@@ -75,6 +75,19 @@ def test_gemma3_sliding_layers_hold_only_the_window():
             assert layer.past_visible() == PROMPT + 8
 
 
+@pytest.mark.parametrize("chunk", [7, 16])
+def test_gemma3_chunked_prefill_masks_each_layer_kind(chunk):
+    """Multi-token steps longer than the window: transformers builds the sliding mask from a layer
+    that says ``is_sliding`` (a kivi layer that did not failed with a size mismatch)."""
+    model = tiny("tiny-gemma3")  # window 6
+    cache = kvbound.make_cache(model, "kivi", bits=8, residual=4, group=4)
+    full = kvbound.generation.greedy(model, prompt_ids(PROMPT), kvbound.make_cache(model, "full"), 4,
+                                     stop_at_eos=False, prefill_chunk=chunk)
+    out = kvbound.generation.greedy(model, prompt_ids(PROMPT), cache, 4, stop_at_eos=False, prefill_chunk=chunk)
+    assert [layer.is_sliding for layer in cache.layers] == [t == "sliding_attention" for t in model.config.layer_types]
+    assert out.shape == full.shape and cache.bytes_by_tier()["quantized"] > 0
+
+
 def test_beam_search_runs():
     model = tiny("tiny-llama")
     cache = kvbound.make_cache(model, "kivi", bits=4, residual=4)

@@ -69,6 +69,7 @@ class PolicyLayer:
         self.cache = cache
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None  # transformers builds each mask from a layer of its kind
         self.seen = 0
 
     # -- what transformers asks ------------------------------------------------------

@@ -131,7 +131,6 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
     def __init__(self, cache: "EvictingCache", layer_idx: int, sliding_window: int | None, budget: int) -> None:
         DynamicLayer.__init__(self)
         self._init_policy(cache, layer_idx, sliding_window)
-        self.is_sliding = sliding_window is not None
         self.capacity = budget if sliding_window is None else max(1, min(budget, sliding_window - 1))
         self.positions: torch.Tensor | None = None
         self.pending_query: torch.Tensor | None = None

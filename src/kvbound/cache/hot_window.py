@@ -31,7 +31,6 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
     def __init__(self, cache: KVBoundCache, layer_idx: int, sliding_window: int | None, hot: int) -> None:
         DynamicLayer.__init__(self)
         self._init_policy(cache, layer_idx, sliding_window)
-        self.is_sliding = sliding_window is not None
         self.hot = hot if sliding_window is None else max(1, min(hot, sliding_window - 1))
         self.pending_step: attention.TierStep | None = None
 
