@@ -15,7 +15,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 
 # Frees an 8 MiB tensor (glibc then raises its mmap threshold to 8 MiB), then allocates 64 x 2 MiB,
 # frees all but the newest and prints the RSS still added, in MiB: with glibc's default ("default")
-# or inside returned_transients() and again after it ("context").
+# or inside returned_transients(), after a nested one ended, and again after it ("context").
 _FRAGMENT = """
 import sys, torch
 from kvbound.rss import current_rss_bytes, returned_transients
@@ -32,6 +32,8 @@ if sys.argv[1] == "default":
     print(kept()[0])
 else:
     with returned_transients(1 << 20) as applied:
+        with returned_transients(1 << 20):  # a nested one (prefill inside generate) restores nothing
+            pass
         inside, b = kept()
     print(inside, kept()[0], applied)
 """

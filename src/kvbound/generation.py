@@ -17,7 +17,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from .cache.base import KVBoundCache, text_config
 from .errors import KVBoundError
-from .rss import returned_transients
+from .rss import decoding_threshold, returned_transients
 
 DEFAULT_PREFILL_CHUNK = 1024  # tokens per prefill forward pass (see the module docstring)
 
@@ -115,6 +115,8 @@ class _Clock(LogitsProcessor):
 
     def __call__(self, input_ids, scores):
         self.sync()
+        if not self.stamps:  # the prompt's last chunk is done: decoding reuses its blocks
+            decoding_threshold()
         self.stamps.append(now())
         return scores
 
@@ -130,23 +132,28 @@ def generate(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCach
     check_positions(model, input_ids.shape[1], max_new_tokens)
     timings = Timings() if timings is None else timings
     clock = _Clock(input_ids.device, timings.stamps)
+    start = now()
+    cut = chunked_part(cache.get_seq_length(), input_ids.shape[1], prefill_chunk)
+    with returned_transients():  # every prompt chunk, the last one (the first step) included
+        if cut > cache.get_seq_length():
+            prefill(model, input_ids[:, :cut], cache, prefill_chunk)
+        out = _generate(model, input_ids, cache, max_new_tokens, stop_at_eos, clock, processors, output_logits)
+    timings.split(start, now())
+    timings.new_tokens = out.sequences.shape[1] - input_ids.shape[1]
+    return out
+
+
+def _generate(model, input_ids, cache, max_new_tokens, stop_at_eos, clock, processors, output_logits):
     eos = model.generation_config.eos_token_id if stop_at_eos else None
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else eos if isinstance(eos, int) else (eos[0] if eos else 0)
-    start = now()
-    cut = chunked_part(cache.get_seq_length(), input_ids.shape[1], prefill_chunk)
-    if cut > cache.get_seq_length():
-        prefill(model, input_ids[:, :cut], cache, prefill_chunk)
-    out = model.generate(
+    return model.generate(
         input_ids, attention_mask=torch.ones_like(input_ids), past_key_values=cache,
         max_new_tokens=max_new_tokens, min_new_tokens=0 if stop_at_eos else max_new_tokens, do_sample=False,
         temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad,
         logits_processor=LogitsProcessorList([clock, *(processors or [])]),
         output_logits=output_logits, return_dict_in_generate=True,
     )
-    timings.split(start, now())
-    timings.new_tokens = out.sequences.shape[1] - input_ids.shape[1]
-    return out
 
 
 def greedy(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCache, max_new_tokens: int,

@@ -99,16 +99,31 @@ def _threshold_setting() -> int:
     return int(env) if env else PREFILL_MMAP_THRESHOLD
 
 
+_open = 0  # returned_transients() contexts open (nested ones restore nothing)
+
+
+def decoding_threshold() -> None:
+    """Give glibc its 32 MiB threshold back (decoding reuses its per-step blocks from the heap);
+    :func:`kvbound.generation.generate` calls it after the prompt's last forward pass."""
+    mallopt = _mallopt() if _threshold_setting() > 0 else None
+    if mallopt:
+        mallopt(_M_MMAP_THRESHOLD, DECODE_MMAP_THRESHOLD)
+
+
 @contextmanager
 def returned_transients(nbytes: int | None = None) -> Iterator[bool]:
     """Run the body with allocations of ``nbytes`` or more (default: ``KVBOUND_MMAP_THRESHOLD`` or
-    1 MiB) in their own mappings, given back to the OS when freed; afterwards glibc's threshold is
-    32 MiB (its dynamic maximum). Yields whether it applied (``False`` for ``0`` or without glibc)."""
+    1 MiB) in their own mappings, given back to the OS when freed; when the outermost such context
+    ends glibc's threshold is 32 MiB (its dynamic maximum). Yields whether it applied (``False`` for
+    ``0`` or without glibc)."""
+    global _open
     nbytes = _threshold_setting() if nbytes is None else nbytes
     mallopt = _mallopt() if nbytes > 0 else None
     applied = bool(mallopt and mallopt(_M_MMAP_THRESHOLD, int(nbytes)))
+    _open += 1
     try:
         yield applied
     finally:
-        if applied:
+        _open -= 1
+        if applied and not _open:
             mallopt(_M_MMAP_THRESHOLD, DECODE_MMAP_THRESHOLD)
