@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import resource
 import sys
@@ -80,8 +81,9 @@ def reset_peak_rss() -> bool:
 
 
 
+@functools.lru_cache(maxsize=1)
 def _mallopt() -> Callable[[int, int], int] | None:
-    """glibc's ``mallopt``, or ``None`` (another C library or OS)."""
+    """glibc's ``mallopt``, or ``None`` (another C library or OS); looked up once."""
     if not sys.platform.startswith("linux"):
         return None
     try:
