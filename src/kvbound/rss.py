@@ -5,15 +5,16 @@ the current RSS (Linux ``/proc/self/clear_refs``, value 5) so one process can me
 runs one after another; where that is not possible it returns ``False`` and the caller should run
 each measurement in a fresh process.
 
-``returned_transients`` (what :func:`kvbound.generation.prefill` runs its chunks in) stops glibc's
+``returned_transients`` (what :func:`kvbound.generation.generate` runs the prompt's chunks in) stops glibc's
 malloc from keeping a prefill's freed tensors in its heap. By default glibc serves allocations of
 128 KiB and more with ``mmap`` (returned to the OS on ``free``), but each time such a block is freed
 it raises that threshold to the block's size, up to 32 MiB. A chunked prefill frees megabyte-sized
 transients (one chunk's MLP and attention tensors) in every layer, so after the first chunk they
 are carved from the heap instead, where freed space stays resident and fragments: on SmolLM2 at
-7.5k tokens that was most of the RSS an ``offload`` run added above the loaded model (226 MiB;
-63 MiB with allocations of 64 KiB and more mapped). Inside the context, allocations of 1 MiB and
-more get their own mapping; on leaving it the threshold goes to glibc's dynamic maximum (32 MiB),
+7.5k tokens that was most of the RSS an ``offload`` run added above the loaded model (238 MiB;
+91 MiB with this context, ``benchmarks/results/long/allocator.md``). Inside the context, allocations
+of 1 MiB and more get their own mapping; at the first decoded token (:func:`decoding_threshold`) or on
+leaving the outermost context the threshold goes to glibc's dynamic maximum (32 MiB),
 so decoding reuses its per-step blocks as it would by default (``full`` reallocates its whole K/V
 every step: mapping it afresh each time would slow it down). ``KVBOUND_MMAP_THRESHOLD`` (bytes)
 changes the prefill threshold; ``0`` leaves glibc alone.
@@ -78,7 +79,6 @@ def reset_peak_rss() -> bool:
         return False
     finally:
         os.close(fd)
-
 
 
 @functools.lru_cache(maxsize=1)
