@@ -92,11 +92,11 @@ def _recorded_rebuilds(cache) -> dict[int, tuple[int, int, torch.Tensor, torch.T
     return seen
 
 
-def _compare(cache_ids_chunks, name, policy, budget):
+def _compare(cache_ids_chunks, name, policy, budget, **options):
     """Feed the chunks to ``full`` and ``policy``; return per-layer (max|dK|, max|dV|, equal)."""
     model = tiny(name)
     full = kvbound.make_cache(model, "full")
-    cache = kvbound.make_cache(model, policy, budget=budget)
+    cache = kvbound.make_cache(model, policy, budget=budget, **options)
     rebuilt = _recorded_rebuilds(cache)
     with torch.no_grad():
         for chunk in cache_ids_chunks:
@@ -137,6 +137,71 @@ def test_rebuild_close_when_grouping_differs(policy, name):
     ids = prompt_ids(23)
     report = _compare([ids[:, :20], ids[:, 20:21], ids[:, 21:22], ids[:, 22:]], name, policy, budget=4)
     assert all(dk < 1e-4 and dv < 1e-4 for dk, dv, _ in report.values()), report
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_rebuild_in_chunks_bit_identical_to_chunked_prefill(name):
+    """A span first computed in 4-row prefill chunks and rebuilt 4 rows per layer call (option
+    ``chunk``): the same row groups, so bit-identical K/V at every layer, sliding ones included."""
+    ids = prompt_ids(13)
+    chunks = [ids[:, :4], ids[:, 4:8], ids[:, 8:12], ids[:, 12:]]
+    report = _compare(chunks, name, "kv-direct", budget=4, chunk=4)  # rebuilt span: tokens 0..8
+    assert all(equal for _, _, equal in report.values()), report
+    report = _compare(chunks, name, "kv-direct", budget=4, chunk=3)  # other groups: close only
+    assert all(dk < 1e-4 and dv < 1e-4 for dk, dv, _ in report.values()), report
+
+
+def _count_layer0_runs(cache) -> list[int]:
+    """Wrap this cache's driver (this instance only) to record the span length of each layer-0 run."""
+    runs: list[int] = []
+    inner = cache.driver.run_layer
+
+    def run_layer(layer_idx, hidden, *args, **kwargs):
+        if layer_idx == 0:
+            runs.append(hidden.shape[1])
+        return inner(layer_idx, hidden, *args, **kwargs)
+
+    cache.driver.run_layer = run_layer
+    return runs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_prompt_is_absorbed_by_ids_and_rebuilt_once(name):
+    """Chunked prefill through kv-direct: the chunks before the last join the checkpoint by id,
+    so the prompt is rebuilt once (by the last chunk's pass), not once per chunk; tokens match
+    ``full`` prefilled in the same chunks."""
+    model, ids = tiny(name), prompt_ids(30)
+    expected = kvbound.generation.greedy(model, ids, kvbound.make_cache(model, "full"), 5,
+                                         stop_at_eos=False, prefill_chunk=8)
+    cache = kvbound.make_cache(model, "kv-direct", budget=3, chunk=8)
+    runs = _count_layer0_runs(cache)
+    out = kvbound.generation.greedy(model, ids, cache, 5, stop_at_eos=False, prefill_chunk=8)
+    assert torch.equal(out, expected)
+    # prefill takes 24 tokens (3 chunks) by id; the last chunk's pass rebuilds them; then each of
+    # the 4 decoding passes rebuilds every token before its 3 hot ones (seen 30..33)
+    assert runs == [24, 27, 28, 29, 30], runs
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_absorbed_turns_match_full(name):
+    """A chat whose turns are prefilled in 4-token chunks: each turn's prompt is absorbed by id
+    (the hot window of the previous turn is emptied and rebuilt): tokens match ``full``."""
+    model = tiny(name)
+    outputs = {}
+    for pol, budget in [("full", None), ("kv-direct", 5)]:
+        cache = kvbound.make_cache(model, pol, budget=budget)
+        ids, turns = prompt_ids(9, seed=3), []
+        for turn in range(3):
+            new = kvbound.generation.greedy(model, ids, cache, 6, stop_at_eos=False, prefill_chunk=4)
+            turns.append(new[0].tolist())
+            ids = torch.cat([ids, new, prompt_ids(11, seed=10 + turn)], dim=1)
+        outputs[pol] = turns
+    assert outputs["kv-direct"] == outputs["full"]
+
+
+def test_rebuild_chunk_option_is_checked():
+    with pytest.raises(kvbound.KVBoundError, match="chunk must be a whole number"):
+        kvbound.make_cache(tiny("tiny-llama"), "kv-direct", budget=4, chunk=0)
 
 
 # --------------------------------------------------------------------------- memory
@@ -187,7 +252,7 @@ def test_unsupported_family_is_refused(policy):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_unknown_option_is_refused(policy):
     with pytest.raises(kvbound.KVBoundError, match="unknown option"):
-        kvbound.make_cache(tiny("tiny-llama"), policy, budget=4, chunk=3)
+        kvbound.make_cache(tiny("tiny-llama"), policy, budget=4, stride=3)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

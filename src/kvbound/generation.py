@@ -49,12 +49,15 @@ def check_positions(model: PreTrainedModel, prompt_tokens: int, max_new_tokens: 
 @torch.no_grad()
 def prefill(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCache, chunk: int | None) -> None:
     """Feed the tokens of ``input_ids`` the cache has not seen yet, ``chunk`` tokens per forward pass
-    (``None``: one pass), keeping only the last position's logits."""
+    (``None``: one pass), keeping only the last position's logits. A cache that rebuilds K/V from
+    token ids takes them without a forward pass (:meth:`KVBoundCache.absorb_prompt`)."""
     check_chunk(chunk)
     start = cache.get_seq_length()
     total = input_ids.shape[1]
     if start > total:
         raise KVBoundError(f"the cache has seen {start} tokens but the input has only {total}")
+    if cache.absorb_prompt(input_ids[:, start:]):
+        return
     step = total - start if chunk is None else chunk
     with returned_transients():  # each chunk's freed tensors leave the process (see kvbound.rss)
         for pos in range(start, total, max(step, 1)):

@@ -99,30 +99,45 @@ class LayerDriver:
             return self.base.rotary_emb(hidden, position_ids, self.layer_types[layer_idx])
         return self.base.rotary_emb(hidden, position_ids)
 
-    def _mask(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_idx: int):
+    def _mask(self, hidden: torch.Tensor, position_ids: torch.Tensor, layer_idx: int, past: DynamicCache):
         make = create_sliding_window_causal_mask if self.layer_types[layer_idx] == "sliding_attention" else create_causal_mask
-        return make(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None,
-                    position_ids=position_ids)
+        return make(config=self.config, inputs_embeds=hidden, attention_mask=None, past_key_values=past,
+                    position_ids=position_ids, layer_idx=layer_idx)
 
     # -- services ---------------------------------------------------------------------
     @torch.no_grad()
-    def run_layer(self, layer_idx: int, hidden: torch.Tensor, position_ids: torch.Tensor):
-        """Run decoder layer ``layer_idx`` causally over a span that starts at its first token.
+    def run_layer(self, layer_idx: int, hidden: torch.Tensor, position_ids: torch.Tensor,
+                  chunk: int | None = None, in_place: bool = False):
+        """Run decoder layer ``layer_idx`` causally over a span that starts at token 0.
+
+        The span runs ``chunk`` rows per call of the layer (``None``: one call), each chunk
+        attending to the K/V of the rows before it, exactly as the model's own chunked prefill
+        with a ``DynamicCache``: the same rows grouped the same way give bit-identical K/V, and
+        attention, MLP and mask transients are bounded by the chunk instead of the span.
+        ``in_place``: write each chunk's output over its input rows (the caller's residual buffer
+        is then the output; the input rows are not needed once their chunk has run).
 
         Returns ``(next_hidden, keys, values)``: the residual entering the next layer and this
-        layer's K/V for the span (post k_norm and RoPE, exactly as attention caches them).
+        layer's K/V (post k_norm and RoPE, exactly as attention caches them) for the *last*
+        ``keys.shape[-2]`` tokens of the span -- all of them, or on a sliding-window layer the
+        ``window - 1`` that later tokens can still see.
         """
-        capture = DynamicCache()  # throw-away: records the K/V the layer computes for the span
+        capture = DynamicCache(config=self.config)  # throw-away: the span's K/V, as the model caches them
         layer = self.base.layers[layer_idx]
-        out = layer(
-            hidden,
-            attention_mask=self._mask(hidden, position_ids, layer_idx),
-            position_ids=position_ids,
-            past_key_values=capture,
-            use_cache=True,
-            position_embeddings=self.position_embeddings(hidden, position_ids, layer_idx),
-        )
-        out = out[0] if isinstance(out, tuple) else out
+        n = hidden.shape[1]
+        step = n if chunk is None else max(1, chunk)
+        out = hidden if in_place else torch.empty_like(hidden)
+        for a in range(0, n, step):
+            h, pos = hidden[:, a:a + step], position_ids[:, a:a + step]
+            o = layer(
+                h,
+                attention_mask=self._mask(h, pos, layer_idx, capture),
+                position_ids=pos,
+                past_key_values=capture,
+                use_cache=True,
+                position_embeddings=self.position_embeddings(h, pos, layer_idx),
+            )
+            out[:, a:a + step] = o[0] if isinstance(o, tuple) else o
         cl = capture.layers[layer_idx]
         return out, cl.keys, cl.values
 

@@ -173,6 +173,11 @@ class KVBoundCache(DynamicCache):
     def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
         """Called before the attention module of ``layer_idx`` with its normed input."""
 
+    def absorb_prompt(self, input_ids: torch.Tensor) -> bool:
+        """Take prompt tokens without a forward pass, if this policy can (``kv-direct`` rebuilds
+        them from their ids in the next pass). Returns whether it did; ``False`` here."""
+        return False
+
     # -- accounting -------------------------------------------------------------------
     def account(self, layer_idx: int) -> None:
         """Record the hot K/V bytes ``layer_idx`` holds now (call at the end of ``update``)."""

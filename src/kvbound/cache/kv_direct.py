@@ -7,14 +7,21 @@ see :class:`~kvbound.cache.hot_window.HotWindowLayer`) and, for older tokens, on
 
 Each forward pass that needs evicted tokens rebuilds them layer by layer with the model's own
 modules (:class:`~kvbound.recompute.LayerDriver`): the evicted span's residual starts as
-``embed(ids)``, layer ``l`` turns it into layer ``l``'s K/V and the residual entering ``l+1``;
-the K/V are handed to attention and dropped before the next layer. Between forward passes the
-cache holds the hot K/V and the ids; inside one pass it holds one layer's span K/V and the
-span's residual on top (measured with :meth:`KVBoundCache.note_transient`).
+``embed(ids)``, layer ``l`` turns it into layer ``l``'s K/V and the residual entering ``l+1``
+(``chunk`` rows at a time, written over the residual in place); the K/V are handed to attention
+and dropped before the next layer. Between forward passes the cache holds the hot K/V and the
+ids; inside one pass it holds the span's residual, one layer's span K/V (on a sliding-window
+layer only its window) and one chunk's transients (measured with :meth:`KVBoundCache.note_transient`).
+
+Prefill by ids (:meth:`KVDirectCache.absorb_prompt`): a prompt's tokens before its last chunk
+join the checkpoint without running the model; the last chunk's forward pass rebuilds them all
+in one layer-by-layer pass. Feeding every prefill chunk through the model instead would rebuild
+the growing span once per chunk (quadratic in the prompt).
 
 Exactness: recomputation is bit-identical to the original forward when the span was computed
-in a forward of the same rows; otherwise the matmul row grouping differs and K/V differ in the
-last bits (~1e-6), which leaves greedy decoding token-identical in our tests.
+in forwards of the same rows (a chunked prefill with ``chunk`` tokens per pass, as
+:func:`kvbound.generation.generate` runs by default); otherwise the matmul row grouping differs
+and K/V differ in the last bits (~1e-6), which leaves greedy decoding token-identical in our tests.
 """
 
 from __future__ import annotations
@@ -31,6 +38,19 @@ from .registry import register
 
 
 @dataclass
+class KVDirectOptions:
+    """``chunk``: rows per call of a layer when the evicted span is rebuilt. It bounds the
+    rebuild's attention/MLP transients; equal to the prefill chunk (default 1024, as
+    :data:`kvbound.generation.DEFAULT_PREFILL_CHUNK`) the prompt's K/V are rebuilt bit-identically."""
+
+    chunk: int = 1024
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise KVBoundError(f"kv-direct option chunk must be a whole number of tokens >= 1, got {self.chunk!r}")
+
+
+@dataclass
 class _Span:
     """Per-forward rebuild state: the evicted span's residual entering layer ``layer``."""
 
@@ -43,7 +63,7 @@ class _Span:
 
 
 @register("kv-direct", "exact: hot window of `budget` tokens; older K/V recomputed from token ids each step",
-          exact=True, can_rollback=True, beams=True, reruns_model=True)
+          exact=True, options=KVDirectOptions, can_rollback=True, beams=True, reruns_model=True)
 class KVDirectCache(RecomputingCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
         super().__init__(model, budget, self.parse_options(options))
@@ -60,15 +80,35 @@ class KVDirectCache(RecomputingCache):
                                "not inputs_embeds (or use policy 'residual')")
         self._forward += 1
         self._span = None
+        self._append_ids(input_ids)
+
+    def _append_ids(self, input_ids: torch.Tensor) -> int:
+        """Append ``input_ids`` after the tokens every layer has seen; returns that count."""
         committed = min(layer.seen for layer in self.layers)  # drops ids of an interrupted pass
         ids = input_ids.to(self._id_dtype)
         if self.ids is None or committed == 0:
             self.ids = ids.clone()
-            return
+            return 0
         if ids.shape[0] != self.ids.shape[0]:
             raise KVBoundError(f"batch size changed from {self.ids.shape[0]} to {ids.shape[0]} on one cache; "
                                "use a new cache per batch")
         self.ids = torch.cat([self.ids[:, :committed], ids], dim=1)
+        return committed
+
+    def absorb_prompt(self, input_ids: torch.Tensor) -> bool:
+        """Take prompt tokens by id alone: they become evicted tokens of every layer (the hot
+        windows are emptied, so the evicted span stays a prefix), and the next forward pass
+        rebuilds them with the rest of the span. Exact, and the whole prompt costs one pass."""
+        if input_ids.shape[1] == 0:
+            return True
+        seen = self._append_ids(input_ids) + input_ids.shape[1]
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys[..., :0, :], layer.values[..., :0, :]
+            layer.seen = seen
+            self.account(layer.layer_idx)
+        self._span = None
+        return True
 
     def map_batch_state(self, fn) -> None:
         if self.ids is not None:  # each sequence keeps its own history (beam search)
@@ -96,20 +136,24 @@ class KVDirectCache(RecomputingCache):
         l = layer.layer_idx
         if l < span.layer or end > span.end:
             raise RuntimeError(f"kv-direct: layer {l} asked for tokens {start}..{end} out of order")
+        chunk = self.options.chunk
         while span.layer < l:  # layers that need no rebuild still move the span's residual up
-            span.hidden, _, _ = self.driver.run_layer(span.layer, span.hidden, span.positions)
+            self.driver.run_layer(span.layer, span.hidden, span.positions, chunk, in_place=True)
             span.layer += 1
-        if l == span.last:  # nothing above needs the residual: project K/V only
-            k, v = self.driver.project_kv(l, span.hidden, span.positions)
-            nxt = None
-        else:
-            nxt, k, v = self.driver.run_layer(l, span.hidden, span.positions)
-        span_kv = nbytes(k, v)
-        k, v = k[..., start:end, :], v[..., start:end, :]
-        # alive together at the peak of this layer's update: residual in and out, the span's
-        # K/V (k, v are views of them) and what update() builds for attention.
-        self.note_transient(nbytes(span.hidden, nxt) + span_kv + layer.handover_bytes(nbytes(k, v), like))
-        span.hidden, span.layer = nxt, l + 1
+        if l == span.last:  # nothing above needs the residual: project the rows asked for only
+            k, v = self.driver.project_kv(l, span.hidden[:, start:end], span.positions[:, start:end])
+            span_kv = nbytes(k, v)
+        else:  # k, v: K/V of the span's last k.shape[-2] tokens (a sliding layer keeps its window)
+            _, k, v = self.driver.run_layer(l, span.hidden, span.positions, chunk, in_place=True)
+            span_kv = nbytes(k, v)
+            first = span.end - k.shape[-2]
+            if start < first:
+                raise RuntimeError(f"kv-direct: layer {l} asked for token {start}, its rebuild kept {first}..")
+            k, v = k[..., start - first:end - first, :], v[..., start - first:end - first, :]
+        # alive together at the peak of this layer's update: the span's residual, its K/V at this
+        # layer (k, v are views of them) and what update() builds for attention.
+        self.note_transient(nbytes(span.hidden) + span_kv + layer.handover_bytes(nbytes(k, v), like))
+        span.layer = l + 1
         if l == span.last:
             self._span = None
         return k, v
