@@ -79,16 +79,18 @@ def test_batch_unpadded_matches_full(policy):
 
 
 def _recorded_rebuilds(cache) -> dict[int, tuple[int, int, torch.Tensor, torch.Tensor]]:
-    """Wrap ``cache.rebuild`` so each call's output is recorded per layer (this instance only)."""
+    """Wrap the cache's rebuild (kv-direct: ``rebuild``; residual: ``project``, which its lazy
+    attention blocks call) so each call's output is recorded per layer (this instance only)."""
     seen: dict[int, tuple[int, int, torch.Tensor, torch.Tensor]] = {}
-    inner = cache.rebuild
+    name = "project" if hasattr(cache, "project") else "rebuild"
+    inner = getattr(cache, name)
 
-    def rebuild(layer, start, end, like):
-        k, v = inner(layer, start, end, like)
+    def rebuild(layer, start, end, *args):
+        k, v = inner(layer, start, end, *args)
         seen[layer.layer_idx] = (start, end, k.clone(), v.clone())
         return k, v
 
-    cache.rebuild = rebuild
+    setattr(cache, name, rebuild)
     return seen
 
 

@@ -81,3 +81,22 @@ def test_batch_size_change_is_refused():
     feed(model, cache, 6, 0)
     with pytest.raises(kvbound.KVBoundError, match="batch size changed"), torch.no_grad():
         model(prompt_ids(2, batch=2), past_key_values=cache)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3", "tiny-mha"])
+def test_span_projected_in_lazy_blocks_matches_full(name, monkeypatch):
+    """With 4-token projection blocks the evicted span reaches attention as several lazy blocks,
+    each projected when attention reads it (never the whole span's K/V at once): same tokens as
+    ``full``, and more projections than layers show the span was split."""
+    import kvbound.cache.residual as residual
+    from conftest import run_greedy
+
+    monkeypatch.setattr(residual, "PROJECT_CHUNK", 4)
+    model, ids = tiny(name), prompt_ids(20)
+    expected = run_greedy(model, ids, kvbound.make_cache(model, "full"), 12)
+    cache = kvbound.make_cache(model, "residual", budget=3)
+    calls = []
+    inner = cache.project
+    cache.project = lambda layer, start, end: calls.append(end - start) or inner(layer, start, end)
+    assert run_greedy(model, ids, cache, 12) == expected
+    assert max(calls) <= 4 and len(calls) > 12 * len(cache.layers), calls[:20]

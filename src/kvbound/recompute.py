@@ -142,11 +142,26 @@ class LayerDriver:
         return out, cl.keys, cl.values
 
     @torch.no_grad()
-    def project_kv(self, layer_idx: int, residual: torch.Tensor, position_ids: torch.Tensor):
+    def project_kv(self, layer_idx: int, residual: torch.Tensor, position_ids: torch.Tensor,
+                   chunk: int | None = None):
         """K/V of layer ``layer_idx`` from the pre-norm residual entering it.
 
-        input_layernorm -> k_proj/v_proj -> k_norm (if any) -> RoPE at ``position_ids``.
+        input_layernorm -> k_proj/v_proj -> k_norm (if any) -> RoPE at ``position_ids``; ``chunk``
+        rows at a time into the output (``None``: all at once), which bounds the norm, projection
+        and RoPE temporaries by the chunk.
         """
+        n = residual.shape[-2]
+        if chunk is None or n <= chunk:
+            return self._project_kv(layer_idx, residual, position_ids)
+        keys = values = None
+        for a in range(0, n, chunk):
+            k, v = self._project_kv(layer_idx, residual[:, a:a + chunk], position_ids[:, a:a + chunk])
+            if keys is None:
+                keys, values = k.new_empty((*k.shape[:2], n, k.shape[-1])), v.new_empty((*v.shape[:2], n, v.shape[-1]))
+            keys[..., a:a + chunk, :], values[..., a:a + chunk, :] = k, v
+        return keys, values
+
+    def _project_kv(self, layer_idx: int, residual: torch.Tensor, position_ids: torch.Tensor):
         layer = self.base.layers[layer_idx]
         attn = layer.self_attn
         x = layer.input_layernorm(residual)

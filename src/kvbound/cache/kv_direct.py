@@ -141,7 +141,7 @@ class KVDirectCache(RecomputingCache):
             self.driver.run_layer(span.layer, span.hidden, span.positions, chunk, in_place=True)
             span.layer += 1
         if l == span.last:  # nothing above needs the residual: project the rows asked for only
-            k, v = self.driver.project_kv(l, span.hidden[:, start:end], span.positions[:, start:end])
+            k, v = self.driver.project_kv(l, span.hidden[:, start:end], span.positions[:, start:end], chunk)
             span_kv = nbytes(k, v)
         else:  # k, v: K/V of the span's last k.shape[-2] tokens (a sliding layer keeps its window)
             _, k, v = self.driver.run_layer(l, span.hidden, span.positions, chunk, in_place=True)

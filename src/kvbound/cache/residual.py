@@ -18,6 +18,12 @@ token leaves the hot window steps later. Memory, honestly split in ``bytes_by_ti
 It pays only when ``d_model < 2 * kv_heads * head_dim`` (multi-head attention); for GQA models
 (SmolLM2: 576 vs 384 numbers per token per layer) residuals cost more than the K/V they replace.
 Sliding-window layers keep residuals only for tokens still inside their window.
+
+Under kvbound's tiered attention (float32) the evicted span is handed over as lazy blocks of
+:data:`PROJECT_CHUNK` tokens, each projected only when attention reaches it, so a step never holds
+the span's K/V at once; otherwise it is projected ``PROJECT_CHUNK`` rows at a time into one tensor.
+With the chunk equal to the prefill chunk (1024 by default) a prompt's rows are projected in the
+same groups as the forward pass that computed them: bit-identical K/V.
 """
 
 from __future__ import annotations
@@ -26,10 +32,13 @@ from typing import Any
 
 import torch
 
+from .. import attention
 from ..errors import KVBoundError
 from .base import KVBoundCache, nbytes
 from .recall import RecallLayer, RecomputingCache
 from .registry import register
+
+PROJECT_CHUNK = 1024  # tokens projected per block (as kvbound.generation.DEFAULT_PREFILL_CHUNK)
 
 
 class ResidualStore:
@@ -91,6 +100,24 @@ class ResidualLayer(RecallLayer):
         self.store.drop_before(self.needed_start())
         return out
 
+    def recall_blocks(self, start: int, end: int, like: torch.Tensor) -> list:
+        if not self.attends_tiered(like):
+            return [self.recall(start, end, like)]
+        step = PROJECT_CHUNK
+        blocks = [attention.LazyBlock(min(step, end - a), self._projector(a, min(a + step, end)))
+                  for a in range(start, end, step)]
+        # alive together at a block's load: its residual rows normed, its K/V, and the hot + new K/V
+        rows = min(step, end - start)
+        row_bytes = self.store.buf.shape[0] * self.store.buf.shape[-1] * self.store.buf.element_size()
+        self.cache.note_transient(rows * row_bytes + self.cache.kv_block_bytes(like, rows)
+                                  + self.handover_bytes(0, like))
+        return blocks
+
+    def _projector(self, start: int, end: int):
+        def load() -> tuple[torch.Tensor, torch.Tensor]:
+            return self.cache.project(self, start, end)
+        return load
+
     def map_spilled(self, fn) -> None:
         if self.store.buf is not None:  # [batch, capacity, d]: every row follows its sequence
             self.store.buf = fn(self.store.buf)
@@ -130,12 +157,21 @@ class ResidualCache(RecomputingCache):
             layer.store.append(hidden_states)
 
     @torch.no_grad()
-    def rebuild(self, layer: ResidualLayer, start: int, end: int, like: torch.Tensor):
-        """Exact K/V of tokens ``start .. end`` at ``layer``, projected from their residuals."""
+    def project(self, layer: ResidualLayer, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of tokens ``start .. end`` at ``layer``, projected from their stored residuals."""
         residual = layer.store.rows(start, end)
         positions = torch.arange(start, end, device=residual.device).unsqueeze(0)
-        k, v = self.driver.project_kv(layer.layer_idx, residual, positions)
-        # alive together: the normed residual inside project_kv, the rebuilt K/V and what
-        # update() builds for attention from them, the hot K/V and the new K/V.
-        self.note_transient(nbytes(residual) + nbytes(k, v) + layer.handover_bytes(nbytes(k, v), like))
+        return self.driver.project_kv(layer.layer_idx, residual, positions, PROJECT_CHUNK)
+
+    def kv_block_bytes(self, like: torch.Tensor, tokens: int) -> int:
+        return 2 * like.shape[0] * like.shape[1] * tokens * like.shape[-1] * like.element_size()
+
+    def rebuild(self, layer: ResidualLayer, start: int, end: int, like: torch.Tensor):
+        """Exact K/V of tokens ``start .. end`` at ``layer`` in one tensor (attention without tiers)."""
+        k, v = self.project(layer, start, end)
+        # alive together: one chunk's normed residual inside project_kv, the rebuilt K/V and
+        # what update() builds for attention from them, the hot K/V and the new K/V.
+        row = layer.store.buf.shape[0] * layer.store.buf.shape[-1] * layer.store.buf.element_size()
+        self.note_transient(min(end - start, PROJECT_CHUNK) * row + nbytes(k, v)
+                            + layer.handover_bytes(nbytes(k, v), like))
         return k, v
