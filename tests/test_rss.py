@@ -61,3 +61,20 @@ def test_mmap_threshold_setting_is_checked(monkeypatch):
     monkeypatch.setenv("KVBOUND_MMAP_THRESHOLD", "0")
     with returned_transients() as applied:
         assert applied is False
+
+
+@pytest.mark.parametrize("policy, resets", [("full", 1), ("offload", 1), ("kv-direct", 0)])
+def test_decoding_keeps_mapped_transients_only_for_policies_that_rerun_the_model(policy, resets, monkeypatch):
+    """``generate`` gives glibc its large threshold back at the first token, except for a policy
+    whose every step re-runs the model over the evicted span (prefill-sized transients each step)."""
+    import kvbound
+    from kvbound import generation
+    from conftest import prompt_ids, tiny
+
+    calls = []
+    monkeypatch.setattr(generation, "decoding_threshold", lambda: calls.append(1))
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, policy, budget=None if policy == "full" else 4)
+    generation.greedy(model, prompt_ids(12), cache, 4, stop_at_eos=False)
+    cache.close()
+    assert len(calls) == resets

@@ -16,6 +16,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from .cache.base import KVBoundCache, text_config
+from .cache.registry import get_policy
 from .errors import KVBoundError
 from .rss import decoding_threshold, returned_transients
 
@@ -110,18 +111,29 @@ def now() -> tuple[float, float]:
 
 
 class _Clock(LogitsProcessor):
-    """Timestamps each decoding step (called right after each forward pass)."""
+    """Timestamps each decoding step (called right after each forward pass). ``mapped_decoding``:
+    keep prefill's allocator setting while decoding (a policy whose every step re-runs the model
+    over the evicted span has prefill-sized transients at every step, see :mod:`kvbound.rss`)."""
 
-    def __init__(self, device: torch.device, stamps: list[tuple[float, float]]) -> None:
+    def __init__(self, device: torch.device, stamps: list[tuple[float, float]], mapped_decoding: bool = False) -> None:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.stamps = stamps
+        self.mapped_decoding = mapped_decoding
 
     def __call__(self, input_ids, scores):
         self.sync()
-        if not self.stamps:  # the prompt's last chunk is done: decoding reuses its blocks
+        if not self.stamps and not self.mapped_decoding:  # the prompt is done: decoding reuses its blocks
             decoding_threshold()
         self.stamps.append(now())
         return scores
+
+
+def _reruns_model(cache) -> bool:
+    """Whether ``cache``'s policy re-runs the model over its evicted span at every step."""
+    try:
+        return get_policy(getattr(cache, "policy_name", "")).reruns_model
+    except KVBoundError:  # not a registered kvbound policy
+        return False
 
 
 @torch.no_grad()
@@ -134,7 +146,7 @@ def generate(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCach
     check_chunk(prefill_chunk)
     check_positions(model, input_ids.shape[1], max_new_tokens)
     timings = Timings() if timings is None else timings
-    clock = _Clock(input_ids.device, timings.stamps)
+    clock = _Clock(input_ids.device, timings.stamps, _reruns_model(cache))
     start = now()
     cut = chunked_part(cache.get_seq_length(), input_ids.shape[1], prefill_chunk)
     with returned_transients():  # every prompt chunk, the last one (the first step) included
