@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from .errors import KVBoundError
@@ -76,6 +77,31 @@ def check_supported(model: "PreTrainedModel") -> None:
     base_model(model)
 
 
+class _SpanLayer(DynamicLayer):
+    """A full-attention layer of :meth:`LayerDriver.run_layer`'s throw-away cache: the span's K/V
+    are written into buffers sized for the whole span (no re-concatenation per chunk, which would
+    hold the old and the grown copy at once); attention gets views of the rows filled so far."""
+
+    def __init__(self, tokens: int) -> None:
+        super().__init__()
+        self.tokens, self.filled = tokens, 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self._k = key_states.new_empty((*key_states.shape[:-2], self.tokens, key_states.shape[-1]))
+            self._v = value_states.new_empty((*value_states.shape[:-2], self.tokens, value_states.shape[-1]))
+        end = self.filled + key_states.shape[-2]
+        self._k[..., self.filled:end, :] = key_states
+        self._v[..., self.filled:end, :] = value_states
+        self.filled = end
+        self.keys, self.values = self._k[..., :end, :], self._v[..., :end, :]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.filled
+
+
 class LayerDriver:
     """Runs pieces of ``model`` on a span of tokens, layer by layer."""
 
@@ -125,6 +151,8 @@ class LayerDriver:
         capture = DynamicCache(config=self.config)  # throw-away: the span's K/V, as the model caches them
         layer = self.base.layers[layer_idx]
         n = hidden.shape[1]
+        if type(capture.layers[layer_idx]) is DynamicLayer:  # full attention: fill one span-sized buffer
+            capture.layers[layer_idx] = _SpanLayer(n)
         step = n if chunk is None else max(1, chunk)
         out = hidden if in_place else torch.empty_like(hidden)
         for a in range(0, n, step):
