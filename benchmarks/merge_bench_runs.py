@@ -18,7 +18,7 @@ from pathlib import Path
 from kvbound.bench import report
 from kvbound.bench.results import RESULTS, load_results, write_json_atomic
 
-CELL_KEYS = ("kind", "length", "depth", "prompt")
+CELL_KEYS = ("model", "kind", "length", "tokens", "chunk", "depth", "prompt")  # "tokens", "chunk": the long scenario
 
 
 def _source(data: dict) -> dict:
