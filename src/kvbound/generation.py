@@ -16,7 +16,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel
 
 from .cache.base import KVBoundCache, text_config
-from .cache.registry import get_policy
 from .errors import KVBoundError
 from .rss import decoding_threshold, returned_transients
 
@@ -128,14 +127,6 @@ class _Clock(LogitsProcessor):
         return scores
 
 
-def _reruns_model(cache) -> bool:
-    """Whether ``cache``'s policy re-runs the model over its evicted span at every step."""
-    try:
-        return get_policy(getattr(cache, "policy_name", "")).reruns_model
-    except KVBoundError:  # not a registered kvbound policy
-        return False
-
-
 @torch.no_grad()
 def generate(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCache, max_new_tokens: int, *,
              stop_at_eos: bool = True, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
@@ -146,7 +137,7 @@ def generate(model: PreTrainedModel, input_ids: torch.Tensor, cache: KVBoundCach
     check_chunk(prefill_chunk)
     check_positions(model, input_ids.shape[1], max_new_tokens)
     timings = Timings() if timings is None else timings
-    clock = _Clock(input_ids.device, timings.stamps, _reruns_model(cache))
+    clock = _Clock(input_ids.device, timings.stamps, getattr(cache, "reruns_model", False))
     start = now()
     cut = chunked_part(cache.get_seq_length(), input_ids.shape[1], prefill_chunk)
     with returned_transients():  # every prompt chunk, the last one (the first step) included

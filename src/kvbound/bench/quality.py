@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from ..cache import registered
+from ..cache.registry import rerunning_policies
 from ..errors import KVBoundError
 from ..quality import perplexity
 from ..quality import needle as niah
@@ -33,7 +34,8 @@ DEFAULT_CHUNK = {"perplexity": 16, "needle": 256}
 DEFAULT_NEEDLE_LENGTHS = "1024,2048"
 DEFAULT_DEPTHS = "0,0.5,1"
 DEFAULT_KINDS = "single,multikey"
-DEFAULT_RERUN_MAX_LENGTH = 1024  # kv-direct CPU time per cell: 6.7x full at 1024, 9.5x at 2048 (benchmarks/results/needle-long)
+DEFAULT_RERUN_MAX_LENGTH = 1024  # kv-direct CPU time per cell: 6.7x full at 1024, 9.5x at 2048
+# (benchmarks/results/needle-long; measured before kv-direct took prompts by id, which cut its prefill)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"needle: tasks, from {', '.join(niah.KINDS)} (default: {DEFAULT_KINDS})")
     g.add_argument("--rerun-max-length", type=int, default=DEFAULT_RERUN_MAX_LENGTH, metavar="N",
                    help="needle: run the policies that re-run the model over the whole evicted span every step "
-                        f"({', '.join(_rerunners()) or 'none'}; their time grows with the context) only at lengths up "
+                        f"({', '.join(rerunning_policies()) or 'none'}; their time grows with the context) only at lengths up "
                         f"to N; the report says which cells were skipped (default: {DEFAULT_RERUN_MAX_LENGTH}; "
                         "0 = every length)")
 
@@ -73,11 +75,6 @@ def _kinds(text: str) -> list[str]:
     if not kinds or bad:
         raise KVBoundError(f"--kinds must be from {', '.join(niah.KINDS)}, got {text!r}")
     return kinds
-
-
-def _rerunners() -> list[str]:
-    """Policies whose every forward re-runs the model over the evicted span (``PolicySpec.reruns_model``)."""
-    return [name for name, spec in registered().items() if spec.reruns_model]
 
 
 def _chunk(args: argparse.Namespace) -> int:
@@ -203,7 +200,7 @@ def needle_grid(bench: Bench, budgets: list[Budget], opts: dict[str, Any]) -> No
     tasks = [niah.make_task(bench.tokenizer, length, depth, kind, seed=bench.seed)
              for kind in opts["kinds"] for length in opts["lengths"] for depth in opts["depths"]]
     jobs = _jobs(bench.policies if REFERENCE in bench.policies else [REFERENCE, *bench.policies], budgets)
-    cap, slow = opts.get("rerun_max_length", 0), set(_rerunners())
+    cap, slow = opts.get("rerun_max_length", 0), set(rerunning_policies())
     cells = [(task, [(p, b) for p, b in jobs if not (cap and p in slow and task.length > cap)]) for task in tasks]
     bar = bench.bar(sum(len(j) for _, j in cells), "needle")
     try:

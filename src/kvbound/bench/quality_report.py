@@ -119,11 +119,11 @@ def perplexity_plots(data: dict[str, Any], out: Path) -> list[str]:
 
 def _rerun_note(opts: dict[str, Any], ok: list[dict[str, Any]]) -> str:
     """Which (policy, length) cells ``--rerun-max-length`` left out, if any."""
-    from ..cache import registered
+    from ..cache.registry import rerunning_policies
 
     cap = opts.get("rerun_max_length") or 0
-    specs = registered()
-    slow = [p for p in opts.get("policies", []) if p in specs and specs[p].reruns_model]
+    rerunning = set(rerunning_policies())
+    slow = [p for p in opts.get("policies", []) if p in rerunning]
     above = sorted(n for n in {r["length"] for r in ok} if n > cap
                    and not any(r["policy"] in slow and r["length"] == n for r in ok))
     if not cap or not slow or not above:

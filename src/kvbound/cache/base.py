@@ -35,6 +35,11 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
 # ----------------------------------------------------------------- batch maps (beam search)
 
 
+def kv_bytes(like: torch.Tensor, tokens: int) -> int:
+    """Bytes of ``tokens`` tokens of K and V shaped and typed like ``like`` ``[B, kv_heads, n, D]``."""
+    return 2 * like.shape[0] * like.shape[1] * tokens * like.shape[-1] * like.element_size()
+
+
 def by_beam(beam_idx: torch.Tensor):
     """Batch map of ``reorder_cache``: row ``i`` becomes row ``beam_idx[i]``."""
     return lambda t: t.index_select(0, beam_idx.to(t.device))
@@ -162,6 +167,12 @@ class KVBoundCache(DynamicCache):
         """This instance's promise: its policy's (the registry's ``exact``), unless its options made
         it lossy (e.g. ``offload`` with ``codec=int8``)."""
         return get_policy(self.policy_name).exact and self.lossless
+
+    @property
+    def reruns_model(self) -> bool:
+        """Whether every forward pass re-runs the model over the evicted span (the registry's
+        ``reruns_model``): each step then has prefill-sized transients."""
+        return get_policy(self.policy_name).reruns_model
 
     # -- hooks (see kvbound.cache.hooks); policies override what they need ------
     def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:

@@ -54,11 +54,11 @@ from typing import Any
 
 import torch
 
+from .. import attention
 from ..errors import KVBoundError
-from .base import KVBoundCache, nbytes
+from .base import KVBoundCache, kv_bytes, nbytes
 from .codec import CodecOptions, decode_kv, encode_kv, tier_codec
 from .model_info import layer_windows
-from .. import attention
 from .hooks import use_tiered_attention
 from .hot_window import HotWindowLayer
 from .registry import register
@@ -412,7 +412,7 @@ class OffloadLayer(HotWindowLayer):
             # decoded DECODE_CHUNK tokens at a time, when attention reaches them, into one reused buffer
             blocks = [attention.LazyBlock(min(DECODE_CHUNK, k.shape[-2] - i), self._decoder(k, v, i, like))
                       for k, v in blocks for i in range(0, k.shape[-2], DECODE_CHUNK)]
-            recalled += self.cache.decode_bytes(like, min(DECODE_CHUNK, end - start))
+            recalled += kv_bytes(like, min(DECODE_CHUNK, end - start))  # the decode buffer
         elif codec is not None:  # the records read back and the K/V decoded from them
             blocks = [decode_kv(codec, k, v, like.dtype) for k, v in blocks]
             recalled += sum(nbytes(k, v) for k, v in blocks)
@@ -513,11 +513,6 @@ class OffloadCache(KVBoundCache):
         if self._decoded is None or self._decoded.numel() < size:
             self._decoded = torch.empty(size, dtype=torch.uint8)
         return self._decoded[:size].view(dtype).view(shape)
-
-    @staticmethod
-    def decode_bytes(like: torch.Tensor, tokens: int) -> int:
-        """Bytes of :meth:`decode_buffer` for ``tokens`` tokens of K and V like ``like``."""
-        return 2 * like.shape[0] * like.shape[1] * tokens * like.shape[-1] * like.element_size()
 
     def release_readback(self) -> None:
         self._readback = self._decoded = None

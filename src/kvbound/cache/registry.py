@@ -85,6 +85,12 @@ def exact_policies() -> list[str]:
     return [name for name, spec in registered().items() if spec.exact]
 
 
+def rerunning_policies() -> list[str]:
+    """Names of the policies whose every forward re-runs the model over the evicted span
+    (``reruns_model``: benches cap the lengths they run them at)."""
+    return [name for name, spec in registered().items() if spec.reruns_model]
+
+
 def parse_options(cls: type, options: dict[str, Any], policy: str):
     """Build the policy's options dataclass, with a clear error for unknown names."""
     names = {f for f in cls.__dataclass_fields__}

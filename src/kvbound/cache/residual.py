@@ -28,13 +28,14 @@ same groups as the forward pass that computed them: bit-identical K/V.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
 
 from .. import attention
 from ..errors import KVBoundError
-from .base import KVBoundCache, nbytes
+from .base import KVBoundCache, kv_bytes, nbytes
 from .recall import RecallLayer, RecomputingCache
 from .registry import register
 
@@ -77,11 +78,15 @@ class ResidualStore:
     def rows(self, start: int, end: int) -> torch.Tensor:
         return self.buf[:, self.head + start - self.lo: self.head + end - self.lo]
 
+    def row_bytes(self) -> int:
+        """Bytes of one token's residual (every sequence of the batch)."""
+        return 0 if self.buf is None else self.buf.shape[0] * self.buf.shape[-1] * self.buf.element_size()
+
     def split_bytes(self, first_hot: int) -> tuple[int, int, int]:
         """(evicted, hot, unused) bytes of the buffer."""
         if self.buf is None:
             return 0, 0, 0
-        row = self.buf.shape[0] * self.buf.shape[-1] * self.buf.element_size()
+        row = self.row_bytes()
         evicted = max(0, min(self.n, first_hot - self.lo))
         return evicted * row, (self.n - evicted) * row, nbytes(self.buf) - self.n * row
 
@@ -104,19 +109,12 @@ class ResidualLayer(RecallLayer):
         if not self.attends_tiered(like):
             return [self.recall(start, end, like)]
         step = PROJECT_CHUNK
-        blocks = [attention.LazyBlock(min(step, end - a), self._projector(a, min(a + step, end)))
+        blocks = [attention.LazyBlock(min(step, end - a), partial(self.cache.project, self, a, min(a + step, end)))
                   for a in range(start, end, step)]
         # alive together at a block's load: its residual rows normed, its K/V, and the hot + new K/V
         rows = min(step, end - start)
-        row_bytes = self.store.buf.shape[0] * self.store.buf.shape[-1] * self.store.buf.element_size()
-        self.cache.note_transient(rows * row_bytes + self.cache.kv_block_bytes(like, rows)
-                                  + self.handover_bytes(0, like))
+        self.cache.note_transient(rows * self.store.row_bytes() + kv_bytes(like, rows) + self.handover_bytes(0, like))
         return blocks
-
-    def _projector(self, start: int, end: int):
-        def load() -> tuple[torch.Tensor, torch.Tensor]:
-            return self.cache.project(self, start, end)
-        return load
 
     def map_spilled(self, fn) -> None:
         if self.store.buf is not None:  # [batch, capacity, d]: every row follows its sequence
@@ -163,15 +161,11 @@ class ResidualCache(RecomputingCache):
         positions = torch.arange(start, end, device=residual.device).unsqueeze(0)
         return self.driver.project_kv(layer.layer_idx, residual, positions, PROJECT_CHUNK)
 
-    def kv_block_bytes(self, like: torch.Tensor, tokens: int) -> int:
-        return 2 * like.shape[0] * like.shape[1] * tokens * like.shape[-1] * like.element_size()
-
     def rebuild(self, layer: ResidualLayer, start: int, end: int, like: torch.Tensor):
         """Exact K/V of tokens ``start .. end`` at ``layer`` in one tensor (attention without tiers)."""
         k, v = self.project(layer, start, end)
         # alive together: one chunk's normed residual inside project_kv, the rebuilt K/V and
         # what update() builds for attention from them, the hot K/V and the new K/V.
-        row = layer.store.buf.shape[0] * layer.store.buf.shape[-1] * layer.store.buf.element_size()
-        self.note_transient(min(end - start, PROJECT_CHUNK) * row + nbytes(k, v)
+        self.note_transient(min(end - start, PROJECT_CHUNK) * layer.store.row_bytes() + nbytes(k, v)
                             + layer.handover_bytes(nbytes(k, v), like))
         return k, v
