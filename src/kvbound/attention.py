@@ -50,10 +50,14 @@ Block = tuple[torch.Tensor, torch.Tensor]  # keys, values: [B, kv_heads, n, D]
 class LazyBlock:
     """A block built only when attention reaches it: ``load()`` returns its K/V. Lazy blocks may
     share one buffer (a codec'd store decodes each span into it), so attention reads each block
-    before it loads the next."""
+    before it loads the next. ``attend(query, scaling, softcap)``, when given, computes the block's
+    attention itself where every query sees every key (a codec'd store's kernel reads its records
+    without decoding them): a list of ``(out, lse)`` parts, merged like the other blocks', or
+    ``None`` to have the block loaded and attended as usual."""
 
     tokens: int
     load: Callable[[], Block]
+    attend: Callable[[torch.Tensor, float, float | None], list[tuple[torch.Tensor, torch.Tensor]] | None] | None = None
 
 
 def block_tokens(block: "Block | LazyBlock") -> int:
@@ -304,13 +308,17 @@ def tiered_attention(query: torch.Tensor, blocks: list["Block | LazyBlock"], key
     parts = []
     col = 0
     for block in blocks:
-        k, v = load_block(block)  # a lazy block may reuse the previous one's buffer: read it now
-        n = k.shape[-2]
+        n = block_tokens(block)
         vis = None if visible is None else visible[..., col:col + n]
         if vis is not None and bool(vis.all()):
             vis = None
-        parts.append(block_attention(query, k, v, vis, scaling, softcap))
         col += n
+        attended = block.attend(query, scaling, softcap) if vis is None and getattr(block, "attend", None) else None
+        if attended is not None:
+            parts.extend(attended)
+            continue
+        k, v = load_block(block)  # a lazy block may reuse the previous one's buffer: read it now
+        parts.append(block_attention(query, k, v, vis, scaling, softcap))
     if sinks is not None:
         b, h = query.shape[:2]
         parts.append((torch.zeros_like(query), sinks.float().view(1, h, 1).expand(b, h, t)))

@@ -50,11 +50,12 @@ import shutil
 import tempfile
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 
-from .. import attention
+from .. import attention, kernels
 from ..errors import KVBoundError
 from .base import KVBoundCache, kv_bytes, nbytes
 from .codec import CodecOptions, decode_kv, encode_kv, tier_codec
@@ -75,6 +76,7 @@ class OffloadOptions(CodecOptions):
     store: str = "auto"  # "file", "host" (pinned host memory) or "auto" (file on CPU, host on GPU)
     max_rollback: int = 64  # sliding layers keep this many tokens beyond the window for rollback
     read: str = "mmap"  # file store: "mmap" (attention reads the mapped file in place) or "pread" (a copy)
+    kernel: bool = True  # integer codec: attend to the records with kvbound's C kernel (kvbound.kernels)
 
 
 def _disk_error(exc: OSError, where: str, need: int) -> KVBoundError:
@@ -409,10 +411,16 @@ class OffloadLayer(HotWindowLayer):
         recalled = sum(nbytes(k, v) for k, v in blocks)
         codec = self.cache.codec
         if codec is not None and self.attends_tiered(like):
-            # decoded DECODE_CHUNK tokens at a time, when attention reaches them, into one reused buffer
-            blocks = [attention.LazyBlock(min(DECODE_CHUNK, k.shape[-2] - i), self._decoder(k, v, i, like))
+            # attended in place by the C kernel where every query sees every key; else (and without
+            # the kernel) decoded DECODE_CHUNK tokens at a time, when attention reaches them, into one
+            # reused buffer
+            attend = self.cache.kernel_attention(like)
+            blocks = [attention.LazyBlock(min(DECODE_CHUNK, k.shape[-2] - i), self._decoder(k, v, i, like),
+                                          attend and partial(attend, k[..., i:i + DECODE_CHUNK, :],
+                                                             v[..., i:i + DECODE_CHUNK, :]))
                       for k, v in blocks for i in range(0, k.shape[-2], DECODE_CHUNK)]
-            recalled += kv_bytes(like, min(DECODE_CHUNK, end - start))  # the decode buffer
+            if attend is None or self.sliding_window is not None or like.shape[-2] > 1:  # may decode
+                recalled += kv_bytes(like, min(DECODE_CHUNK, end - start))  # the decode buffer
         elif codec is not None:  # the records read back and the K/V decoded from them
             blocks = [decode_kv(codec, k, v, like.dtype) for k, v in blocks]
             recalled += sum(nbytes(k, v) for k, v in blocks)
@@ -468,6 +476,8 @@ class OffloadCache(KVBoundCache):
             raise KVBoundError(f"offload option read must be one of {', '.join(READS)}, got {opts.read!r}")
         if isinstance(opts.max_rollback, bool) or not isinstance(opts.max_rollback, int) or opts.max_rollback < 0:
             raise KVBoundError(f"offload option max_rollback must be a whole number >= 0, got {opts.max_rollback!r}")
+        if not isinstance(opts.kernel, bool):
+            raise KVBoundError(f"offload option kernel must be true or false, got {opts.kernel!r}")
         self.codec = tier_codec(opts, model, "offload")
         self.lossless = self.codec is None or self.codec.lossless
         on_gpu = next(model.parameters()).device.type != "cpu"
@@ -496,6 +506,22 @@ class OffloadCache(KVBoundCache):
         super().__init__(model, budget, layers)
         self.store_kind = kind
         use_tiered_attention(model)
+
+    def kernel_attention(self, like: torch.Tensor):
+        """``attend(keys, values, query, scaling, softcap)`` over this store's integer-coded records
+        with kvbound's C kernel (:func:`kvbound.kernels.coded_attention`), or ``None`` where it does
+        not apply (no integer codec, option ``kernel=False``, not a CPU float32 step, a head_dim the
+        kernel does not take, or no C compiler)."""
+        codec = self.codec
+        if codec is None or not codec.is_int or not self.options.kernel or like.device.type != "cpu" \
+                or like.dtype != torch.float32 or like.shape[-1] % (8 * (8 // codec.bits)) or not kernels.available():
+            return None
+
+        def attend(keys, values, query, scaling, softcap):
+            if query.shape[1] // keys.shape[1] * query.shape[2] > kernels.MAX_ROWS:
+                return None  # many queries (a prefill chunk): decoding, then PyTorch's attention, is faster
+            return kernels.coded_attention(query, keys, values, codec.bits, codec.group, codec.outliers, scaling, softcap)
+        return attend
 
     # -- read-back buffer shared by the layers of one forward pass ---------------------------
     def readback(self, size: int) -> torch.Tensor:

@@ -1,0 +1,144 @@
+"""kvbound's C kernel (attention over integer-coded K/V records) against decode + PyTorch's attention."""
+
+import warnings
+
+import pytest
+import torch
+
+import kvbound
+from kvbound import attention, kernels
+from kvbound.cache.codec import parse_codec
+from kvbound.errors import KVBoundError
+from conftest import prompt_ids, run_greedy, tiny
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason="no C compiler on this machine")
+
+
+def _reference(query, keys, values, codec, scaling, softcap=None):
+    k, v = codec.from_bytes(keys, torch.float32), codec.from_bytes(values, torch.float32)
+    return attention.block_attention(query, k, v, None, scaling, softcap)
+
+
+def _merged(parts):
+    lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
+    return attention.merge(parts), lse
+
+
+@needs_kernel
+@pytest.mark.parametrize("fmt,group,outliers", [
+    ("int8", None, 0),  # one scale per token and head: the offload default
+    ("int8", 16, 0),  # several groups, read in place
+    ("int8", 4, 0),  # groups narrower than a vector: dequantized first
+    ("int8", 16, 3),  # outlier channels restored
+    ("int4", None, 0),
+    ("int4", 16, 2),
+    ("int2", 16, 0),
+])
+@pytest.mark.parametrize("heads,kv_heads,queries", [(9, 3, 1), (4, 4, 1), (8, 2, 3), (6, 1, 2)])
+def test_matches_decoding_then_attending(fmt, group, outliers, heads, kv_heads, queries):
+    torch.manual_seed(0)
+    d, n = 64, 77  # n: two whole tiles and a partial one
+    codec = parse_codec(fmt, d, group, outliers=outliers)
+    query = torch.randn(2, heads, queries, d)
+    k, v = torch.randn(2, kv_heads, n, d) * 2, torch.randn(2, kv_heads, n, d)
+    keys, values = codec.to_bytes(k), codec.to_bytes(v)
+    parts = kernels.coded_attention(query, keys, values, codec.bits, codec.group, codec.outliers, 0.125)
+    out, lse = _merged(parts)
+    ref, ref_lse = _reference(query, keys, values, codec, 0.125)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-6)
+
+
+@needs_kernel
+def test_softcap_strided_records_and_threads(monkeypatch):
+    """Records read in place from a store-like layout ``[2, B, H, seg, width]`` (slices of a larger
+    segment), Gemma 2's logit softcapping, and a token range split over two threads."""
+    torch.manual_seed(1)
+    d, seg, n = 32, 300, 250
+    codec = parse_codec("int8", d)
+    kv = torch.stack([codec.to_bytes(torch.randn(1, 2, seg, d) * 3) for _ in range(2)])  # [2, B, H, seg, width]
+    keys, values = kv[0, :, :, 20:20 + n], kv[1, :, :, 20:20 + n]
+    assert not keys.is_contiguous()
+    query = torch.randn(1, 4, 1, d) * 3
+    monkeypatch.setattr(kernels, "MIN_SPLIT", 100)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parts = kernels.coded_attention(query, keys, values, 8, d, 0, d ** -0.5, softcap=5.0)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(parts) == 2
+    out, lse = _merged(parts)
+    ref, ref_lse = _reference(query, keys, values, codec, d ** -0.5, softcap=5.0)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-6)
+
+
+@needs_kernel
+def test_empty_range_and_bad_arguments():
+    codec = parse_codec("int8", 16)
+    empty = codec.to_bytes(torch.zeros(1, 1, 0, 16))
+    (out, lse), = kernels.coded_attention(torch.randn(1, 2, 1, 16), empty, empty, 8, 16, 0, 0.25)
+    assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
+    rec = codec.to_bytes(torch.randn(1, 1, 4, 16))
+    with pytest.raises(ValueError, match="float32 CPU queries"):
+        kernels.coded_attention(torch.randn(1, 2, 1, 16, dtype=torch.float64), rec, rec, 8, 16, 0, 0.25)
+    with pytest.raises(RuntimeError, match="refused bits=3"):
+        kernels.coded_attention(torch.randn(1, 2, 1, 16), rec, rec, 3, 16, 0, 0.25)
+
+
+@needs_kernel
+@pytest.mark.parametrize("name,fmt", [("tiny-llama", "int8"), ("tiny-qwen3", "int4"), ("tiny-gemma3", "int8")])
+def test_offload_decodes_through_the_kernel(name, fmt, monkeypatch):
+    """``offload codec=int8`` steps read the store with the kernel (counted), and give the same tokens,
+    with logits within float rounding, as decoding the records first (``kernel=False``)."""
+    calls = []
+    real = kernels.coded_attention
+    monkeypatch.setattr(kernels, "coded_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = tiny(name)
+    ids = prompt_ids(24)
+    fused = kvbound.make_cache(model, "offload", 5, codec=fmt)
+    plain = kvbound.make_cache(model, "offload", 5, codec=fmt, kernel=False)
+    with torch.no_grad():
+        a, b = (model(ids, past_key_values=c).logits[:, -1] for c in (fused, plain))
+        for _ in range(5):
+            nxt = b.argmax(-1, keepdim=True)
+            assert torch.equal(a.argmax(-1, keepdim=True), nxt)
+            a, b = (model(nxt, past_key_values=c).logits[:, -1] for c in (fused, plain))
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert calls, "the kernel never ran"
+    assert not fused.exact
+    fused.close(), plain.close()
+
+
+def test_kernel_option_is_checked():
+    with pytest.raises(KVBoundError, match="option kernel must be true or false"):
+        kvbound.make_cache(tiny("tiny-llama"), "offload", 4, codec="int8", kernel="yes")
+
+
+def test_without_a_compiler_offload_decodes_instead(monkeypatch, tmp_path):
+    """No C compiler: one warning, and ``codec=int8`` offload still runs (decoding its records)."""
+    monkeypatch.setenv("KVBOUND_HOME", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    kernels._library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not build its C kernel"):
+            assert not kernels.available()
+        model = tiny("tiny-llama")
+        cache = kvbound.make_cache(model, "offload", 5, codec="int8")
+        out = run_greedy(model, prompt_ids(20), cache, 6)
+        assert len(out) == 6
+        cache.close()
+    finally:
+        kernels._library.cache_clear()
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("KVBOUND_KERNELS", "0")
+    kernels._library.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert not kernels.available()
+    finally:
+        kernels._library.cache_clear()
