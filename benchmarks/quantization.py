@@ -55,7 +55,9 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
 }
 DEFAULT = ["full", "kivi-8", "kivi-4", "kivi-2", "kivi-2-g32", "hf-quanto-4", "hf-quanto-2", "hf-fp8", "offload",
            "offload-int8", "offload-int4"]
-LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1024, {"codec": "int8"})}
+LONG_VARIANTS = {"offload": ("offload", 1024, {}), "offload-int8": ("offload", 1024, {"codec": "int8"}),
+                 # the same records decoded into a float buffer before attention (no C kernel)
+                 "offload-int8-decoded": ("offload", 1024, {"codec": "int8", "kernel": False})}
 LONG_TEXT = "/usr/share/common-licenses/GPL-3"  # ~7.6k SmolLM2 tokens of plain English, on any Debian
 
 

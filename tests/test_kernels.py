@@ -26,13 +26,13 @@ def _merged(parts):
 
 @needs_kernel
 @pytest.mark.parametrize("fmt,group,outliers", [
-    ("int8", None, 0),  # one scale per token and head: the offload default
+    ("int8", None, 0),  # one scale per token and head: the offload default, codes read in place
     ("int8", 16, 0),  # several groups, read in place
+    ("int4", None, 0),  # 4-bit planes, read in place
+    ("int2", 8, 0),
     ("int8", 4, 0),  # groups narrower than a vector: dequantized first
-    ("int8", 16, 3),  # outlier channels restored
-    ("int4", None, 0),
+    ("int8", 16, 3),  # outlier channels restored (dequantized first)
     ("int4", 16, 2),
-    ("int2", 16, 0),
 ])
 @pytest.mark.parametrize("heads,kv_heads,queries", [(9, 3, 1), (4, 4, 1), (8, 2, 3), (6, 1, 2)])
 def test_matches_decoding_then_attending(fmt, group, outliers, heads, kv_heads, queries):
@@ -45,7 +45,8 @@ def test_matches_decoding_then_attending(fmt, group, outliers, heads, kv_heads, 
     parts = kernels.coded_attention(query, keys, values, codec.bits, codec.group, codec.outliers, 0.125)
     out, lse = _merged(parts)
     ref, ref_lse = _reference(query, keys, values, codec, 0.125)
-    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    # float rounding only (summation order, scales folded into probabilities): far below a codec step
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-6)
 
 

@@ -98,7 +98,7 @@ def _library() -> ctypes.CDLL | None:
     lib.kvb_coded_attention.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64,
                                         ctypes.c_int, i64, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr]
     lib.kvb_scratch_floats.restype = i64
-    lib.kvb_scratch_floats.argtypes = [i64, i64]
+    lib.kvb_scratch_floats.argtypes = [i64, i64, i64]
     return lib
 
 
@@ -136,7 +136,7 @@ def coded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT))
     bounds = [n * i // parts for i in range(parts + 1)]
     outs = [(torch.empty_like(q), torch.empty(b, hq, t, dtype=torch.float32),
-             torch.empty(lib.kvb_scratch_floats(d, groups * t), dtype=torch.float32)) for _ in range(parts)]
+             torch.empty(lib.kvb_scratch_floats(d, groups * t, group), dtype=torch.float32)) for _ in range(parts)]
 
     def run(i: int) -> int:
         out, lse, scratch = outs[i]
@@ -145,7 +145,8 @@ def coded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             keys.stride(2), bounds[i], bounds[i + 1], bits, group, outliers, scaling, softcap or 0.0,
             out.data_ptr(), lse.data_ptr(), scratch.data_ptr())
 
-    codes = [run(0)] if parts == 1 else list(_pool(parts).map(run, range(parts)))
+    rest = [_pool(parts - 1).submit(run, i) for i in range(1, parts)] if parts > 1 else []
+    codes = [run(0), *(f.result() for f in rest)]  # the first range on this thread
     if any(codes):
         raise RuntimeError(f"coded_attention: kernel refused bits={bits} group={group} head_dim={d} (code {max(codes)})")
     return [(out, lse) for out, lse, _ in outs]

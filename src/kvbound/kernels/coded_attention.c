@@ -7,12 +7,21 @@
  *   oidx    `outliers` uint8 channel indices
  *   oval    `outliers` float16 values (restored exactly)
  *
- * For each (batch, KV head) the kernel walks the tokens in tiles of TILE: it dequantizes the tile's
- * keys and values into two small scratch tiles (they stay in the L1 cache), computes the logits of
- * up to ROWS query rows at once (GQA: query heads h*groups .. h*groups+groups-1, T rows each), and
- * keeps flash attention's online softmax per row (Dao et al. 2022): a running maximum, a running
- * sum and an unnormalized output, rescaled when a tile raises the maximum. Output: each row's
- * normalized output and log-sum-exp, which kvbound's tiered attention merges with the other blocks.
+ * For each (batch, KV head) the kernel walks the tokens in tiles of TILE, computes the logits of up
+ * to ROWS query rows at once (GQA: query heads h*groups .. h*groups+groups-1, T rows each), and keeps
+ * flash attention's online softmax per row (Dao et al. 2022): a running maximum, a running sum and
+ * an unnormalized output, rescaled when a tile raises the maximum. Output: each row's normalized
+ * output and log-sum-exp, which kvbound's tiered attention merges with the other blocks.
+ *
+ * Two ways to read a tile:
+ *   direct (groups of a multiple of 8 channels, no outliers: the offload store's int8 and int4):
+ *     codes are read in place, centred (c = code - h, z' = zero + h * scale, h = 2^(bits-1): less
+ *     cancellation);
+ *     a key is dequantized in registers (c * s + z'), and a value's scale is folded into the
+ *     probability, p * (c * s + z') = (p * s) * c + p * z', with the p * z' terms summed apart per
+ *     group -- no per-channel work beyond converting the code;
+ *   otherwise (narrow groups, outliers): the tile's keys and values are dequantized into
+ *     two small float tiles first (they stay in the L1 cache).
  *
  * Portable C11 with GCC/Clang vector extensions (8 floats: one AVX register, two SSE/NEON ones).
  * Built once by kvbound/kernels/__init__.py with the system C compiler and called through ctypes
@@ -21,10 +30,15 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 
 #define TILE 32 /* tokens dequantized at a time */
 #define ROWS 4  /* query rows computed together */
 #define LANES 8
+
+#define INLINE static inline __attribute__((always_inline))
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -37,9 +51,33 @@ static inline v8f to_float(const uint8_t *p, int shift, unsigned mask) { /* 8 co
     for (int l = 0; l < LANES; l++) f[l] = (float)((p[l] >> shift) & mask);
     return load8(f);
 }
+/* 8 codes (bits (p[i] >> shift) & mask) minus half of their range, as floats (centred: less
+ * cancellation against the zero point). */
+#if defined(__AVX2__)
+static inline v8f codes8(const uint8_t *p, int shift, int mask, float half) { /* GCC won't vectorize it alone */
+    __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p));
+    x = _mm256_and_si256(_mm256_srl_epi32(x, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
+    return (v8f)_mm256_cvtepi32_ps(x) - splat(half);
+}
+#else
+static inline v8f codes8(const uint8_t *p, int shift, int mask, float half) {
+    float f[LANES];
+    for (int l = 0; l < LANES; l++) f[l] = (float)((p[l] >> shift) & mask) - half;
+    return load8(f);
+}
+#endif
+
+#if defined(__AVX__)
+static inline float hsum(v8f v) { /* the sum of the 8 lanes, with shuffles instead of lane extracts */
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
+}
+#else
 static inline float hsum(v8f v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
+#endif
 
 /* exp(x) for x <= 0, 8 lanes: Cephes' expf (range reduction by ln 2, degree-5 polynomial), ~1 ulp. */
 static inline v8f exp8(v8f x) {
@@ -62,6 +100,13 @@ static inline v8f exp8(v8f x) {
     return y * scale;
 }
 
+#if defined(__F16C__)
+static inline float half_to_float(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, sizeof h); /* x86: little-endian, as torch stores float16 */
+    return _cvtsh_ss(h);
+}
+#else
 static inline float half_to_float(const uint8_t *p) {
     uint16_t h = (uint16_t)(p[0] | (p[1] << 8)); /* little-endian, as torch stores float16 */
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
@@ -74,6 +119,7 @@ static inline float half_to_float(const uint8_t *p) {
     memcpy(&f, &bits, sizeof f);
     return f;
 }
+#endif
 
 /* The D channels of one record, in float (D, and each bit plane's D/per channels, multiples of 8). */
 static inline void dequant(const uint8_t *rec, int64_t D, int bits, int64_t group, int64_t outliers,
@@ -101,39 +147,65 @@ static inline void dequant(const uint8_t *rec, int64_t D, int bits, int64_t grou
     }
 }
 
-/* One tile's keys and values as rows_tile reads them: dequantized rows kt/vt [TILE, D] (any format),
- * or, for int8 records with groups of a multiple of 8 channels (DIRECT), the codes in place (record
- * stride st) with each token's scales and zero points kscale/kzero/vscale/vzero [TILE, D / group]. */
+#define MAX_CHUNKS 128 /* D <= 8 * MAX_CHUNKS */
+
+/* One tile of TILE tokens as rows_tile reads it. direct: the codes kc/vc in place (record stride st;
+ * channels c .. c+8 are the bits (byte >> shift[c/8]) & mask of bytes off[c/8] ..), centred by
+ * half, and each token's key scales and zero points ks/kz, value scales vs and zero points vz
+ * [TILE, groups]; otherwise the dequantized rows kt/vt [TILE, D]. */
 typedef struct {
     const float *kt, *vt;
     const uint8_t *kc, *vc;
     int64_t st, group, groups;
-    const float *kscale, *kzero, *vscale, *vzero;
+    float *ks, *kz, *vs, *vz;
+    int mask;
+    float half;
+    int32_t off[MAX_CHUNKS], shift[MAX_CHUNKS];
 } Tile;
 
-static inline __attribute__((always_inline)) v8f tile_row(const int DIRECT, const Tile *tl, int value, int64_t t,
-                                                          int64_t c, int64_t D) {
-    if (!DIRECT) return load8((value ? tl->vt : tl->kt) + t * D + c);
-    const int64_t g = t * tl->groups + c / tl->group;
-    const float *scale = value ? tl->vscale : tl->kscale, *zero = value ? tl->vzero : tl->kzero;
-    return to_float((value ? tl->vc : tl->kc) + t * tl->st + c, 0, 0xffu) * splat(scale[g]) + splat(zero[g]);
+/* Channels c .. c+8 of token t's record at base, as centred codes. */
+INLINE v8f codes_at(const Tile *tl, const uint8_t *base, int64_t t, int64_t c) {
+    return codes8(base + t * tl->st + tl->off[c / LANES], tl->shift[c / LANES], tl->mask, tl->half);
 }
 
-/* NR (1..ROWS, a constant after inlining) query rows q (row stride D) against the nt tokens of the
- * tile tl: logits into s [ROWS, TILE], then the online softmax update of the rows'
- * running max m, sum l and unnormalized output acc (row stride D). */
-static inline __attribute__((always_inline)) void rows_tile(
-    const int NR, const int DIRECT, const float *q, const Tile *tl, int64_t nt, int64_t D,
-    float scaling, float softcap, float *s, float *m, float *l, float *acc) {
-    for (int64_t t = 0; t < nt; t++) { /* logits of the NR rows against token t */
-        v8f a[ROWS] = {0};
-        for (int64_t c = 0; c < D; c += LANES) {
-            const v8f k = tile_row(DIRECT, tl, 0, t, c, D);
-            for (int r = 0; r < NR; r++) a[r] += load8(q + r * D + c) * k;
+/* Channels c .. c+8 of key t. */
+INLINE v8f key8(const int DIRECT, const Tile *tl, int64_t t, int64_t c, int64_t D, v8f scale, v8f zero) {
+    return DIRECT ? codes_at(tl, tl->kc, t, c) * scale + zero : load8(tl->kt + t * D + c);
+}
+
+/* NR (1..ROWS, a constant after inlining) query rows q (row stride D) against the nt tokens of tile
+ * tl: logits into s [ROWS, TILE], then the online softmax update of the rows' running max m, sum l,
+ * unnormalized output acc [NR, D] and (direct) zero-point sums zacc [NR, groups]; w [ROWS, groups,
+ * TILE] holds the direct path's scaled probabilities. */
+INLINE void rows_tile(const int NR, const int DIRECT, const float *q, const Tile *tl, int64_t nt, int64_t D,
+                      float scaling, float softcap, float *s, float *w, float *m, float *l, float *acc, float *zacc) {
+    const int64_t G = DIRECT ? tl->groups : 1, group = D / G;
+    for (int64_t t = 0; t < nt; t += 2) { /* logits of the NR rows against tokens t and t + 1 */
+        const int64_t u = t + 1 < nt ? t + 1 : t; /* an odd tile's last pair: token t twice */
+        v8f a[ROWS] = {0}, b[ROWS] = {0};
+        for (int64_t g = 0; g < G; g++) {
+            v8f s0 = splat(0.0f), z0 = s0, s1 = s0, z1 = s0;
+            if (DIRECT) {
+                s0 = splat(tl->ks[t * G + g]), z0 = splat(tl->kz[t * G + g]);
+                s1 = splat(tl->ks[u * G + g]), z1 = splat(tl->kz[u * G + g]);
+            }
+            for (int64_t c = g * group; c < (g + 1) * group; c += LANES) {
+                const v8f k0 = key8(DIRECT, tl, t, c, D, s0, z0), k1 = key8(DIRECT, tl, u, c, D, s1, z1);
+                for (int r = 0; r < NR; r++) {
+                    const v8f qr = load8(q + r * D + c);
+                    a[r] += qr * k0;
+                    b[r] += qr * k1;
+                }
+            }
         }
         for (int r = 0; r < NR; r++) {
-            const float x = hsum(a[r]) * scaling;
-            s[r * TILE + t] = softcap > 0.0f ? softcap * tanhf(x / softcap) : x;
+            float x = hsum(a[r]) * scaling, y = hsum(b[r]) * scaling;
+            if (softcap > 0.0f) {
+                x = softcap * tanhf(x / softcap);
+                y = softcap * tanhf(y / softcap);
+            }
+            s[r * TILE + t] = x;
+            s[r * TILE + u] = y;
         }
     }
     for (int r = 0; r < NR; r++) { /* online softmax over the tile */
@@ -143,6 +215,7 @@ static inline __attribute__((always_inline)) void rows_tile(
             const float c = expf(m[r] - mt);
             l[r] *= c;
             for (int64_t j = 0; j < D; j++) acc[r * D + j] *= c;
+            for (int64_t g = 0; DIRECT && g < G; g++) zacc[r * G + g] *= c;
             m[r] = mt;
         }
         v8f sum = splat(0.0f);
@@ -155,21 +228,34 @@ static inline __attribute__((always_inline)) void rows_tile(
             sum += p;
         }
         l[r] += hsum(sum);
+        for (int64_t g = 0; DIRECT && g < G; g++) { /* p * scale for the codes, p * zero summed apart */
+            float *wr = w + (r * G + g) * TILE, z = 0.0f;
+            for (int64_t t = 0; t < nt; t++) {
+                wr[t] = sr[t] * tl->vs[t * G + g];
+                z += sr[t] * tl->vz[t * G + g];
+            }
+            zacc[r * G + g] += z;
+        }
     }
     for (int64_t c = 0; c < D; c += LANES) { /* acc += p @ values, the NR rows in registers */
+        const float *wr[ROWS];
         v8f a[ROWS];
-        for (int r = 0; r < NR; r++) a[r] = load8(acc + r * D + c);
+        for (int r = 0; r < NR; r++) {
+            wr[r] = DIRECT ? w + (r * G + c / group) * TILE : s + r * TILE;
+            a[r] = load8(acc + r * D + c);
+        }
         for (int64_t t = 0; t < nt; t++) {
-            const v8f v = tile_row(DIRECT, tl, 1, t, c, D);
-            for (int r = 0; r < NR; r++) a[r] += splat(s[r * TILE + t]) * v;
+            const v8f v = DIRECT ? codes_at(tl, tl->vc, t, c) : load8(tl->vt + t * D + c);
+            for (int r = 0; r < NR; r++) a[r] += splat(wr[r][t]) * v;
         }
         for (int r = 0; r < NR; r++) store8(acc + r * D + c, a[r]);
     }
 }
 
-/* Floats of scratch kvb_coded_attention needs for head_dim D and R = groups*T query rows. */
-int64_t kvb_scratch_floats(int64_t D, int64_t R) {
-    return 6 * TILE * D + ROWS * TILE + R * (D + 2); /* 4 * TILE * (D / group) <= 4 * TILE * D */
+/* Floats of scratch kvb_coded_attention needs for head_dim D, R = groups*T query rows and `group`. */
+int64_t kvb_scratch_floats(int64_t D, int64_t R, int64_t group) {
+    const int64_t G = D / group;
+    return 2 * TILE * D + 4 * TILE * G + ROWS * TILE + ROWS * G * TILE + R * (D + G + 2);
 }
 
 /* Tokens t0 .. t1 of every (batch, KV head).
@@ -177,41 +263,49 @@ int64_t kvb_scratch_floats(int64_t D, int64_t R) {
  *   keys/values: record bytes of token t of (b, h) at base + b*sb + h*sh + t*st
  *   out    [B, H*groups, T, D] float32 (normalized; rows of an empty range: 0)
  *   lse    [B, H*groups, T] float32 (empty range: -inf)
- *   scratch  kvb_scratch_floats(D, groups*T) floats
+ *   scratch  kvb_scratch_floats(D, groups*T, group) floats
  * softcap > 0 caps the logits as Gemma 2 does: cap * tanh(logit / cap). Returns 0, or >0 for bad arguments. */
 int kvb_coded_attention(const float *query, int64_t B, int64_t H, int64_t groups, int64_t T, int64_t D,
                         const uint8_t *keys, const uint8_t *values, int64_t sb, int64_t sh, int64_t st,
                         int64_t t0, int64_t t1, int bits, int64_t group, int64_t outliers,
                         float scaling, float softcap, float *out, float *lse, float *scratch) {
     if (bits != 2 && bits != 4 && bits != 8) return 1;
-    if (group <= 0 || D % group || D % (LANES * (8 / bits))) return 2;
-    const int64_t R = groups * T;
-    const int direct = bits == 8 && group % LANES == 0 && !outliers;
-    const int64_t G = D / group;
+    if (group <= 0 || D % group || D % (LANES * (8 / bits)) || D > LANES * MAX_CHUNKS) return 2;
+    const int direct = group % LANES == 0 && !outliers;
+    const int64_t width = D * bits / 8; /* code bytes per record; the scales follow */
+    const int64_t R = groups * T, G = D / group;
     float *kt = scratch, *vt = kt + TILE * D;     /* [TILE, D] dequantized keys, values */
     float *sz = vt + TILE * D;                     /* [4, TILE, G] direct: scales and zero points */
     float *s = sz + 4 * TILE * G;                  /* [ROWS, TILE] logits, then probabilities */
-    float *acc = s + ROWS * TILE;                  /* [R, D] unnormalized outputs */
-    float *m = acc + R * D, *l = m + R;            /* [R] running max and sum */
-    Tile tl = {kt, vt, NULL, NULL, st, group, G, sz, sz + TILE * G, sz + 2 * TILE * G, sz + 3 * TILE * G};
+    float *w = s + ROWS * TILE;                    /* [ROWS, G, TILE] direct: probabilities * value scales */
+    float *acc = w + ROWS * G * TILE;              /* [R, D] unnormalized outputs */
+    float *zacc = acc + R * D;                     /* [R, G] direct: sums of probabilities * value zero points */
+    float *m = zacc + R * G, *l = m + R;           /* [R] running max and sum */
+    Tile tl = {kt, vt, NULL, NULL, st, group, G, sz, sz + TILE * G, sz + 2 * TILE * G, sz + 3 * TILE * G,
+               (1 << bits) - 1, (float)(1 << (bits - 1)), {0}, {0}};
+    for (int64_t c = 0; c < D; c += LANES) { /* planar packing: channel c is in bit plane c / width */
+        tl.off[c / LANES] = (int32_t)(c % width);
+        tl.shift[c / LANES] = (int32_t)(bits * (c / width));
+    }
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
             const float *q = query + (b * H + h) * R * D; /* the R rows reading KV head h */
             const uint8_t *kb = keys + b * sb + h * sh, *vb = values + b * sb + h * sh;
             for (int64_t r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
-            memset(acc, 0, sizeof(float) * R * D);
+            memset(acc, 0, sizeof(float) * R * (D + G));
             for (int64_t ta = t0; ta < t1; ta += TILE) {
                 const int64_t nt = t1 - ta < TILE ? t1 - ta : TILE;
                 if (direct) {
                     tl.kc = kb + ta * st;
                     tl.vc = vb + ta * st;
                     for (int64_t t = 0; t < nt; t++) {
-                        for (int64_t g = 0; g < G; g++) {
-                            const uint8_t *kr = tl.kc + t * st + D, *vr = tl.vc + t * st + D;
-                            sz[t * G + g] = half_to_float(kr + 2 * g);
-                            sz[(TILE + t) * G + g] = half_to_float(kr + 2 * (G + g));
-                            sz[(2 * TILE + t) * G + g] = half_to_float(vr + 2 * g);
-                            sz[(3 * TILE + t) * G + g] = half_to_float(vr + 2 * (G + g));
+                        const uint8_t *kr = tl.kc + t * st + width, *vr = tl.vc + t * st + width;
+                        for (int64_t g = 0; g < G; g++) { /* x = code*s + z = (code - half)*s + (z + half*s) */
+                            const float ks = half_to_float(kr + 2 * g), vs = half_to_float(vr + 2 * g);
+                            tl.ks[t * G + g] = ks;
+                            tl.kz[t * G + g] = half_to_float(kr + 2 * (G + g)) + tl.half * ks;
+                            tl.vs[t * G + g] = vs;
+                            tl.vz[t * G + g] = half_to_float(vr + 2 * (G + g)) + tl.half * vs;
                         }
                     }
                 } else {
@@ -222,9 +316,9 @@ int kvb_coded_attention(const float *query, int64_t B, int64_t H, int64_t groups
                 }
                 for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
                     const float *qr = q + r0 * D;
-                    float *ar = acc + r0 * D, *mr = m + r0, *lr = l + r0;
+                    float *ar = acc + r0 * D, *zr = zacc + r0 * G, *mr = m + r0, *lr = l + r0;
                     const int nr = (int)(R - r0 < ROWS ? R - r0 : ROWS);
-#define ROWS_TILE(NR, DIRECT) rows_tile(NR, DIRECT, qr, &tl, nt, D, scaling, softcap, s, mr, lr, ar)
+#define ROWS_TILE(NR, DIRECT) rows_tile(NR, DIRECT, qr, &tl, nt, D, scaling, softcap, s, w, mr, lr, ar, zr)
                     switch (nr * 2 + direct) { /* constant row counts and layouts: loops unrolled */
                     case 2: ROWS_TILE(1, 0); break;
                     case 3: ROWS_TILE(1, 1); break;
@@ -241,7 +335,7 @@ int kvb_coded_attention(const float *query, int64_t B, int64_t H, int64_t groups
             float *o = out + (b * H + h) * R * D, *e = lse + (b * H + h) * R;
             for (int64_t r = 0; r < R; r++) {
                 const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-                for (int64_t j = 0; j < D; j++) o[r * D + j] = acc[r * D + j] * inv;
+                for (int64_t j = 0; j < D; j++) o[r * D + j] = (acc[r * D + j] + zacc[r * G + j / group]) * inv;
                 e[r] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
             }
         }
