@@ -6,9 +6,10 @@ kernel dequantizes each record in registers, dots it with the query rows of its 
 flash attention's online softmax, so a step reads only the coded bytes.
 
 The source is compiled once per machine with the system C compiler (``$CC``, ``cc``, ``gcc`` or
-``clang``; about a second) into ``$KVBOUND_HOME/kernels/`` and loaded with :mod:`ctypes`, whose calls
-release the GIL: a block's tokens are split across ``torch.get_num_threads()`` threads and the
-partial results merged by the caller's log-sum-exp merge. Without a compiler (or with
+``clang``; about a second) into ``$KVBOUND_HOME/kernels/`` and loaded with :mod:`ctypes`. A block's
+tokens are split into ranges run on ``torch.get_num_threads()`` OpenMP threads -- PyTorch's own pool,
+since the library binds to the OpenMP runtime PyTorch loaded -- whose partial results the caller
+merges by log-sum-exp. Without a compiler (or with
 ``KVBOUND_KERNELS=0``) :func:`available` is ``False`` and callers use their PyTorch path.
 """
 
@@ -23,14 +24,15 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 SOURCE = Path(__file__).with_name("coded_attention.c")
 FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=fast")  # contract: a*b+c as one FMA
-NATIVE = ("-march=native",)  # tried first; dropped where the compiler refuses it
+# tried in this order, each dropped where the compiler refuses it: -march=native, and OpenMP (PyTorch's own
+# runtime at run time: same soname, already loaded)
+OPTIONAL = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 MIN_SPLIT = 1024  # tokens per thread below which a block is not split
 # Query rows per KV head up to which the kernel beats decoding into a buffer + PyTorch's flash attention
 # (SmolLM2's shapes, 4096 int8 tokens, one thread: 0.56 vs 2.0 ms at 3 rows, 2.4 vs 2.9 at 12, 3.1 vs 2.9
@@ -59,7 +61,7 @@ def _build(cc: str, target: Path) -> None:
     os.close(fd)
     try:
         errors = ""
-        for extra in (NATIVE, ()):
+        for extra in OPTIONAL:
             run = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
                                  capture_output=True, text=True, timeout=120)
             if run.returncode == 0:
@@ -97,6 +99,10 @@ def _library() -> ctypes.CDLL | None:
     lib.kvb_coded_attention.restype = ctypes.c_int
     lib.kvb_coded_attention.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64,
                                         ctypes.c_int, i64, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr]
+    lib.kvb_coded_attention_parts.restype = ctypes.c_int
+    lib.kvb_coded_attention_parts.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64,
+                                              ctypes.c_int, i64, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr,
+                                              i64]
     lib.kvb_scratch_floats.restype = i64
     lib.kvb_scratch_floats.argtypes = [i64, i64, i64]
     return lib
@@ -105,11 +111,6 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the kernel is built and loaded (builds it on the first call)."""
     return _library() is not None
-
-
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvbound-kernel")
 
 
 def coded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int,
@@ -133,20 +134,15 @@ def coded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     b, hq, t, d = q.shape
     h, n = keys.shape[1], keys.shape[2]
     groups = hq // h
-    parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT))
-    bounds = [n * i // parts for i in range(parts + 1)]
-    outs = [(torch.empty_like(q), torch.empty(b, hq, t, dtype=torch.float32),
-             torch.empty(lib.kvb_scratch_floats(d, groups * t, group), dtype=torch.float32)) for _ in range(parts)]
-
-    def run(i: int) -> int:
-        out, lse, scratch = outs[i]
-        return lib.kvb_coded_attention(
-            q.data_ptr(), b, h, groups, t, d, keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
-            keys.stride(2), bounds[i], bounds[i + 1], bits, group, outliers, scaling, softcap or 0.0,
-            out.data_ptr(), lse.data_ptr(), scratch.data_ptr())
-
-    rest = [_pool(parts - 1).submit(run, i) for i in range(1, parts)] if parts > 1 else []
-    codes = [run(0), *(f.result() for f in rest)]  # the first range on this thread
-    if any(codes):
-        raise RuntimeError(f"coded_attention: kernel refused bits={bits} group={group} head_dim={d} (code {max(codes)})")
-    return [(out, lse) for out, lse, _ in outs]
+    parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT, 64))
+    floats = lib.kvb_scratch_floats(d, groups * t, group)
+    out = torch.empty((parts, *q.shape), dtype=torch.float32)
+    lse = torch.empty((parts, b, hq, t), dtype=torch.float32)
+    scratch = torch.empty(parts * floats, dtype=torch.float32)
+    code = lib.kvb_coded_attention_parts(
+        q.data_ptr(), b, h, groups, t, d, keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+        keys.stride(2), n, parts, bits, group, outliers, scaling, softcap or 0.0, out.data_ptr(), lse.data_ptr(),
+        scratch.data_ptr(), floats)
+    if code:
+        raise RuntimeError(f"coded_attention: kernel refused bits={bits} group={group} head_dim={d} (code {code})")
+    return list(zip(out.unbind(0), lse.unbind(0)))

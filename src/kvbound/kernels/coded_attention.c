@@ -23,9 +23,11 @@
  *   otherwise (narrow groups, outliers): the tile's keys and values are dequantized into
  *     two small float tiles first (they stay in the L1 cache).
  *
+ * kvb_coded_attention_parts splits the tokens into ranges run on OpenMP threads; the caller merges
+ * the ranges' outputs by their log-sum-exp.
+ *
  * Portable C11 with GCC/Clang vector extensions (8 floats: one AVX register, two SSE/NEON ones).
- * Built once by kvbound/kernels/__init__.py with the system C compiler and called through ctypes
- * (which releases the GIL, so several token ranges can run on threads at once).
+ * Built once by kvbound/kernels/__init__.py with the system C compiler and called through ctypes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -341,4 +343,28 @@ int kvb_coded_attention(const float *query, int64_t B, int64_t H, int64_t groups
         }
     }
     return 0;
+}
+
+#define MAX_PARTS 64
+
+/* kvb_coded_attention over tokens 0 .. n split into `parts` ranges (n * i / parts ..), range i
+ * written to out + i*B*H*groups*T*D, lse + i*B*H*groups*T and using scratch + i*scratch_floats. The
+ * ranges run on OpenMP threads where the library was built with OpenMP: inside PyTorch that is
+ * PyTorch's own OpenMP runtime (same soname, loaded first), so the kernel shares its thread pool
+ * instead of competing with it; one after the other otherwise. */
+int kvb_coded_attention_parts(const float *query, int64_t B, int64_t H, int64_t groups, int64_t T, int64_t D,
+                              const uint8_t *keys, const uint8_t *values, int64_t sb, int64_t sh, int64_t st,
+                              int64_t n, int64_t parts, int bits, int64_t group, int64_t outliers,
+                              float scaling, float softcap, float *out, float *lse, float *scratch,
+                              int64_t scratch_floats) {
+    if (parts < 1 || parts > MAX_PARTS) return 3;
+    const int64_t rows = B * H * groups * T;
+    int rc[MAX_PARTS] = {0}, worst = 0;
+#pragma omp parallel for num_threads((int)parts) schedule(static, 1)
+    for (int64_t i = 0; i < parts; i++)
+        rc[i] = kvb_coded_attention(query, B, H, groups, T, D, keys, values, sb, sh, st, n * i / parts,
+                                    n * (i + 1) / parts, bits, group, outliers, scaling, softcap, out + i * rows * D,
+                                    lse + i * rows, scratch + i * scratch_floats);
+    for (int64_t i = 0; i < parts; i++) worst = rc[i] > worst ? rc[i] : worst;
+    return worst;
 }
