@@ -48,11 +48,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 static inline v8f load8(const float *p) { v8f v; memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
 static inline v8f splat(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
-static inline v8f to_float(const uint8_t *p, int shift, unsigned mask) { /* 8 codes (a loop GCC vectorizes) */
-    float f[LANES];
-    for (int l = 0; l < LANES; l++) f[l] = (float)((p[l] >> shift) & mask);
-    return load8(f);
-}
 /* 8 codes (bits (p[i] >> shift) & mask) minus half of their range, as floats (centred: less
  * cancellation against the zero point). */
 #if defined(__AVX2__)
@@ -131,7 +126,7 @@ static inline void dequant(const uint8_t *rec, int64_t D, int bits, int64_t grou
     const uint8_t *scale = rec + w, *zero = rec + w + 2 * groups;
     const unsigned mask = (1u << bits) - 1u;
     for (int64_t j = 0; j < w; j += LANES) /* bit plane i holds channels i*w .. i*w + w */
-        for (int i = 0; i < per; i++) store8(out + i * w + j, to_float(rec + j, bits * i, mask));
+        for (int i = 0; i < per; i++) store8(out + i * w + j, codes8(rec + j, bits * i, (int)mask, 0.0f));
     if (group % LANES == 0) {
         for (int64_t g = 0; g < groups; g++) {
             const v8f s = splat(half_to_float(scale + 2 * g)), z = splat(half_to_float(zero + 2 * g));
