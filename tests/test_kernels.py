@@ -19,6 +19,10 @@ def _reference(query, keys, values, codec, scaling, softcap=None):
     return attention.block_attention(query, k, v, None, scaling, softcap)
 
 
+def _records(codec, keys, values, d):
+    return (kernels.Coded.records(x, codec.bits, codec.group, d) for x in (keys, values))
+
+
 def _merged(parts):
     lse = torch.logsumexp(torch.stack([p[1] for p in parts]), dim=0)
     return attention.merge(parts), lse
@@ -42,10 +46,35 @@ def test_matches_decoding_then_attending(fmt, group, outliers, heads, kv_heads, 
     query = torch.randn(2, heads, queries, d)
     k, v = torch.randn(2, kv_heads, n, d) * 2, torch.randn(2, kv_heads, n, d)
     keys, values = codec.to_bytes(k), codec.to_bytes(v)
-    parts = kernels.coded_attention(query, keys, values, codec.bits, codec.group, codec.outliers, 0.125)
+    parts = kernels.coded_attention(query, *_records(codec, keys, values, d), codec.bits, 0.125,
+                                    outliers=codec.outliers)
     out, lse = _merged(parts)
     ref, ref_lse = _reference(query, keys, values, codec, 0.125)
     # float rounding only (summation order, scales folded into probabilities): far below a codec step
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bits,group", [(4, 32), (2, 16), (8, 64), (4, 8)])
+@pytest.mark.parametrize("parts", [1, 3])  # 3 token ranges: ranges (and tiles) start inside key blocks
+def test_kivi_layout_per_channel_keys(bits, group, parts, monkeypatch):
+    """KIVI's tensors as they are held: keys per channel over blocks of ``group`` tokens, values per token."""
+    torch.manual_seed(2)
+    n = 320
+    monkeypatch.setattr(kernels, "MIN_SPLIT", n // parts)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: parts)
+    d = 64
+    codec = parse_codec(f"int{bits}", d, group)
+    query = torch.randn(1, 9, 1, d)
+    k, v = torch.randn(1, 3, n, d) * 2, torch.randn(1, 3, n, d)
+    pk, pv = codec.encode(k, "channel"), codec.encode(v, "token")
+    keys = kernels.Coded(pk.data, pk.scale, pk.zero, group, per_channel=True)
+    values = kernels.Coded(pv.data, pv.scale, pv.zero, group)
+    parts_out = kernels.coded_attention(query, keys, values, bits, 0.125)
+    assert len(parts_out) == parts
+    out, lse = _merged(parts_out)
+    ref, ref_lse = attention.block_attention(query, pk.decode(torch.float32), pv.decode(torch.float32), None, 0.125)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse, ref_lse, atol=2e-6, rtol=1e-6)
 
@@ -65,7 +94,7 @@ def test_softcap_strided_records_and_threads(monkeypatch):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        parts = kernels.coded_attention(query, keys, values, 8, d, 0, d ** -0.5, softcap=5.0)
+        parts = kernels.coded_attention(query, *_records(codec, keys, values, d), 8, d ** -0.5, softcap=5.0)
     finally:
         torch.set_num_threads(threads)
     assert len(parts) == 2
@@ -79,13 +108,16 @@ def test_softcap_strided_records_and_threads(monkeypatch):
 def test_empty_range_and_bad_arguments():
     codec = parse_codec("int8", 16)
     empty = codec.to_bytes(torch.zeros(1, 1, 0, 16))
-    (out, lse), = kernels.coded_attention(torch.randn(1, 2, 1, 16), empty, empty, 8, 16, 0, 0.25)
+    (out, lse), = kernels.coded_attention(torch.randn(1, 2, 1, 16), *_records(codec, empty, empty, 16), 8, 0.25)
     assert torch.equal(out, torch.zeros_like(out)) and bool(torch.isneginf(lse).all())
     rec = codec.to_bytes(torch.randn(1, 1, 4, 16))
     with pytest.raises(ValueError, match="float32 CPU queries"):
-        kernels.coded_attention(torch.randn(1, 2, 1, 16, dtype=torch.float64), rec, rec, 8, 16, 0, 0.25)
+        kernels.coded_attention(torch.randn(1, 2, 1, 16, dtype=torch.float64), *_records(codec, rec, rec, 16), 8, 0.25)
     with pytest.raises(RuntimeError, match="refused bits=3"):
-        kernels.coded_attention(torch.randn(1, 2, 1, 16), rec, rec, 3, 16, 0, 0.25)
+        kernels.coded_attention(torch.randn(1, 2, 1, 16), *_records(codec, rec, rec, 16), 3, 0.25)
+    k = kernels.Coded(rec, rec, torch.cat([rec, rec], -1)[..., :rec.shape[-1]], 16)  # unlike the scales' layout
+    with pytest.raises(ValueError, match="scales/zero points of one layout"):
+        kernels.coded_attention(torch.randn(1, 2, 1, 16), k, k, 8, 0.25)
 
 
 @needs_kernel

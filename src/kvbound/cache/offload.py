@@ -520,7 +520,9 @@ class OffloadCache(KVBoundCache):
         def attend(keys, values, query, scaling, softcap):
             if query.shape[1] // keys.shape[1] * query.shape[2] > kernels.MAX_ROWS:
                 return None  # many queries (a prefill chunk): decoding, then PyTorch's attention, is faster
-            return kernels.coded_attention(query, keys, values, codec.bits, codec.group, codec.outliers, scaling, softcap)
+            d = query.shape[-1]
+            k, v = (kernels.Coded.records(x, codec.bits, codec.group, d) for x in (keys, values))
+            return kernels.coded_attention(query, k, v, codec.bits, scaling, softcap, codec.outliers)
         return attend
 
     # -- read-back buffer shared by the layers of one forward pass ---------------------------

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -97,14 +98,10 @@ def _library() -> ctypes.CDLL | None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.kvb_coded_attention.restype = ctypes.c_int
-    lib.kvb_coded_attention.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64,
-                                        ctypes.c_int, i64, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr]
-    lib.kvb_coded_attention_parts.restype = ctypes.c_int
-    lib.kvb_coded_attention_parts.argtypes = [ptr, i64, i64, i64, i64, i64, ptr, ptr, i64, i64, i64, i64, i64,
-                                              ctypes.c_int, i64, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr,
-                                              i64]
+    lib.kvb_coded_attention.argtypes = [ptr, i64, i64, i64, i64, i64, ctypes.POINTER(_CodedC), ctypes.POINTER(_CodedC),
+                                        ctypes.c_int, i64, i64, i64, ctypes.c_float, ctypes.c_float, ptr, ptr, ptr, i64]
     lib.kvb_scratch_floats.restype = i64
-    lib.kvb_scratch_floats.argtypes = [i64, i64, i64]
+    lib.kvb_scratch_floats.argtypes = [i64, i64]
     return lib
 
 
@@ -113,36 +110,73 @@ def available() -> bool:
     return _library() is not None
 
 
-def coded_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bits: int, group: int,
-                    outliers: int, scaling: float, softcap: float | None = None
-                    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Attention of ``query`` ``[B, H*groups, T, D]`` (float32, CPU) over coded records ``keys`` and
-    ``values`` ``[B, H, n, record_bytes]`` (uint8 views with the same strides, records contiguous:
-    :meth:`kvbound.cache.codec.Codec.to_bytes`), every key visible to every query.
+class _CodedC(ctypes.Structure):
+    """``Coded`` in ``coded_attention.c`` (pointers and strides in bytes)."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("codes", "scale", "zero")] + \
+               [(name, ctypes.c_int64) for name in ("sb", "sh", "st", "msb", "msh", "mst", "group", "per_channel")]
+
+
+@dataclass
+class Coded:
+    """K or V as the kernel reads them: ``codes`` ``[B, H, n, head_dim * bits / 8]`` uint8 (each token's
+    codes contiguous, :func:`kvbound.cache.codec.pack`), and float16 ``scale``/``zero`` (any tensor
+    viewing them, e.g. the bytes of a record) of one layout: ``[B, H, n, head_dim / group]`` per token, or
+    ``[B, H, n / group, head_dim]`` per channel (blocks of ``group`` tokens: KIVI's keys)."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    group: int
+    per_channel: bool = False
+
+    @classmethod
+    def records(cls, records: torch.Tensor, bits: int, group: int, head_dim: int) -> "Coded":
+        """Views into records ``[B, H, n, bytes]`` of :meth:`kvbound.cache.codec.Codec.to_bytes`: codes,
+        then the float16 scales and zero points (then any outliers, which the kernel finds after them)."""
+        width, meta = head_dim * bits // 8, 2 * (head_dim // group)
+        return cls(records[..., :width], records[..., width:width + meta], records[..., width + meta:width + 2 * meta],
+                   group)
+
+    def _c(self) -> _CodedC:
+        def strides(t: torch.Tensor) -> list[int]:
+            return [t.stride(i) * t.element_size() for i in range(3)]
+
+        if self.codes.dtype != torch.uint8 or self.codes.stride(-1) != 1 or self.scale.stride(-1) != 1 \
+                or strides(self.scale) != strides(self.zero) or self.codes.device.type != "cpu":
+            raise ValueError("coded_attention takes CPU uint8 codes and scales/zero points of one layout, "
+                             "each token's (or block's) contiguous")
+        return _CodedC(self.codes.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), *strides(self.codes),
+                       *strides(self.scale), self.group, int(self.per_channel))
+
+
+def coded_attention(query: torch.Tensor, keys: Coded, values: Coded, bits: int, scaling: float,
+                    softcap: float | None = None, outliers: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Attention of ``query`` ``[B, H*groups, T, D]`` (float32, CPU) over the coded ``keys`` and
+    ``values`` (``[B, H, n, ...]``, :class:`Coded`), every key visible to every query. ``outliers``:
+    offload records with outlier channels (:meth:`Coded.records`; their tokens are dequantized first).
 
     Returns one ``(out [B, H*groups, T, D], lse [B, H*groups, T])`` per thread's token range, to be
     merged by log-sum-exp (:func:`kvbound.attention.merge`). Call only where :func:`available`."""
     lib = _library()
     if lib is None:
         raise RuntimeError("kvbound's C kernel is not available (check kernels.available() first)")
-    if query.dtype != torch.float32 or query.device.type != "cpu" or keys.device.type != "cpu":
-        raise ValueError("coded_attention takes float32 CPU queries and CPU records")
-    if keys.dtype != torch.uint8 or keys.stride() != values.stride() or keys.shape != values.shape \
-            or keys.stride(-1) != 1:
-        raise ValueError("coded_attention takes uint8 K and V records of one layout, each record contiguous")
+    if query.dtype != torch.float32 or query.device.type != "cpu":
+        raise ValueError("coded_attention takes float32 CPU queries")
+    k, v = keys._c(), values._c()
     q = query.contiguous()
     b, hq, t, d = q.shape
-    h, n = keys.shape[1], keys.shape[2]
+    h, n = keys.codes.shape[1], keys.codes.shape[2]
     groups = hq // h
     parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT, 64))
-    floats = lib.kvb_scratch_floats(d, groups * t, group)
+    floats = lib.kvb_scratch_floats(d, groups * t)
     out = torch.empty((parts, *q.shape), dtype=torch.float32)
     lse = torch.empty((parts, b, hq, t), dtype=torch.float32)
     scratch = torch.empty(parts * floats, dtype=torch.float32)
-    code = lib.kvb_coded_attention_parts(
-        q.data_ptr(), b, h, groups, t, d, keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
-        keys.stride(2), n, parts, bits, group, outliers, scaling, softcap or 0.0, out.data_ptr(), lse.data_ptr(),
-        scratch.data_ptr(), floats)
+    code = lib.kvb_coded_attention(q.data_ptr(), b, h, groups, t, d, ctypes.byref(k), ctypes.byref(v), bits, outliers,
+                                   n, parts, scaling, softcap or 0.0, out.data_ptr(), lse.data_ptr(),
+                                   scratch.data_ptr(), floats)
     if code:
-        raise RuntimeError(f"coded_attention: kernel refused bits={bits} group={group} head_dim={d} (code {code})")
+        raise RuntimeError(f"coded_attention: kernel refused bits={bits} key group={keys.group} value group="
+                           f"{values.group} head_dim={d} (code {code})")
     return list(zip(out.unbind(0), lse.unbind(0)))

@@ -1,11 +1,11 @@
 /* Attention over integer-coded K/V records, without a float copy of the K/V.
  *
- * A record is one token of one KV head as kvbound's codec writes it (Codec.to_bytes):
- *   codes   D * bits / 8 bytes  (planar packing: byte j holds channels j, j + D/per, ... lowest bits first)
- *   scale   D / group float16
- *   zero    D / group float16   (x ~ code * scale + zero)
- *   oidx    `outliers` uint8 channel indices
- *   oval    `outliers` float16 values (restored exactly)
+ K and V are each described by a Coded (below): packed codes (kvbound.cache.codec: D * bits / 8 bytes
+ * per token, planar -- byte j holds channels j, j + D/per, ... lowest bits first) and float16 scales
+ * and zero points (x ~ code * scale + zero), either
+ *   per token (groups of `group` channels; the offload store's records, where scale, zero and
+ *   `outliers` channel indices + float16 values follow each token's codes, and KIVI's values), or
+ *   per channel (blocks of `group` tokens; KIVI's keys).
  *
  * For each (batch, KV head) the kernel walks the tokens in tiles of TILE, computes the logits of up
  * to ROWS query rows at once (GQA: query heads h*groups .. h*groups+groups-1, T rows each), and keeps
@@ -14,17 +14,18 @@
  * output and log-sum-exp, which kvbound's tiered attention merges with the other blocks.
  *
  * Two ways to read a tile:
- *   direct (groups of a multiple of 8 channels, no outliers: the offload store's int8 and int4):
+ *   direct (groups of a multiple of 8 channels or per-channel keys, no outliers):
  *     codes are read in place, centred (c = code - h, z' = zero + h * scale, h = 2^(bits-1): less
  *     cancellation);
- *     a key is dequantized in registers (c * s + z'), and a value's scale is folded into the
+ *     a key is dequantized in registers (c * s + z', s and z' per token or per channel), and a
+ *     value's scale is folded into the
  *     probability, p * (c * s + z') = (p * s) * c + p * z', with the p * z' terms summed apart per
  *     group -- no per-channel work beyond converting the code;
- *   otherwise (narrow groups, outliers): the tile's keys and values are dequantized into
- *     two small float tiles first (they stay in the L1 cache).
+ *   otherwise (offload records with narrow groups or outliers): the tile's keys and values are
+ *     dequantized into two small float tiles first (they stay in the L1 cache).
  *
- * kvb_coded_attention_parts splits the tokens into ranges run on OpenMP threads; the caller merges
- * the ranges' outputs by their log-sum-exp.
+ * kvb_coded_attention splits the tokens into ranges run on OpenMP threads; the caller merges the
+ * ranges' outputs by their log-sum-exp.
  *
  * Portable C11 with GCC/Clang vector extensions (8 floats: one AVX register, two SSE/NEON ones).
  * Built once by kvbound/kernels/__init__.py with the system C compiler and called through ctypes.
@@ -146,48 +147,64 @@ static inline void dequant(const uint8_t *rec, int64_t D, int bits, int64_t grou
 
 #define MAX_CHUNKS 128 /* D <= 8 * MAX_CHUNKS */
 
-/* One tile of TILE tokens as rows_tile reads it. direct: the codes kc/vc in place (record stride st;
- * channels c .. c+8 are the bits (byte >> shift[c/8]) & mask of bytes off[c/8] ..), centred by
- * half, and each token's key scales and zero points ks/kz, value scales vs and zero points vz
- * [TILE, groups]; otherwise the dequantized rows kt/vt [TILE, D]. */
+/* K or V as the caller holds them (strides in bytes). Codes of token t of (b, h) at
+ * codes + b*sb + h*sh + t*st; its float16 scale and zero point at scale/zero + b*msb + h*msh + i*mst
+ * + 2*j, with (i, j) = (t, channel / group) per token or (t / group, channel) per channel. */
+typedef struct {
+    const uint8_t *codes, *scale, *zero;
+    int64_t sb, sh, st, msb, msh, mst, group;
+    int64_t per_channel;
+} Coded;
+
+enum { DEQUANTIZED = 0, PER_TOKEN = 1, PER_CHANNEL = 2 }; /* how a tile is read: see the top comment */
+
+/* One tile of TILE tokens as rows_tile reads it. DEQUANTIZED: the float rows kt/vt [TILE, D]. Else the
+ * codes kc/vc in place (token stride st; channels c .. c+8 are the bits (byte >> shift[c/8]) & mask
+ * of bytes off[c/8] ..), centred by half; value scales vs and centred zero points vz [TILE, vgroups];
+ * keys' likewise ks/kz [TILE, kgroups] (PER_TOKEN) or, PER_CHANNEL, rows kcs/kcz [blocks, D] with
+ * token t in block kb[t]. */
 typedef struct {
     const float *kt, *vt;
     const uint8_t *kc, *vc;
-    int64_t st, group, groups;
-    float *ks, *kz, *vs, *vz;
+    int64_t kst, vst, kgroups, vgroups;
+    float *ks, *kz, *vs, *vz, *kcs, *kcz;
     int mask;
     float half;
-    int32_t off[MAX_CHUNKS], shift[MAX_CHUNKS];
+    int32_t off[MAX_CHUNKS], shift[MAX_CHUNKS], kb[TILE];
 } Tile;
 
-/* Channels c .. c+8 of token t's record at base, as centred codes. */
-INLINE v8f codes_at(const Tile *tl, const uint8_t *base, int64_t t, int64_t c) {
-    return codes8(base + t * tl->st + tl->off[c / LANES], tl->shift[c / LANES], tl->mask, tl->half);
+/* Channels c .. c+8 of token t's codes at base (token stride st), centred. */
+INLINE v8f codes_at(const Tile *tl, const uint8_t *base, int64_t st, int64_t t, int64_t c) {
+    return codes8(base + t * st + tl->off[c / LANES], tl->shift[c / LANES], tl->mask, tl->half);
 }
 
-/* Channels c .. c+8 of key t. */
-INLINE v8f key8(const int DIRECT, const Tile *tl, int64_t t, int64_t c, int64_t D, v8f scale, v8f zero) {
-    return DIRECT ? codes_at(tl, tl->kc, t, c) * scale + zero : load8(tl->kt + t * D + c);
+/* Channels c .. c+8 of key t (PER_TOKEN: scale and zero are the token's, splatted). */
+INLINE v8f key8(const int MODE, const Tile *tl, int64_t t, int64_t c, int64_t D, v8f scale, v8f zero) {
+    if (MODE == DEQUANTIZED) return load8(tl->kt + t * D + c);
+    const v8f x = codes_at(tl, tl->kc, tl->kst, t, c);
+    if (MODE == PER_TOKEN) return x * scale + zero;
+    return x * load8(tl->kcs + tl->kb[t] * D + c) + load8(tl->kcz + tl->kb[t] * D + c);
 }
 
 /* NR (1..ROWS, a constant after inlining) query rows q (row stride D) against the nt tokens of tile
  * tl: logits into s [ROWS, TILE], then the online softmax update of the rows' running max m, sum l,
- * unnormalized output acc [NR, D] and (direct) zero-point sums zacc [NR, groups]; w [ROWS, groups,
- * TILE] holds the direct path's scaled probabilities. */
-INLINE void rows_tile(const int NR, const int DIRECT, const float *q, const Tile *tl, int64_t nt, int64_t D,
+ * unnormalized output acc [NR, D] and (direct) zero-point sums zacc [NR, vgroups]; w [ROWS, vgroups,
+ * TILE] holds the direct paths' scaled probabilities. */
+INLINE void rows_tile(const int NR, const int MODE, const float *q, const Tile *tl, int64_t nt, int64_t D,
                       float scaling, float softcap, float *s, float *w, float *m, float *l, float *acc, float *zacc) {
-    const int64_t G = DIRECT ? tl->groups : 1, group = D / G;
+    const int64_t KG = MODE == PER_TOKEN ? tl->kgroups : 1, kgroup = D / KG;
+    const int64_t VG = MODE == DEQUANTIZED ? 1 : tl->vgroups, vgroup = D / VG;
     for (int64_t t = 0; t < nt; t += 2) { /* logits of the NR rows against tokens t and t + 1 */
         const int64_t u = t + 1 < nt ? t + 1 : t; /* an odd tile's last pair: token t twice */
         v8f a[ROWS] = {0}, b[ROWS] = {0};
-        for (int64_t g = 0; g < G; g++) {
+        for (int64_t g = 0; g < KG; g++) {
             v8f s0 = splat(0.0f), z0 = s0, s1 = s0, z1 = s0;
-            if (DIRECT) {
-                s0 = splat(tl->ks[t * G + g]), z0 = splat(tl->kz[t * G + g]);
-                s1 = splat(tl->ks[u * G + g]), z1 = splat(tl->kz[u * G + g]);
+            if (MODE == PER_TOKEN) {
+                s0 = splat(tl->ks[t * KG + g]), z0 = splat(tl->kz[t * KG + g]);
+                s1 = splat(tl->ks[u * KG + g]), z1 = splat(tl->kz[u * KG + g]);
             }
-            for (int64_t c = g * group; c < (g + 1) * group; c += LANES) {
-                const v8f k0 = key8(DIRECT, tl, t, c, D, s0, z0), k1 = key8(DIRECT, tl, u, c, D, s1, z1);
+            for (int64_t c = g * kgroup; c < (g + 1) * kgroup; c += LANES) {
+                const v8f k0 = key8(MODE, tl, t, c, D, s0, z0), k1 = key8(MODE, tl, u, c, D, s1, z1);
                 for (int r = 0; r < NR; r++) {
                     const v8f qr = load8(q + r * D + c);
                     a[r] += qr * k0;
@@ -212,7 +229,7 @@ INLINE void rows_tile(const int NR, const int DIRECT, const float *q, const Tile
             const float c = expf(m[r] - mt);
             l[r] *= c;
             for (int64_t j = 0; j < D; j++) acc[r * D + j] *= c;
-            for (int64_t g = 0; DIRECT && g < G; g++) zacc[r * G + g] *= c;
+            for (int64_t g = 0; MODE != DEQUANTIZED && g < VG; g++) zacc[r * VG + g] *= c;
             m[r] = mt;
         }
         v8f sum = splat(0.0f);
@@ -225,61 +242,64 @@ INLINE void rows_tile(const int NR, const int DIRECT, const float *q, const Tile
             sum += p;
         }
         l[r] += hsum(sum);
-        for (int64_t g = 0; DIRECT && g < G; g++) { /* p * scale for the codes, p * zero summed apart */
-            float *wr = w + (r * G + g) * TILE, z = 0.0f;
+        for (int64_t g = 0; MODE != DEQUANTIZED && g < VG; g++) { /* p * scale for the codes, p * zero apart */
+            float *wr = w + (r * VG + g) * TILE, z = 0.0f;
             for (int64_t t = 0; t < nt; t++) {
-                wr[t] = sr[t] * tl->vs[t * G + g];
-                z += sr[t] * tl->vz[t * G + g];
+                wr[t] = sr[t] * tl->vs[t * VG + g];
+                z += sr[t] * tl->vz[t * VG + g];
             }
-            zacc[r * G + g] += z;
+            zacc[r * VG + g] += z;
         }
     }
     for (int64_t c = 0; c < D; c += LANES) { /* acc += p @ values, the NR rows in registers */
         const float *wr[ROWS];
         v8f a[ROWS];
         for (int r = 0; r < NR; r++) {
-            wr[r] = DIRECT ? w + (r * G + c / group) * TILE : s + r * TILE;
+            wr[r] = MODE != DEQUANTIZED ? w + (r * VG + c / vgroup) * TILE : s + r * TILE;
             a[r] = load8(acc + r * D + c);
         }
         for (int64_t t = 0; t < nt; t++) {
-            const v8f v = DIRECT ? codes_at(tl, tl->vc, t, c) : load8(tl->vt + t * D + c);
+            const v8f v = MODE != DEQUANTIZED ? codes_at(tl, tl->vc, tl->vst, t, c) : load8(tl->vt + t * D + c);
             for (int r = 0; r < NR; r++) a[r] += splat(wr[r][t]) * v;
         }
         for (int r = 0; r < NR; r++) store8(acc + r * D + c, a[r]);
     }
 }
 
-/* Floats of scratch kvb_coded_attention needs for head_dim D, R = groups*T query rows and `group`. */
-int64_t kvb_scratch_floats(int64_t D, int64_t R, int64_t group) {
-    const int64_t G = D / group;
-    return 2 * TILE * D + 4 * TILE * G + ROWS * TILE + ROWS * G * TILE + R * (D + G + 2);
+/* Per-token scales and centred zero points of tokens ta .. ta+nt of (b, h) into sc/zc [nt, groups]. */
+static void token_scales(const Coded *x, int64_t b, int64_t h, int64_t ta, int64_t nt, int64_t groups, float half,
+                         float *sc, float *zc) {
+    const uint8_t *sp = x->scale + b * x->msb + h * x->msh, *zp = x->zero + b * x->msb + h * x->msh;
+    for (int64_t t = 0; t < nt; t++) {
+        for (int64_t g = 0; g < groups; g++) { /* x = code*s + z = (code - half)*s + (z + half*s) */
+            const float s = half_to_float(sp + (ta + t) * x->mst + 2 * g);
+            sc[t * groups + g] = s;
+            zc[t * groups + g] = half_to_float(zp + (ta + t) * x->mst + 2 * g) + half * s;
+        }
+    }
 }
 
-/* Tokens t0 .. t1 of every (batch, KV head).
- *   query  [B, H*groups, T, D] float32, contiguous; D a multiple of 8 * (8 / bits)
- *   keys/values: record bytes of token t of (b, h) at base + b*sb + h*sh + t*st
- *   out    [B, H*groups, T, D] float32 (normalized; rows of an empty range: 0)
- *   lse    [B, H*groups, T] float32 (empty range: -inf)
- *   scratch  kvb_scratch_floats(D, groups*T, group) floats
- * softcap > 0 caps the logits as Gemma 2 does: cap * tanh(logit / cap). Returns 0, or >0 for bad arguments. */
-int kvb_coded_attention(const float *query, int64_t B, int64_t H, int64_t groups, int64_t T, int64_t D,
-                        const uint8_t *keys, const uint8_t *values, int64_t sb, int64_t sh, int64_t st,
-                        int64_t t0, int64_t t1, int bits, int64_t group, int64_t outliers,
-                        float scaling, float softcap, float *out, float *lse, float *scratch) {
-    if (bits != 2 && bits != 4 && bits != 8) return 1;
-    if (group <= 0 || D % group || D % (LANES * (8 / bits)) || D > LANES * MAX_CHUNKS) return 2;
-    const int direct = group % LANES == 0 && !outliers;
-    const int64_t width = D * bits / 8; /* code bytes per record; the scales follow */
-    const int64_t R = groups * T, G = D / group;
-    float *kt = scratch, *vt = kt + TILE * D;     /* [TILE, D] dequantized keys, values */
-    float *sz = vt + TILE * D;                     /* [4, TILE, G] direct: scales and zero points */
-    float *s = sz + 4 * TILE * G;                  /* [ROWS, TILE] logits, then probabilities */
-    float *w = s + ROWS * TILE;                    /* [ROWS, G, TILE] direct: probabilities * value scales */
-    float *acc = w + ROWS * G * TILE;              /* [R, D] unnormalized outputs */
-    float *zacc = acc + R * D;                     /* [R, G] direct: sums of probabilities * value zero points */
-    float *m = zacc + R * G, *l = m + R;           /* [R] running max and sum */
-    Tile tl = {kt, vt, NULL, NULL, st, group, G, sz, sz + TILE * G, sz + 2 * TILE * G, sz + 3 * TILE * G,
-               (1 << bits) - 1, (float)(1 << (bits - 1)), {0}, {0}};
+/* Floats of scratch one token range needs for head_dim D and R = groups*T query rows. */
+int64_t kvb_scratch_floats(int64_t D, int64_t R) {
+    return 6 * TILE * D + 2 * (TILE + 1) * D + ROWS * TILE + ROWS * D * TILE + R * (2 * D + 2);
+}
+
+/* Tokens t0 .. t1 of every (batch, KV head), read as MODE; `outliers` (DEQUANTIZED records only). */
+static void attend_range(const float *query, int64_t B, int64_t H, int64_t groups, int64_t T, int64_t D,
+                         const Coded *k, const Coded *v, int mode, int bits, int64_t outliers, int64_t t0, int64_t t1,
+                         float scaling, float softcap, float *out, float *lse, float *scratch) {
+    const int64_t R = groups * T, width = D * bits / 8; /* code bytes per token */
+    const int64_t VG = D / v->group, KG = k->per_channel ? 1 : D / k->group;
+    float *kt = scratch, *vt = kt + TILE * D;      /* [TILE, D] dequantized keys, values */
+    float *sz = vt + TILE * D;                      /* [4, TILE, D] scales and zero points */
+    float *kcs = sz + 4 * TILE * D, *kcz = kcs + (TILE + 1) * D; /* [TILE + 1, D] per-channel key scales */
+    float *s = kcz + (TILE + 1) * D;                /* [ROWS, TILE] logits, then probabilities */
+    float *w = s + ROWS * TILE;                     /* [ROWS, VG, TILE] probabilities * value scales */
+    float *acc = w + ROWS * D * TILE;               /* [R, D] unnormalized outputs */
+    float *zacc = acc + R * D;                      /* [R, VG] sums of probabilities * value zero points */
+    float *m = zacc + R * D, *l = m + R;            /* [R] running max and sum */
+    Tile tl = {kt, vt, NULL, NULL, k->st, v->st, KG, VG, sz, sz + TILE * D, sz + 2 * TILE * D, sz + 3 * TILE * D,
+               kcs, kcz, (1 << bits) - 1, (float)(1 << (bits - 1)), {0}, {0}, {0}};
     for (int64_t c = 0; c < D; c += LANES) { /* planar packing: channel c is in bit plane c / width */
         tl.off[c / LANES] = (int32_t)(c % width);
         tl.shift[c / LANES] = (int32_t)(bits * (c / width));
@@ -287,79 +307,88 @@ int kvb_coded_attention(const float *query, int64_t B, int64_t H, int64_t groups
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < H; h++) {
             const float *q = query + (b * H + h) * R * D; /* the R rows reading KV head h */
-            const uint8_t *kb = keys + b * sb + h * sh, *vb = values + b * sb + h * sh;
+            const uint8_t *kb = k->codes + b * k->sb + h * k->sh, *vb = v->codes + b * v->sb + h * v->sh;
             for (int64_t r = 0; r < R; r++) { m[r] = -INFINITY; l[r] = 0.0f; }
-            memset(acc, 0, sizeof(float) * R * (D + G));
+            memset(acc, 0, sizeof(float) * R * 2 * D);
             for (int64_t ta = t0; ta < t1; ta += TILE) {
                 const int64_t nt = t1 - ta < TILE ? t1 - ta : TILE;
-                if (direct) {
-                    tl.kc = kb + ta * st;
-                    tl.vc = vb + ta * st;
+                tl.kc = kb + ta * k->st;
+                tl.vc = vb + ta * v->st;
+                if (mode == DEQUANTIZED) {
                     for (int64_t t = 0; t < nt; t++) {
-                        const uint8_t *kr = tl.kc + t * st + width, *vr = tl.vc + t * st + width;
-                        for (int64_t g = 0; g < G; g++) { /* x = code*s + z = (code - half)*s + (z + half*s) */
-                            const float ks = half_to_float(kr + 2 * g), vs = half_to_float(vr + 2 * g);
-                            tl.ks[t * G + g] = ks;
-                            tl.kz[t * G + g] = half_to_float(kr + 2 * (G + g)) + tl.half * ks;
-                            tl.vs[t * G + g] = vs;
-                            tl.vz[t * G + g] = half_to_float(vr + 2 * (G + g)) + tl.half * vs;
-                        }
+                        dequant(tl.kc + t * k->st, D, bits, k->group, outliers, kt + t * D);
+                        dequant(tl.vc + t * v->st, D, bits, v->group, outliers, vt + t * D);
                     }
                 } else {
-                    for (int64_t t = 0; t < nt; t++) {
-                        dequant(kb + (ta + t) * st, D, bits, group, outliers, kt + t * D);
-                        dequant(vb + (ta + t) * st, D, bits, group, outliers, vt + t * D);
+                    token_scales(v, b, h, ta, nt, VG, tl.half, tl.vs, tl.vz);
+                    if (mode == PER_TOKEN) {
+                        token_scales(k, b, h, ta, nt, KG, tl.half, tl.ks, tl.kz);
+                    } else { /* the key blocks the tile spans, one float row each */
+                        const int64_t first = ta / k->group, last = (ta + nt - 1) / k->group;
+                        const uint8_t *sp = k->scale + b * k->msb + h * k->msh, *zp = k->zero + b * k->msb + h * k->msh;
+                        for (int64_t i = first; i <= last; i++) {
+                            float *cs = kcs + (i - first) * D, *cz = kcz + (i - first) * D;
+                            for (int64_t c = 0; c < D; c++) {
+                                cs[c] = half_to_float(sp + i * k->mst + 2 * c);
+                                cz[c] = half_to_float(zp + i * k->mst + 2 * c) + tl.half * cs[c];
+                            }
+                        }
+                        for (int64_t t = 0; t < nt; t++) tl.kb[t] = (int32_t)((ta + t) / k->group - first);
                     }
                 }
                 for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
                     const float *qr = q + r0 * D;
-                    float *ar = acc + r0 * D, *zr = zacc + r0 * G, *mr = m + r0, *lr = l + r0;
+                    float *ar = acc + r0 * D, *zr = zacc + r0 * VG, *mr = m + r0, *lr = l + r0;
                     const int nr = (int)(R - r0 < ROWS ? R - r0 : ROWS);
-#define ROWS_TILE(NR, DIRECT) rows_tile(NR, DIRECT, qr, &tl, nt, D, scaling, softcap, s, w, mr, lr, ar, zr)
-                    switch (nr * 2 + direct) { /* constant row counts and layouts: loops unrolled */
-                    case 2: ROWS_TILE(1, 0); break;
-                    case 3: ROWS_TILE(1, 1); break;
-                    case 4: ROWS_TILE(2, 0); break;
-                    case 5: ROWS_TILE(2, 1); break;
-                    case 6: ROWS_TILE(3, 0); break;
-                    case 7: ROWS_TILE(3, 1); break;
-                    case 8: ROWS_TILE(4, 0); break;
-                    default: ROWS_TILE(4, 1); break;
-                    }
+#define ROWS_TILE(NR, MODE) rows_tile(NR, MODE, qr, &tl, nt, D, scaling, softcap, s, w, mr, lr, ar, zr)
+#define EACH_ROWS(MODE) switch (nr) { /* constant row counts: loops unrolled */ \
+    case 1: ROWS_TILE(1, MODE); break; case 2: ROWS_TILE(2, MODE); break; \
+    case 3: ROWS_TILE(3, MODE); break; default: ROWS_TILE(4, MODE); break; }
+                    if (mode == PER_TOKEN) EACH_ROWS(PER_TOKEN)
+                    else if (mode == PER_CHANNEL) EACH_ROWS(PER_CHANNEL)
+                    else EACH_ROWS(DEQUANTIZED)
+#undef EACH_ROWS
 #undef ROWS_TILE
                 }
             }
             float *o = out + (b * H + h) * R * D, *e = lse + (b * H + h) * R;
             for (int64_t r = 0; r < R; r++) {
                 const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-                for (int64_t j = 0; j < D; j++) o[r * D + j] = (acc[r * D + j] + zacc[r * G + j / group]) * inv;
+                for (int64_t j = 0; j < D; j++) {
+                    const float z = mode == DEQUANTIZED ? 0.0f : zacc[r * VG + j / v->group];
+                    o[r * D + j] = (acc[r * D + j] + z) * inv;
+                }
                 e[r] = l[r] > 0.0f ? m[r] + logf(l[r]) : -INFINITY;
             }
         }
     }
-    return 0;
 }
 
 #define MAX_PARTS 64
 
-/* kvb_coded_attention over tokens 0 .. n split into `parts` ranges (n * i / parts ..), range i
- * written to out + i*B*H*groups*T*D, lse + i*B*H*groups*T and using scratch + i*scratch_floats. The
- * ranges run on OpenMP threads where the library was built with OpenMP: inside PyTorch that is
- * PyTorch's own OpenMP runtime (same soname, loaded first), so the kernel shares its thread pool
- * instead of competing with it; one after the other otherwise. */
-int kvb_coded_attention_parts(const float *query, int64_t B, int64_t H, int64_t groups, int64_t T, int64_t D,
-                              const uint8_t *keys, const uint8_t *values, int64_t sb, int64_t sh, int64_t st,
-                              int64_t n, int64_t parts, int bits, int64_t group, int64_t outliers,
-                              float scaling, float softcap, float *out, float *lse, float *scratch,
-                              int64_t scratch_floats) {
+/* Attention of query [B, H*groups, T, D] (float32, contiguous) over tokens 0 .. n of k and v, every
+ * key visible to every query, split into `parts` token ranges (n * i / parts ..): range i's
+ * normalized output goes to out + i*B*H*groups*T*D, its log-sum-exp to lse + i*B*H*groups*T (an
+ * empty range: 0 and -inf), using scratch + i*scratch_floats (kvb_scratch_floats). The ranges run on
+ * OpenMP threads where the library was built with OpenMP: inside PyTorch that is PyTorch's own
+ * OpenMP runtime (same soname, loaded first), so the kernel shares its thread pool instead of
+ * competing with it. softcap > 0 caps the logits as Gemma 2 does: cap * tanh(logit / cap).
+ * Returns 0, or > 0 for arguments it does not take. */
+int kvb_coded_attention(const float *query, int64_t B, int64_t H, int64_t groups, int64_t T, int64_t D,
+                        const Coded *k, const Coded *v, int bits, int64_t outliers, int64_t n, int64_t parts,
+                        float scaling, float softcap, float *out, float *lse, float *scratch, int64_t scratch_floats) {
+    if (bits != 2 && bits != 4 && bits != 8) return 1;
+    if (D % (LANES * (8 / bits)) || D > LANES * MAX_CHUNKS || v->per_channel || v->group <= 0 || D % v->group
+        || k->group <= 0 || (!k->per_channel && D % k->group))
+        return 2;
     if (parts < 1 || parts > MAX_PARTS) return 3;
+    const int direct = v->group % LANES == 0 && !outliers && (k->per_channel || k->group % LANES == 0);
+    if (k->per_channel && !direct) return 4; /* per-channel keys are read in place only */
+    const int mode = !direct ? DEQUANTIZED : k->per_channel ? PER_CHANNEL : PER_TOKEN;
     const int64_t rows = B * H * groups * T;
-    int rc[MAX_PARTS] = {0}, worst = 0;
 #pragma omp parallel for num_threads((int)parts) schedule(static, 1)
     for (int64_t i = 0; i < parts; i++)
-        rc[i] = kvb_coded_attention(query, B, H, groups, T, D, keys, values, sb, sh, st, n * i / parts,
-                                    n * (i + 1) / parts, bits, group, outliers, scaling, softcap, out + i * rows * D,
-                                    lse + i * rows, scratch + i * scratch_floats);
-    for (int64_t i = 0; i < parts; i++) worst = rc[i] > worst ? rc[i] : worst;
-    return worst;
+        attend_range(query, B, H, groups, T, D, k, v, mode, bits, outliers, n * i / parts, n * (i + 1) / parts,
+                     scaling, softcap, out + i * rows * D, lse + i * rows, scratch + i * scratch_floats);
+    return 0;
 }
