@@ -120,33 +120,58 @@ def test_empty_range_and_bad_arguments():
         kernels.coded_attention(torch.randn(1, 2, 1, 16), k, k, 8, 0.25)
 
 
+def _spy(monkeypatch) -> list:
+    calls = []
+    real = kernels.coded_attention
+    monkeypatch.setattr(kernels, "coded_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _same_steps(model, fused, plain, ids, steps=5):
+    """Greedy steps of two caches: the same tokens, logits within float rounding."""
+    with torch.no_grad():
+        a, b = (model(ids, past_key_values=c).logits[:, -1] for c in (fused, plain))
+        for _ in range(steps):
+            nxt = b.argmax(-1, keepdim=True)
+            assert torch.equal(a.argmax(-1, keepdim=True), nxt)
+            a, b = (model(nxt, past_key_values=c).logits[:, -1] for c in (fused, plain))
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
 @needs_kernel
 @pytest.mark.parametrize("name,fmt", [("tiny-llama", "int8"), ("tiny-qwen3", "int4"), ("tiny-gemma3", "int8")])
 def test_offload_decodes_through_the_kernel(name, fmt, monkeypatch):
     """``offload codec=int8`` steps read the store with the kernel (counted), and give the same tokens,
     with logits within float rounding, as decoding the records first (``kernel=False``)."""
-    calls = []
-    real = kernels.coded_attention
-    monkeypatch.setattr(kernels, "coded_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _spy(monkeypatch)
     model = tiny(name)
-    ids = prompt_ids(24)
     fused = kvbound.make_cache(model, "offload", 5, codec=fmt)
     plain = kvbound.make_cache(model, "offload", 5, codec=fmt, kernel=False)
-    with torch.no_grad():
-        a, b = (model(ids, past_key_values=c).logits[:, -1] for c in (fused, plain))
-        for _ in range(5):
-            nxt = b.argmax(-1, keepdim=True)
-            assert torch.equal(a.argmax(-1, keepdim=True), nxt)
-            a, b = (model(nxt, past_key_values=c).logits[:, -1] for c in (fused, plain))
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    _same_steps(model, fused, plain, prompt_ids(24))
     assert calls, "the kernel never ran"
     assert not fused.exact
     fused.close(), plain.close()
 
 
+@needs_kernel
+@pytest.mark.parametrize("name,bits", [("tiny-llama", 4), ("tiny-qwen3", 8), ("tiny-gemma3", 4), ("tiny-mha", 4)])
+def test_kivi_decodes_through_the_kernel(name, bits, monkeypatch):
+    """kivi's quantized blocks are read by the kernel while decoding (counted): same tokens and logits
+    within float rounding as dequantizing them (``kernel=False``), the same bytes held."""
+    calls = _spy(monkeypatch)
+    model = tiny(name)
+    fused = kvbound.make_cache(model, "kivi", bits=bits, residual=4)
+    plain = kvbound.make_cache(model, "kivi", bits=bits, residual=4, kernel=False)
+    _same_steps(model, fused, plain, prompt_ids(40), steps=20)  # blocks quantized during decoding too
+    assert calls, "the kernel never ran"
+    assert fused.bytes_by_tier() == plain.bytes_by_tier()
+
+
 def test_kernel_option_is_checked():
-    with pytest.raises(KVBoundError, match="option kernel must be true or false"):
+    with pytest.raises(KVBoundError, match="offload option kernel must be true or false"):
         kvbound.make_cache(tiny("tiny-llama"), "offload", 4, codec="int8", kernel="yes")
+    with pytest.raises(KVBoundError, match="kivi option kernel must be true or false"):
+        kvbound.make_cache(tiny("tiny-llama"), "kivi", kernel=1)
 
 
 def test_without_a_compiler_offload_decodes_instead(monkeypatch, tmp_path):

@@ -9,8 +9,13 @@ and, with group 16, brings perplexity from +16.8% (KIVI's group 32, min-max) to 
 
 The newest tokens stay in full precision: between ``residual`` and ``residual + group - 1`` of them (KIVI's residual: keys
 can only be quantized per channel once a whole block of ``group`` tokens has arrived). Each step
-the quantized part is dequantized into the K/V handed to attention (a transient buffer, freed
-after the layer), as in KIVI's reference implementation and transformers' ``QuantizedCache``.
+the quantized part is read by kvbound's C kernel (:mod:`kvbound.kernels`: codes dequantized in
+registers inside an online softmax, merged with the full-precision part by kvbound's tiered
+attention), so a decoding step writes no float copy of it. Where the kernel does not apply (option
+``kernel=False``, no C compiler, another attention implementation, bf16/fp16, a GPU, outlier channels,
+value groups narrower than 8 channels, prefill chunks, partly masked blocks) the quantized part is
+dequantized into the K/V handed to attention (a transient buffer, freed after the layer), as in
+KIVI's reference implementation and transformers' ``QuantizedCache``.
 
 kivi needs no budget: it never drops a token; ``residual`` is the full-precision window.
 
@@ -30,9 +35,11 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
+from .. import attention, kernels
 from ..errors import KVBoundError
-from .base import KVBoundCache, PolicyLayer, nbytes
+from .base import KVBoundCache, PolicyLayer, kv_bytes, nbytes
 from .codec import Codec, Packed, cat, int_codec
+from .hooks import use_tiered_attention
 from .hot_window import HotWindowLayer
 from .model_info import head_dim, layer_windows
 from .registry import register
@@ -45,6 +52,7 @@ class KiviOptions:
     residual: int = 128  # newest tokens kept in full precision
     outliers: int = 0  # values: per token, channels of largest magnitude kept in float16 (keys are per channel)
     clip: bool = True  # values: per group, the clipping range of least squared error (keys keep min-max)
+    kernel: bool = True  # decoding steps read the quantized part with kvbound's C kernel (kvbound.kernels)
 
 
 def refuse_budget(policy: str, budget: int | None, window: str) -> None:
@@ -65,6 +73,7 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         self.residual = cache.options.residual
         self.qk: Packed | None = None
         self.qv: Packed | None = None
+        self.pending_step: attention.TierStep | None = None  # the quantized part, for tiered attention
 
     lazy_initialization = HotWindowLayer.lazy_initialization  # empty [B, H, 0, D] K/V
 
@@ -77,7 +86,10 @@ class KiviLayer(PolicyLayer, DynamicLayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self.pending_step = None  # a hand-over an interrupted pass never used
         nq, new = self.quantized_tokens(), key_states.shape[-2]
+        if nq and self._kernel_applies(key_states):
+            return self._update_tiered(key_states, value_states, nq)
         b, h, _, d = key_states.shape
         total = self.past_visible() + new
         keys = key_states.new_empty((b, h, total, d))
@@ -93,6 +105,35 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         self.seen += new
         self._store(keys[..., nq:, :], values[..., nq:, :])
         self.cache.account(self.layer_idx)
+        return keys, values
+
+    def _kernel_applies(self, like: torch.Tensor) -> bool:
+        return (self.cache.options.kernel and not self.codec.outliers and self.codec.group % 8 == 0
+                and attention.active_cache() is self.cache and kernels.applies(like, self.codec.bits))
+
+    def _update_tiered(self, key_states: torch.Tensor, value_states: torch.Tensor, nq: int):
+        """Attention reads the quantized part as one block (the C kernel; decoded only where the
+        kernel does not pay or a mask hides part of it) before the full-precision + new K/V returned."""
+        keys = torch.cat([self.keys, key_states], dim=-2)
+        values = torch.cat([self.values, value_states], dim=-2)
+        qk, qv, g = self.qk, self.qv, self.codec.group  # _store below replaces, never changes, them
+
+        def attend(query, scaling, softcap):
+            if not kernels.pays(query, qk.data.shape[1]):
+                return None
+            return kernels.coded_attention(query, kernels.Coded(qk.data, qk.scale, qk.zero, g, per_channel=True),
+                                           kernels.Coded(qv.data, qv.scale, qv.zero, g), self.codec.bits,
+                                           scaling, softcap)
+
+        def load():
+            return qk.decode(keys.dtype), qv.decode(values.dtype)
+
+        decoded = kv_bytes(keys, nq) if new_rows_may_decode(key_states, self.sliding_window) else 0
+        self.cache.note_transient(nbytes(keys, values) + decoded)
+        self.seen += key_states.shape[-2]
+        self._store(keys, values)
+        self.cache.account(self.layer_idx)
+        self.pending_step = attention.TierStep(keys, [attention.LazyBlock(nq, load, attend)])
         return keys, values
 
     def _store(self, res_k: torch.Tensor, res_v: torch.Tensor) -> None:
@@ -139,6 +180,13 @@ class KiviLayer(PolicyLayer, DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.qk = self.qv = None
+        self.pending_step = None
+
+
+def new_rows_may_decode(like: torch.Tensor, sliding_window: int | None) -> bool:
+    """Whether a step may decode its quantized block after all: several new tokens (a prefill chunk,
+    or masks that hide part of the block from some of them) or a sliding layer."""
+    return like.shape[-2] > 1 or sliding_window is not None
 
 
 @register("kivi", "lossy: KIVI (Liu et al. 2024) -- every token kept, K per channel / V per token at `bits` "
@@ -150,8 +198,11 @@ class KiviCache(KVBoundCache):
         refuse_budget("kivi", budget, f"its full-precision window is the option residual (default {KiviOptions.residual})")
         if isinstance(opts.residual, bool) or not isinstance(opts.residual, int) or opts.residual < 0:
             raise KVBoundError(f"kivi option residual must be a whole number >= 0, got {opts.residual!r}")
-        if not isinstance(opts.clip, bool):
-            raise KVBoundError(f"kivi option clip must be true or false, got {opts.clip!r}")
+        for name in ("clip", "kernel"):
+            if not isinstance(getattr(opts, name), bool):
+                raise KVBoundError(f"kivi option {name} must be true or false, got {getattr(opts, name)!r}")
         self.codec = int_codec(opts.bits, head_dim(model), opts.group, "kivi", opts.outliers)
         layers = [KiviLayer(self, i, w) for i, w in enumerate(layer_windows(model))]
         super().__init__(model, budget, layers)
+        if opts.kernel:
+            use_tiered_attention(model)

@@ -509,19 +509,17 @@ class OffloadCache(KVBoundCache):
 
     def kernel_attention(self, like: torch.Tensor):
         """``attend(keys, values, query, scaling, softcap)`` over this store's integer-coded records
-        with kvbound's C kernel (:func:`kvbound.kernels.coded_attention`), or ``None`` where it does
-        not apply (no integer codec, option ``kernel=False``, not a CPU float32 step, a head_dim the
-        kernel does not take, or no C compiler)."""
+        with kvbound's C kernel (:func:`kvbound.kernels.coded_attention`; ``None`` when a step has too
+        many queries for it), or ``None`` where it does not apply (no integer codec, option
+        ``kernel=False``, :func:`kvbound.kernels.applies`)."""
         codec = self.codec
-        if codec is None or not codec.is_int or not self.options.kernel or like.device.type != "cpu" \
-                or like.dtype != torch.float32 or like.shape[-1] % (8 * (8 // codec.bits)) or not kernels.available():
+        if codec is None or not codec.is_int or not self.options.kernel or not kernels.applies(like, codec.bits):
             return None
 
         def attend(keys, values, query, scaling, softcap):
-            if query.shape[1] // keys.shape[1] * query.shape[2] > kernels.MAX_ROWS:
-                return None  # many queries (a prefill chunk): decoding, then PyTorch's attention, is faster
-            d = query.shape[-1]
-            k, v = (kernels.Coded.records(x, codec.bits, codec.group, d) for x in (keys, values))
+            if not kernels.pays(query, keys.shape[1]):
+                return None  # decoding, then PyTorch's attention, is faster
+            k, v = (kernels.Coded.records(x, codec.bits, codec.group, query.shape[-1]) for x in (keys, values))
             return kernels.coded_attention(query, k, v, codec.bits, scaling, softcap, codec.outliers)
         return attend
 

@@ -110,6 +110,19 @@ def available() -> bool:
     return _library() is not None
 
 
+def applies(like: torch.Tensor, bits: int) -> bool:
+    """Whether the kernel can attend for a step whose K/V are like ``like`` ``[B, H, T, D]``: CPU
+    float32, a head_dim the packing of ``bits``-bit codes fits in whole vectors, a compiler."""
+    return (like.device.type == "cpu" and like.dtype == torch.float32 and like.shape[-1] % (8 * (8 // bits)) == 0
+            and available())
+
+
+def pays(query: torch.Tensor, kv_heads: int) -> bool:
+    """Whether the kernel beats decoding + PyTorch's attention for ``query`` ``[B, heads, T, D]``: up to
+    :data:`MAX_ROWS` query rows per KV head (decoding steps, short verifications; not prefill chunks)."""
+    return query.shape[1] // kv_heads * query.shape[2] <= MAX_ROWS
+
+
 class _CodedC(ctypes.Structure):
     """``Coded`` in ``coded_attention.c`` (pointers and strides in bytes)."""
 
