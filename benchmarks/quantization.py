@@ -44,6 +44,7 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
     "kivi-2-g32-noclip": ("kivi", None, {"bits": 2, "group": 32, "clip": False}),
     "kivi-2-o2": ("kivi", None, {"bits": 2, "outliers": 2}),
     "kivi-4-o2": ("kivi", None, {"bits": 4, "outliers": 2}),
+    "kivi-4-decoded": ("kivi", None, {"bits": 4, "kernel": False}),  # dequantized each step, no C kernel
     "hf-quanto-4": ("hf-quantized", None, {"backend": "quanto", "bits": 4}),
     "hf-quanto-2": ("hf-quantized", None, {"backend": "quanto", "bits": 2}),
     "hf-fp8": ("hf-quantized", None, {"backend": "fp8"}),
@@ -52,6 +53,7 @@ VARIANTS: dict[str, tuple[str, int | None, dict]] = {
     "offload-int4": ("offload", 256, {"codec": "int4"}),
     "offload-int8-o2": ("offload", 256, {"codec": "int8", "codec_outliers": 2}),
     "offload-int4-o2": ("offload", 256, {"codec": "int4", "codec_outliers": 2}),
+    "offload-int8-decoded": ("offload", 256, {"codec": "int8", "kernel": False}),
 }
 DEFAULT = ["full", "kivi-8", "kivi-4", "kivi-2", "kivi-2-g32", "hf-quanto-4", "hf-quanto-2", "hf-fp8", "offload",
            "offload-int8", "offload-int4"]
