@@ -128,7 +128,7 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         def load():
             return qk.decode(keys.dtype), qv.decode(values.dtype)
 
-        decoded = kv_bytes(keys, nq) if new_rows_may_decode(key_states, self.sliding_window) else 0
+        decoded = kv_bytes(keys, nq) if kernels.may_fall_back(key_states, self.sliding_window) else 0
         self.cache.note_transient(nbytes(keys, values) + decoded)
         self.seen += key_states.shape[-2]
         self._store(keys, values)
@@ -182,11 +182,6 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         self.qk = self.qv = None
         self.pending_step = None
 
-
-def new_rows_may_decode(like: torch.Tensor, sliding_window: int | None) -> bool:
-    """Whether a step may decode its quantized block after all: several new tokens (a prefill chunk,
-    or masks that hide part of the block from some of them) or a sliding layer."""
-    return like.shape[-2] > 1 or sliding_window is not None
 
 
 @register("kivi", "lossy: KIVI (Liu et al. 2024) -- every token kept, K per channel / V per token at `bits` "

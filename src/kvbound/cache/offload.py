@@ -419,7 +419,7 @@ class OffloadLayer(HotWindowLayer):
                                           attend and partial(attend, k[..., i:i + DECODE_CHUNK, :],
                                                              v[..., i:i + DECODE_CHUNK, :]))
                       for k, v in blocks for i in range(0, k.shape[-2], DECODE_CHUNK)]
-            if attend is None or self.sliding_window is not None or like.shape[-2] > 1:  # may decode
+            if attend is None or kernels.may_fall_back(like, self.sliding_window):
                 recalled += kv_bytes(like, min(DECODE_CHUNK, end - start))  # the decode buffer
         elif codec is not None:  # the records read back and the K/V decoded from them
             blocks = [decode_kv(codec, k, v, like.dtype) for k, v in blocks]

@@ -117,6 +117,13 @@ def applies(like: torch.Tensor, bits: int) -> bool:
             and available())
 
 
+def may_fall_back(like: torch.Tensor, sliding_window: int | None) -> bool:
+    """Whether a step the kernel applies to may still dequantize a block into a buffer (which then
+    counts as transient memory): several new tokens (a prefill chunk, or masks hiding part of a block
+    from some of them) or a sliding-window layer."""
+    return like.shape[-2] > 1 or sliding_window is not None
+
+
 def pays(query: torch.Tensor, kv_heads: int) -> bool:
     """Whether the kernel beats decoding + PyTorch's attention for ``query`` ``[B, heads, T, D]``: up to
     :data:`MAX_ROWS` query rows per KV head (decoding steps, short verifications; not prefill chunks)."""
