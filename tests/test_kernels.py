@@ -113,11 +113,20 @@ def test_empty_range_and_bad_arguments():
     rec = codec.to_bytes(torch.randn(1, 1, 4, 16))
     with pytest.raises(ValueError, match="float32 CPU queries"):
         kernels.coded_attention(torch.randn(1, 2, 1, 16, dtype=torch.float64), *_records(codec, rec, rec, 16), 8, 0.25)
-    with pytest.raises(RuntimeError, match="refused bits=3"):
+    with pytest.raises(ValueError, match="at 3 bits"):
         kernels.coded_attention(torch.randn(1, 2, 1, 16), *_records(codec, rec, rec, 16), 3, 0.25)
     k = kernels.Coded(rec, rec, torch.cat([rec, rec], -1)[..., :rec.shape[-1]], 16)  # unlike the scales' layout
     with pytest.raises(ValueError, match="scales/zero points of one layout"):
         kernels.coded_attention(torch.randn(1, 2, 1, 16), k, k, 8, 0.25)
+    k, v = _records(codec, rec, rec, 16)
+    with pytest.raises(ValueError, match="do not hold 4 tokens of head_dim 16 at 4 bits"):  # int8 records read as int4
+        kernels.coded_attention(torch.randn(1, 2, 1, 16), k, v, 4, 0.25)
+    k.group = 8
+    with pytest.raises(ValueError, match="group 8"):  # one scale per token stored, two claimed
+        kernels.coded_attention(torch.randn(1, 2, 1, 16), k, v, 8, 0.25)
+    with pytest.raises(ValueError, match="3 query heads cannot share"):
+        kernels.coded_attention(torch.randn(1, 3, 1, 16), *_records(codec, rec.expand(1, 2, 4, -1),
+                                                                     rec.expand(1, 2, 4, -1), 16), 8, 0.25)
 
 
 def _spy(monkeypatch) -> list:

@@ -1,9 +1,11 @@
 """kvbound's one native kernel: attention over integer-coded K/V records (``coded_attention.c``).
 
-PyTorch has no attention that reads int8/int4/int2 K/V, so a codec'd store had to decode its records
-into a float buffer before attending (writing as many float bytes as an fp32 store reads). The C
-kernel dequantizes each record in registers, dots it with the query rows of its KV head and keeps
-flash attention's online softmax, so a step reads only the coded bytes.
+PyTorch has no attention that reads int8/int4/int2 K/V, so the quantized caches (``kivi``, ``offload``
+with a codec) had to dequantize into a float buffer before attending (writing as many float bytes as
+an fp32 cache reads). The C kernel reads the codes in place (:class:`Coded`: the offload store's
+records, KIVI's per-channel keys and per-token values), dequantizes in registers, dots each key with
+the query rows of its KV head and keeps flash attention's online softmax, so a decoding step reads
+only the coded bytes.
 
 The source is compiled once per machine with the system C compiler (``$CC``, ``cc``, ``gcc`` or
 ``clang``; about a second) into ``$KVBOUND_HOME/kernels/`` and loaded with :mod:`ctypes`. A block's
@@ -36,8 +38,9 @@ FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=fast")  # contrac
 OPTIONAL = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 MIN_SPLIT = 1024  # tokens per thread below which a block is not split
 # Query rows per KV head up to which the kernel beats decoding into a buffer + PyTorch's flash attention
-# (SmolLM2's shapes, 4096 int8 tokens, one thread: 0.56 vs 2.0 ms at 3 rows, 2.4 vs 2.9 at 12, 3.1 vs 2.9
-# at 24): decoding steps and short speculative verifications, not prefill chunks.
+# (SmolLM2's shapes, 4096 int8 tokens, one thread, 2026-12-06 with other work on the box: 0.8 vs 2.3 ms
+# at 3 rows, 2.6 vs 3.0 at 12, 5.1 vs 4.0 at 24): decoding steps and short speculative verifications,
+# not prefill chunks.
 MAX_ROWS = 12
 
 
@@ -83,8 +86,8 @@ def _library() -> ctypes.CDLL | None:
 
     cc = _compiler()
     if cc is None:
-        warnings.warn("kvbound: no C compiler found (set CC); codec'd offload decodes its records into a "
-                      "buffer before attention (slower)", RuntimeWarning, stacklevel=3)
+        warnings.warn("kvbound: no C compiler found (set CC); quantized caches (kivi, codec'd offload) dequantize "
+                      "into a buffer before attention (slower)", RuntimeWarning, stacklevel=3)
         return None
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, *FLAGS, platform.machine(), _cpu_id()]).encode())
     target = home() / "kernels" / f"coded_attention-{key.hexdigest()[:16]}.so"
@@ -93,8 +96,8 @@ def _library() -> ctypes.CDLL | None:
             _build(cc, target)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        warnings.warn(f"kvbound: could not build its C kernel ({exc}); codec'd offload decodes its records "
-                      "into a buffer before attention (slower)", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"kvbound: could not build its C kernel ({exc}); quantized caches (kivi, codec'd offload) "
+                      "dequantize into a buffer before attention (slower)", RuntimeWarning, stacklevel=3)
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.kvb_coded_attention.restype = ctypes.c_int
@@ -158,14 +161,23 @@ class Coded:
         return cls(records[..., :width], records[..., width:width + meta], records[..., width + meta:width + 2 * meta],
                    group)
 
-    def _c(self) -> _CodedC:
+    def _c(self, shape: tuple[int, int, int], head_dim: int, bits: int) -> _CodedC:
+        """The C view, after checking that every byte the kernel reads for ``[B, H, n]`` tokens is here."""
         def strides(t: torch.Tensor) -> list[int]:
             return [t.stride(i) * t.element_size() for i in range(3)]
 
+        b, h, n = shape
+        rows = -(-n // self.group) if self.per_channel else n
+        meta = 2 * (head_dim if self.per_channel else head_dim // max(self.group, 1))  # bytes per scale row
         if self.codes.dtype != torch.uint8 or self.codes.stride(-1) != 1 or self.scale.stride(-1) != 1 \
                 or strides(self.scale) != strides(self.zero) or self.codes.device.type != "cpu":
             raise ValueError("coded_attention takes CPU uint8 codes and scales/zero points of one layout, "
                              "each token's (or block's) contiguous")
+        if tuple(self.codes.shape) != (b, h, n, head_dim * bits // 8) or self.group < 1 or (
+                tuple(self.scale.shape[:3]) != (b, h, rows) or self.scale.shape[-1] * self.scale.element_size() != meta
+                or self.zero.shape != self.scale.shape):
+            raise ValueError(f"coded_attention: codes {tuple(self.codes.shape)} / scales {tuple(self.scale.shape)} "
+                             f"do not hold {n} tokens of head_dim {head_dim} at {bits} bits, group {self.group}")
         return _CodedC(self.codes.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), *strides(self.codes),
                        *strides(self.scale), self.group, int(self.per_channel))
 
@@ -183,10 +195,12 @@ def coded_attention(query: torch.Tensor, keys: Coded, values: Coded, bits: int, 
         raise RuntimeError("kvbound's C kernel is not available (check kernels.available() first)")
     if query.dtype != torch.float32 or query.device.type != "cpu":
         raise ValueError("coded_attention takes float32 CPU queries")
-    k, v = keys._c(), values._c()
     q = query.contiguous()
     b, hq, t, d = q.shape
     h, n = keys.codes.shape[1], keys.codes.shape[2]
+    if hq % h:
+        raise ValueError(f"coded_attention: {hq} query heads cannot share {h} KV heads")
+    k, v = keys._c((b, h, n), d, bits), values._c((b, h, n), d, bits)
     groups = hq // h
     parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT, 64))
     floats = lib.kvb_scratch_floats(d, groups * t)
