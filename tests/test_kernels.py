@@ -1,5 +1,6 @@
 """kvbound's C kernel (attention over integer-coded K/V records) against decode + PyTorch's attention."""
 
+import os
 import warnings
 
 import pytest
@@ -174,6 +175,16 @@ def test_kivi_decodes_through_the_kernel(name, bits, monkeypatch):
     _same_steps(model, fused, plain, prompt_ids(40), steps=20)  # blocks quantized during decoding too
     assert calls, "the kernel never ran"
     assert fused.bytes_by_tier() == plain.bytes_by_tier()
+
+
+@needs_kernel
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+def test_kernel_shares_pytorchs_openmp_runtime():
+    """The library's OpenMP calls bind to the runtime PyTorch loaded: one OpenMP library in the process."""
+    kernels._library()
+    with open("/proc/self/maps") as f:
+        runtimes = {line.split()[-1] for line in f if "libgomp" in line or "libomp" in line or "libiomp" in line}
+    assert len(runtimes) <= 1, runtimes
 
 
 def test_kernel_option_is_checked():

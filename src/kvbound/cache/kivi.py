@@ -76,6 +76,7 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         self.pending_step: attention.TierStep | None = None  # the quantized part, for tiered attention
 
     lazy_initialization = HotWindowLayer.lazy_initialization  # empty [B, H, 0, D] K/V
+    attends_tiered = HotWindowLayer.attends_tiered  # this cache's tiered attention runs this step
 
     def quantized_tokens(self) -> int:
         return 0 if self.qk is None else self.qk.tokens
@@ -109,7 +110,7 @@ class KiviLayer(PolicyLayer, DynamicLayer):
 
     def _kernel_applies(self, like: torch.Tensor) -> bool:
         return (self.cache.options.kernel and not self.codec.outliers and self.codec.group % 8 == 0
-                and attention.active_cache() is self.cache and kernels.applies(like, self.codec.bits))
+                and self.attends_tiered(like) and kernels.applies(like, self.codec.bits))
 
     def _update_tiered(self, key_states: torch.Tensor, value_states: torch.Tensor, nq: int):
         """Attention reads the quantized part as one block (the C kernel; decoded only where the
@@ -117,13 +118,11 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
         qk, qv, g = self.qk, self.qv, self.codec.group  # _store below replaces, never changes, them
+        coded_k = kernels.Coded(qk.data, qk.scale, qk.zero, g, per_channel=True)
+        coded_v, bits = kernels.Coded(qv.data, qv.scale, qv.zero, g), self.codec.bits
 
         def attend(query, scaling, softcap):
-            if not kernels.pays(query, qk.data.shape[1]):
-                return None
-            return kernels.coded_attention(query, kernels.Coded(qk.data, qk.scale, qk.zero, g, per_channel=True),
-                                           kernels.Coded(qv.data, qv.scale, qv.zero, g), self.codec.bits,
-                                           scaling, softcap)
+            return kernels.attend_if_pays(query, coded_k, coded_v, bits, scaling, softcap)
 
         def load():
             return qk.decode(keys.dtype), qv.decode(values.dtype)
@@ -181,7 +180,6 @@ class KiviLayer(PolicyLayer, DynamicLayer):
         super().reset()
         self.qk = self.qv = None
         self.pending_step = None
-
 
 
 @register("kivi", "lossy: KIVI (Liu et al. 2024) -- every token kept, K per channel / V per token at `bits` "

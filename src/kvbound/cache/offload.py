@@ -509,7 +509,7 @@ class OffloadCache(KVBoundCache):
 
     def kernel_attention(self, like: torch.Tensor):
         """``attend(keys, values, query, scaling, softcap)`` over this store's integer-coded records
-        with kvbound's C kernel (:func:`kvbound.kernels.coded_attention`; ``None`` when a step has too
+        with kvbound's C kernel (:func:`kvbound.kernels.attend_if_pays`: ``None`` when a step has too
         many queries for it), or ``None`` where it does not apply (no integer codec, option
         ``kernel=False``, :func:`kvbound.kernels.applies`)."""
         codec = self.codec
@@ -517,10 +517,8 @@ class OffloadCache(KVBoundCache):
             return None
 
         def attend(keys, values, query, scaling, softcap):
-            if not kernels.pays(query, keys.shape[1]):
-                return None  # decoding, then PyTorch's attention, is faster
             k, v = (kernels.Coded.records(x, codec.bits, codec.group, query.shape[-1]) for x in (keys, values))
-            return kernels.coded_attention(query, k, v, codec.bits, scaling, softcap, codec.outliers)
+            return kernels.attend_if_pays(query, k, v, codec.bits, scaling, softcap, codec.outliers)
         return attend
 
     # -- read-back buffer shared by the layers of one forward pass ---------------------------

@@ -37,10 +37,11 @@ FLAGS = ("-O3", "-fPIC", "-shared", "-std=c11", "-ffp-contract=fast")  # contrac
 # runtime at run time: same soname, already loaded)
 OPTIONAL = (("-march=native", "-fopenmp"), ("-fopenmp",), ("-march=native",), ())
 MIN_SPLIT = 1024  # tokens per thread below which a block is not split
-# Query rows per KV head up to which the kernel beats decoding into a buffer + PyTorch's flash attention
-# (SmolLM2's shapes, 4096 int8 tokens, one thread, 2026-12-06 with other work on the box: 0.8 vs 2.3 ms
-# at 3 rows, 2.6 vs 3.0 at 12, 5.1 vs 4.0 at 24): decoding steps and short speculative verifications,
-# not prefill chunks.
+MAX_PARTS = 64  # token ranges per call at most (coded_attention.c's MAX_PARTS)
+# Query rows per KV head up to which the kernel is used instead of dequantizing into a buffer + PyTorch's
+# flash attention: decoding steps and short speculative verifications, not prefill chunks. SmolLM2's shapes,
+# 4096 int8 tokens, one thread (benchmarks/kernel_rows.py, results/quantization/kernel-rows.txt): kernel /
+# dequantize 0.34 at 3 rows, 0.88 at 12, 0.84 at 24, 1.60 at 48; 12 keeps a margin below a noisy crossover.
 MAX_ROWS = 12
 
 
@@ -64,7 +65,7 @@ def _build(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        errors = ""
+        errors: list[str] = []
         for extra in OPTIONAL:
             run = subprocess.run([cc, *FLAGS, *extra, str(SOURCE), "-o", tmp, "-lm"],
                                  capture_output=True, text=True, timeout=120)
@@ -202,7 +203,7 @@ def coded_attention(query: torch.Tensor, keys: Coded, values: Coded, bits: int, 
         raise ValueError(f"coded_attention: {hq} query heads cannot share {h} KV heads")
     k, v = keys._c((b, h, n), d, bits), values._c((b, h, n), d, bits)
     groups = hq // h
-    parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT, 64))
+    parts = max(1, min(torch.get_num_threads(), n // MIN_SPLIT, MAX_PARTS))
     floats = lib.kvb_scratch_floats(d, groups * t)
     out = torch.empty((parts, *q.shape), dtype=torch.float32)
     lse = torch.empty((parts, b, hq, t), dtype=torch.float32)
@@ -214,3 +215,13 @@ def coded_attention(query: torch.Tensor, keys: Coded, values: Coded, bits: int, 
         raise RuntimeError(f"coded_attention: kernel refused bits={bits} key group={keys.group} value group="
                            f"{values.group} head_dim={d} (code {code})")
     return list(zip(out.unbind(0), lse.unbind(0)))
+
+
+def attend_if_pays(query: torch.Tensor, keys: Coded, values: Coded, bits: int, scaling: float,
+                   softcap: float | None = None, outliers: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """:func:`coded_attention` where the kernel :func:`pays` for ``query``; ``None`` otherwise (the
+    caller dequantizes and uses PyTorch's attention): what a :class:`kvbound.attention.LazyBlock`'s
+    ``attend`` returns."""
+    if not pays(query, keys.codes.shape[1]):
+        return None
+    return coded_attention(query, keys, values, bits, scaling, softcap, outliers)

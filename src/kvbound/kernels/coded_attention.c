@@ -1,6 +1,6 @@
-/* Attention over integer-coded K/V records, without a float copy of the K/V.
+/* Attention over integer-coded K/V, without a float copy of the K/V.
  *
- K and V are each described by a Coded (below): packed codes (kvbound.cache.codec: D * bits / 8 bytes
+ * K and V are each described by a Coded (below): packed codes (kvbound.cache.codec: D * bits / 8 bytes
  * per token, planar -- byte j holds channels j, j + D/per, ... lowest bits first) and float16 scales
  * and zero points (x ~ code * scale + zero), either
  *   per token (groups of `group` channels; the offload store's records, where scale, zero and
@@ -18,11 +18,11 @@
  *     codes are read in place, centred (c = code - h, z' = zero + h * scale, h = 2^(bits-1): less
  *     cancellation);
  *     a key is dequantized in registers (c * s + z', s and z' per token or per channel), and a
- *     value's scale is folded into the
- *     probability, p * (c * s + z') = (p * s) * c + p * z', with the p * z' terms summed apart per
- *     group -- no per-channel work beyond converting the code;
+ *     value's scale is folded into the probability, p * (c * s + z') = (p * s) * c + p * z', with
+ *     the p * z' terms summed apart per group -- no per-channel work beyond converting the code;
  *   otherwise (offload records with narrow groups or outliers): the tile's keys and values are
- *     dequantized into two small float tiles first (they stay in the L1 cache).
+ *     dequantized from the records themselves (scales, zero points and outliers follow the codes)
+ *     into two small float tiles first (they stay in the L1 cache).
  *
  * kvb_coded_attention splits the tokens into ranges run on OpenMP threads; the caller merges the
  * ranges' outputs by their log-sum-exp.
