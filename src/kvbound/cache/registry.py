@@ -30,7 +30,8 @@ class PolicySpec:
     * ``beams`` -- supports beam search and batch reordering (``reorder_cache``,
       ``batch_select_indices``, ``batch_repeat_interleave``);
     * ``reruns_model`` -- every forward pass re-runs the model's layers over the whole evicted
-      span, so its cost grows with the context (benches cap the lengths it runs at).
+      span, so its cost grows with the context (benches cap the lengths it runs at);
+    * ``paper`` -- the method's paper as ``"Authors Year, URL"`` (empty for kvbound's own policies).
     """
 
     name: str
@@ -43,13 +44,15 @@ class PolicySpec:
     can_draft: bool = False
     beams: bool = False
     reruns_model: bool = False
+    paper: str = ""
 
 
 _REGISTRY: dict[str, PolicySpec] = {}
 
 
 def register(name: str, description: str, *, exact: bool, needs_budget: bool = True, options: type = NoOptions,
-             can_rollback: bool = False, can_draft: bool = False, beams: bool = False, reruns_model: bool = False):
+             can_rollback: bool = False, can_draft: bool = False, beams: bool = False, reruns_model: bool = False,
+             paper: str = ""):
     """Class decorator: register a cache class under ``name``.
 
     The class must accept ``(model, budget, **options)``; ``options`` is the dataclass its
@@ -60,7 +63,7 @@ def register(name: str, description: str, *, exact: bool, needs_budget: bool = T
         if name in _REGISTRY:
             raise RuntimeError(f"policy {name!r} registered twice")
         _REGISTRY[name] = PolicySpec(name, description, cls, exact, needs_budget, options,
-                                     can_rollback, can_draft, beams, reruns_model)
+                                     can_rollback, can_draft, beams, reruns_model, paper)
         cls.policy_name = name
         return cls
 
