@@ -66,10 +66,10 @@ def test_prompt_file_policy_and_options(capsys, tmp_path):
 
 
 def test_option_values_are_parsed():
-    assert cli._option("sinks=4") == ("sinks", 4)
-    assert cli._option("ratio=0.5") == ("ratio", 0.5)
-    assert cli._option("pin=true") == ("pin", True)
-    assert cli._option("dir=/tmp/x=y") == ("dir", "/tmp/x=y")
+    assert cli.common.option("sinks=4") == ("sinks", 4)
+    assert cli.common.option("ratio=0.5") == ("ratio", 0.5)
+    assert cli.common.option("pin=true") == ("pin", True)
+    assert cli.common.option("dir=/tmp/x=y") == ("dir", "/tmp/x=y")
 
 
 def test_plain_output_is_the_text(capsys):
@@ -151,9 +151,9 @@ def test_next_turn_ids_match_the_template():
     _, tok = models.load("tiny-llama")
     args = cli.build_parser().parse_args(["chat", *TINY])
     first = [{"role": "user", "content": "hi"}]
-    history = torch.cat([cli._apply_template(tok, first, args), tok(" ok", return_tensors="pt")["input_ids"]], 1)
+    history = torch.cat([cli.common.apply_template(tok, first, args), tok(" ok", return_tensors="pt")["input_ids"]], 1)
     messages = first + [{"role": "assistant", "content": "ok"}]
-    ids = cli.next_turn_ids(tok, messages, history, "more", args)
+    ids = cli.chat.next_turn_ids(tok, messages, history, "more", args)
     assert tok.decode(ids[0]) == "user: hi\nassistant: ok\nuser: more\nassistant:"
 
 
@@ -162,7 +162,7 @@ def test_chat_needs_a_chat_template():
     tok.chat_template = None  # like the bundled Gemma 3 270M base model
     args = cli.build_parser().parse_args(["generate", "--chat", "--prompt", "hi", "--model", "gemma3-270m"])
     with pytest.raises(kvbound.KVBoundError, match="'gemma3-270m' has no chat template; drop --chat"):
-        cli._apply_template(tok, [{"role": "user", "content": "hi"}], args)
+        cli.common.apply_template(tok, [{"role": "user", "content": "hi"}], args)
 
 
 @pytest.mark.parametrize("breakage", ["import", "add_arguments"])
@@ -226,10 +226,10 @@ def test_smollm2_next_turn_ids_match_the_template():
     reply = "Hello! How can I help?"
     reply_ids = tok(reply, add_special_tokens=False, return_tensors="pt")["input_ids"]
     eos = torch.tensor([[tok.eos_token_id]])
-    history = torch.cat([cli._apply_template(tok, first, args), reply_ids, eos], 1)
+    history = torch.cat([cli.common.apply_template(tok, first, args), reply_ids, eos], 1)
     messages = first + [{"role": "assistant", "content": reply}]
-    ids = cli.next_turn_ids(tok, messages, history, "Thanks.", args)
-    full = cli._apply_template(tok, messages + [{"role": "user", "content": "Thanks."}], args)
+    ids = cli.chat.next_turn_ids(tok, messages, history, "Thanks.", args)
+    full = cli.common.apply_template(tok, messages + [{"role": "user", "content": "Thanks."}], args)
     assert torch.equal(ids, full)
 
 
@@ -261,7 +261,7 @@ def test_chat_rebuilds_the_cache_when_the_template_rewrites_turns(capsys, monkey
 
 def record_closes(monkeypatch) -> list[str]:
     """Policy names of the caches the CLI makes, appended when each is closed."""
-    closed, make = [], cli._make_cache
+    closed, make = [], cli.common.make_cache
 
     def making(model, args):
         cache = make(model, args)
@@ -269,7 +269,7 @@ def record_closes(monkeypatch) -> list[str]:
         cache.close = lambda: (closed.append(cache.policy_name), close())
         return cache
 
-    monkeypatch.setattr(cli, "_make_cache", making)
+    monkeypatch.setattr(cli.common, "make_cache", making)
     return closed
 
 
@@ -279,3 +279,17 @@ def test_generate_closes_its_cache(capsys, monkeypatch):
                        "--max-new-tokens", "3")
     assert code == 0, err
     assert closed == ["offload"]
+
+
+def test_policies_lists_every_registered_policy_from_the_registry(capsys):
+    from kvbound.cache.registry import registered
+
+    code, out, _ = run(capsys, "policies", "--json")
+    listed = last_json(out)
+    assert code == 0 and set(listed) == set(registered())
+    for name, spec in registered().items():
+        assert listed[name]["exact"] == spec.exact and listed[name]["description"] == spec.description
+        assert listed[name]["paper"] == (spec.paper or None)
+    assert listed["snapkv"]["options"]["window"] == 32 and "arxiv.org" in listed["snapkv"]["paper"]
+    code, out, _ = run(capsys, "policies")
+    assert code == 0 and "snapkv  [lossy" in out and "options: " in out

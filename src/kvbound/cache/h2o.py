@@ -58,7 +58,8 @@ class H2OLayer(EvictingLayer):
 
 
 @register("h2o", "lossy: H2O (Zhang et al. 2023) -- heavy hitters by accumulated attention + `recent` newest tokens",
-          exact=False, options=H2OOptions, beams=True)
+          exact=False, options=H2OOptions, beams=True,
+          paper="Zhang et al. 2023, https://arxiv.org/abs/2306.14048")
 class H2OCache(EvictingCache):
     layer_cls = H2OLayer
 

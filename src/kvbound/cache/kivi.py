@@ -184,7 +184,8 @@ class KiviLayer(PolicyLayer, DynamicLayer):
 
 @register("kivi", "lossy: KIVI (Liu et al. 2024) -- every token kept, K per channel / V per token at `bits` "
           "2/4/8, newest `residual` tokens (option, default 128) in full precision; takes no budget",
-          exact=False, needs_budget=False, options=KiviOptions, beams=True)
+          exact=False, needs_budget=False, options=KiviOptions, beams=True,
+          paper="Liu et al. 2024, https://arxiv.org/abs/2402.02750")
 class KiviCache(KVBoundCache):
     def __init__(self, model, budget: int | None = None, **options: Any) -> None:
         opts = self.options = self.parse_options(options)

@@ -63,7 +63,8 @@ class _Span:
 
 
 @register("kv-direct", "exact: hot window of `budget` tokens; older K/V recomputed from token ids each step",
-          exact=True, options=KVDirectOptions, can_rollback=True, beams=True, reruns_model=True)
+          exact=True, options=KVDirectOptions, can_rollback=True, beams=True, reruns_model=True,
+          paper="The Residual Stream Is All You Need (KV-Direct), 2026")
 class KVDirectCache(RecomputingCache):
     def __init__(self, model, budget: int, **options: Any) -> None:
         super().__init__(model, budget, self.parse_options(options))

@@ -94,7 +94,8 @@ class SnapKVLayer(EvictingLayer):
 
 
 @register("snapkv", "lossy: SnapKV (Li et al. 2024) -- the last `window` queries vote (max-pooled) for tokens to keep",
-          exact=False, options=SnapKVOptions, beams=True)
+          exact=False, options=SnapKVOptions, beams=True,
+          paper="Li et al. 2024, https://arxiv.org/abs/2404.14469")
 class SnapKVCache(EvictingCache):
     layer_cls = SnapKVLayer
 

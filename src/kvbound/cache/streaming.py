@@ -56,7 +56,8 @@ class StreamingLayer(EvictingLayer):
 
 
 @register("streaming", "lossy: StreamingLLM (Xiao et al. 2023) -- `sinks` first tokens + the most recent ones",
-          exact=False, options=StreamingOptions, can_draft=True, beams=True)
+          exact=False, options=StreamingOptions, can_draft=True, beams=True,
+          paper="Xiao et al. 2023, https://arxiv.org/abs/2309.17453")
 class StreamingCache(EvictingCache):
     layer_cls = StreamingLayer
 

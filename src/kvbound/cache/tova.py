@@ -30,7 +30,8 @@ class TOVALayer(EvictingLayer):
 
 
 @register("tova", "lossy: TOVA (Oren et al. 2024) -- evicts the token the current query attends to least",
-          exact=False, options=CodecOptions, beams=True)
+          exact=False, options=CodecOptions, beams=True,
+          paper="Oren et al. 2024, https://arxiv.org/abs/2401.06104")
 class TOVACache(EvictingCache):
     layer_cls = TOVALayer
 
