@@ -13,7 +13,7 @@ import torch
 from kvbound.bench import cli as bench_cli
 from kvbound.bench import metrics
 from kvbound.bench.inputs import Conversation, load_messages, load_prompts, parse_budgets
-from kvbound.bench.scenarios import analytic_bytes
+from kvbound.bench.scenarios.bytes_per_token import analytic_bytes
 from kvbound.errors import KVBoundError
 
 
