@@ -54,6 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a prompt text file (repeatable); default: the built-in long prompts")
     parser.add_argument("--prompts-dir", default=None, metavar="DIR",
                         help="use every *.txt in DIR as a prompt (answers.json may map a name to a needle answer)")
+    parser.add_argument("--turns", type=int, default=None,
+                        help="multiturn, serve-parking: turns per conversation (default: 20, 10)")
     parser.add_argument("--lengths", default=None,
                         help="context lengths in tokens (latency, needle, long, decode, prefill; each has its default)")
     parser.add_argument("--chunk", type=int, default=None, metavar="C",

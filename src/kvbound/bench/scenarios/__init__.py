@@ -20,11 +20,11 @@ SCENARIOS: dict[str, str] = {  # name (what results.json stores as "scenario") -
     "perplexity": "perplexity",
     "needle": "needle",
     "long": "long_context",
-    # "decode": "decode",
-    # "prefill": "prefill",
-    # "recompute-error": "recompute_error",
-    # "kernel-rows": "kernel_rows",
-    # "serve-parking": "serve_parking",
+    "decode": "decode",
+    "prefill": "prefill",
+    "recompute-error": "recompute_error",
+    "kernel-rows": "kernel_rows",
+    "serve-parking": "serve_parking",
 }
 
 

@@ -40,13 +40,11 @@ from ..runner import (
 
 DEFAULT_BUDGETS = "128"
 DEFAULT_NEW_TOKENS = 16
-
-
-def add_arguments(group) -> None:
-    group.add_argument("--turns", type=int, default=20, help="multiturn: number of turns (default: 20)")
+DEFAULT_TURNS = 20
 
 
 def options(args) -> dict[str, Any]:
+    args.turns = args.turns or DEFAULT_TURNS
     if args.turns < 1:
         raise KVBoundError(f"--turns must be >= 1, got {args.turns}")
     if args.budget_list[0].is_fraction:
