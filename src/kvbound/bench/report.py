@@ -49,8 +49,17 @@ def _title(markdown: str) -> str:
 
 
 def index_rows(root: Path) -> list[tuple[Path, dict[str, Any]]]:
-    """Every results.json folder under ``root`` (sorted), with its data."""
-    return [(p.parent, load_results(p.parent)) for p in sorted(root.rglob(RESULTS))]
+    """Every bench results.json folder under ``root`` (sorted), with its data; a results.json in
+    another format (written by a script before the bench had its scenario) is named on stderr and left out."""
+    import sys
+
+    found = []
+    for path in sorted(root.rglob(RESULTS)):
+        try:
+            found.append((path.parent, load_results(path.parent)))
+        except KVBoundError as exc:
+            print(f"kvbound bench report: skipped {exc}", file=sys.stderr)
+    return found
 
 
 def render_all(root: str | Path, out: str | Path | None = None) -> list[Path]:

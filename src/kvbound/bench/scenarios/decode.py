@@ -54,20 +54,25 @@ class _Timed:
 
     def __init__(self, cache) -> None:
         self.rebuild = self.read = 0.0
+        self._depth = 0  # only the outermost timed call counts (recall_blocks may call recall)
         if hasattr(cache, "rebuild"):  # its layers' recall is the rebuild: counted once
             cache.rebuild = self._wrap(cache.rebuild, "rebuild")
             return
         for layer in getattr(cache, "layers", []):
-            if hasattr(layer, "recall"):
-                layer.recall = self._wrap(layer.recall, "read")
+            for method in ("recall", "recall_blocks"):
+                if hasattr(layer, method):
+                    setattr(layer, method, self._wrap(getattr(layer, method), "read"))
 
     def _wrap(self, inner, what: str):
         def timed(*args, **kwargs):
+            self._depth += 1
             t0 = time.perf_counter()
             try:
                 return inner(*args, **kwargs)
             finally:
-                setattr(self, what, getattr(self, what) + time.perf_counter() - t0)
+                self._depth -= 1
+                if self._depth == 0:
+                    setattr(self, what, getattr(self, what) + time.perf_counter() - t0)
 
         return timed
 
