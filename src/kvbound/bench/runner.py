@@ -128,8 +128,11 @@ def _cache_for(model, policy: str, budget: int | None) -> KVBoundCache:
 
 
 def _memory(cache: KVBoundCache) -> dict[str, Any]:
+    """Bytes by tier and peaks, and whether this cache is exact (a variant's options, e.g. a lossy codec
+    on an exact policy, can change it)."""
     tiers = cache.bytes_by_tier()
     return {
+        "exact": bool(getattr(cache, "exact", True)),
         "hot_kv_bytes": tiers.get("hot_kv", 0),
         "peak_hot_kv_bytes": cache.peak_hot_kv_bytes,
         "bytes_by_tier": tiers,

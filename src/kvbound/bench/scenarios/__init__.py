@@ -21,6 +21,7 @@ SCENARIOS: dict[str, str] = {  # name (what results.json stores as "scenario") -
     "needle": "needle",
     "long": "long_context",
     "decode": "decode",
+    "quantization": "quantization",
     "prefill": "prefill",
     "recompute-error": "recompute_error",
     "kernel-rows": "kernel_rows",
