@@ -67,10 +67,12 @@ def meta_section(data: dict[str, Any], models: list[dict[str, Any]] | None = Non
         machine += f", device {hw.get('device')} ({hw.get('cuda_device')})"
     if hw.get("memory_bytes"):
         machine += f", {hw['memory_bytes'] / 2**30:.0f} GiB RAM"
+    if not hw.get("cpu") and not hw.get("machine"):
+        machine = "not recorded"
     lines = [
-        f"- **Machine**: {machine}; {hw.get('platform', '?')}",
+        f"- **Machine**: {machine}" + (f"; {hw['platform']}" if hw.get("platform") else ""),
         f"- **Model{'s' if len(models) > 1 else ''}**: " + "; ".join(model_line(m) for m in models),
-        "- **Versions**: " + ", ".join(f"{k} {v}" for k, v in vers.items()),
+        "- **Versions**: " + (", ".join(f"{k} {v}" for k, v in vers.items()) or "not recorded"),
         f"- **Command**: `{meta.get('command', '?')}`",
         f"- **Commit**: {('`' + meta['commit'] + '`') if meta.get('commit') else 'not recorded'}",
         f"- **Date**: {meta.get('date', '?')} (finished {meta.get('finished', 'not yet')})",
