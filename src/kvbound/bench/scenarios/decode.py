@@ -55,8 +55,10 @@ class _Timed:
     def __init__(self, cache) -> None:
         self.rebuild = self.read = 0.0
         self._depth = 0  # only the outermost timed call counts (recall_blocks may call recall)
-        if hasattr(cache, "rebuild"):  # its layers' recall is the rebuild: counted once
-            cache.rebuild = self._wrap(cache.rebuild, "rebuild")
+        rebuilds = [m for m in ("rebuild", "project") if hasattr(cache, m)]  # project: residual's lazy blocks
+        for method in rebuilds:  # the layers' recall is the rebuild: counted once
+            setattr(cache, method, self._wrap(getattr(cache, method), "rebuild"))
+        if rebuilds:
             return
         for layer in getattr(cache, "layers", []):
             for method in ("recall", "recall_blocks"):

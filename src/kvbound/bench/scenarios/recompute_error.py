@@ -28,15 +28,25 @@ def kv_error(model, chunks: list[torch.Tensor], policy: str, budget: int) -> dic
     """Feed ``chunks`` to ``full`` and ``policy``; compare the K/V ``policy`` rebuilt in the last chunk."""
     full = make_cache(model, "full")
     cache = make_cache(model, policy, budget=budget)
-    got: dict[int, tuple] = {}
-    inner = cache.rebuild
+    got: list[tuple] = []  # (layer index, start, end, K, V) of every span rebuilt in the last chunk
+    depth = [0]
 
-    def record(layer, start, end, like):
-        k, v = inner(layer, start, end, like)
-        got[layer.layer_idx] = (start, end, k.clone(), v.clone())
-        return k, v
+    def capture(inner, layer_of):
+        def wrapped(layer, start, end, *rest):
+            depth[0] += 1
+            try:
+                k, v = inner(layer, start, end, *rest)
+            finally:
+                depth[0] -= 1
+            if depth[0] == 0:  # rebuild may call project: count the outer call only
+                got.append((layer_of(layer), start, end, k.clone(), v.clone()))
+            return k, v
 
-    cache.rebuild = record
+        return wrapped
+
+    for method in ("rebuild", "project"):  # project: residual's lazy blocks under tiered attention
+        if hasattr(cache, method):
+            setattr(cache, method, capture(getattr(cache, method), lambda layer: layer.layer_idx))
     try:
         for chunk in chunks:
             model(chunk, past_key_values=full)
@@ -46,13 +56,13 @@ def kv_error(model, chunks: list[torch.Tensor], policy: str, budget: int) -> dic
         _close(cache)
     dk = dv = 0.0
     equal = True
-    for idx, (start, end, k, v) in got.items():
+    for idx, start, end, k, v in got:
         ref_k, ref_v = full.layers[idx].keys[..., start:end, :], full.layers[idx].values[..., start:end, :]
         dk = max(dk, (k - ref_k).abs().max().item())
         dv = max(dv, (v - ref_v).abs().max().item())
         equal = equal and torch.equal(k, ref_k) and torch.equal(v, ref_v)
-    span = list(next(iter(got.values()))[:2]) if got else None
-    return {"rebuilt_layers": len(got), "span": span, "max_abs_dK": dk, "max_abs_dV": dv, "equal": equal if got else None}
+    span = [min(g[1] for g in got), max(g[2] for g in got)] if got else None
+    return {"rebuilt_layers": len({g[0] for g in got}), "span": span, "max_abs_dK": dk, "max_abs_dV": dv, "equal": equal if got else None}
 
 
 def _rebuilds(model, policy: str) -> bool:
@@ -62,7 +72,7 @@ def _rebuilds(model, policy: str) -> bool:
     except Exception:  # noqa: BLE001 -- a policy that cannot even be built does not rebuild K/V
         return False
     try:
-        return hasattr(cache, "rebuild")
+        return hasattr(cache, "rebuild") or hasattr(cache, "project")
     finally:
         _close(cache)
 
