@@ -341,6 +341,29 @@ SYNTHETIC = {
     "recompute-error": _synthetic("recompute-error", [
         {"policy": "kv-direct", "budget": 16, "tokens": 140, "grouping": "same rows", "status": "ok", "span": [0, 140],
          "rebuilt_layers": 2, "max_abs_dK": 0.0, "max_abs_dV": 0.0, "equal": True}]),
+    "quantization": _synthetic("quantization", [
+        {"stage": "perplexity", "policy": "full", "exact": True, "budget": None, "tokens": 100, "status": "ok",
+         "perplexity": 10.0, "total_cache_bytes": 2**20, "bytes_by_tier": {"hot_kv": 2**20}},
+        {"stage": "perplexity", "policy": "kivi:bits=4", "exact": False, "budget": None, "tokens": 100, "status": "ok",
+         "perplexity": 10.5, "total_cache_bytes": 2**18, "bytes_by_tier": {"hot_kv": 2**18}},
+        {"stage": "decode", "policy": "full", "tokens": 100, "status": "ok", "steps": 2, "token_ids": [1, 2],
+         "seconds_per_token": 0.01},
+        {"stage": "decode", "policy": "kivi:bits=4", "tokens": 100, "status": "ok", "steps": 2, "token_ids": [1, 3],
+         "seconds_per_token": 0.02, "token_match": 0.5, "time_ratio_vs_ref": 2.0},
+        {"stage": "decode", "policy": "offload", "budget": 8, "tokens": 900, "status": "ok", "steps": 2,
+         "token_ids": [1, 3], "seconds_per_token": 0.02, "cold_seconds_per_token": 0.05,
+         "bytes_by_tier": {"offloaded": 2**20}}], {"text_tokens": 100}),
+    "serve-parking": _synthetic("serve-parking", [
+        {"status": "ok", "label": label, "memory_budget": budget, "wall_s": 3.0, "baseline_rss_bytes": 2**28,
+         "peak_rss_bytes": 2**28 + share, "cache_share_bytes": share,
+         "stats": {"hot": hot, "parked": 2 - hot, "held_bytes": share, "parked_bytes": 100 * (2 - hot),
+                   "parked_tokens": 25 * (2 - hot), "restores": 2 - hot, "parks": 2 - hot},
+         "requests": [{"conversation": c, "turn": t, "ttft_s": 0.01 * (1 + t * (2 - hot)), "total_s": 0.1,
+                       "prompt_tokens": 50 * (t + 1), "completion_tokens": 2, "reply": f"r{c}{t}"}
+                      for t in range(2) for c in range(2)]}
+        for label, budget, share, hot in (("unbounded", None, 2**20, 2), ("budgeted", 2**17, 2**17, 0))],
+        options={"model": "tiny", "policy": "full", "budget": None, "conversations": 2, "turns": 2, "max_tokens": 2,
+                 "hot_fraction": 0.1, "threads": 1}),
     "kernel-rows": _synthetic("kernel-rows", [
         {"tokens": 256, "rows_per_kv_head": 3, "status": "ok", "dequantize_ms": 2.0, "kernel_ms": 1.0,
          "kernel_over_dequantize": 0.5, "fp32_attention_ms": 0.5}], {"kernel": {"available": True, "max_rows": 12}}),
@@ -354,9 +377,11 @@ def test_renderers_on_synthetic_results(tmp_path, scenario):
     d = _write(tmp_path, scenario, SYNTHETIC[scenario])
     paths = report.render(d)
     text = (d / "report.md").read_text()
-    assert paths[0] == d / "report.md" and text.startswith("# kvbound bench")
+    assert paths[0] == d / "report.md" and text.startswith("# kvbound")
     assert "`kvbound bench --scenario" in text and "`abc123`" in text and "[2.0, 1.0, 1.0]" in text
-    numbers = {"decode": "4.00×", "prefill": "0.75×", "recompute-error": "| yes |", "kernel-rows": "0.50"}
+    numbers = {"decode": "4.00×", "prefill": "0.75×", "recompute-error": "| yes |", "kernel-rows": "0.50",
+               "quantization": "| `kivi:bits=4` | – | no | 10.500 | +5.00% | 0.25 | 0.250 | 50% | 2.00× |",
+               "serve-parking": "budgeted / unbounded: 0.125×"}
     assert numbers[scenario] in text
 
 
@@ -421,3 +446,32 @@ def test_prefill_recompute_and_kernel_scenarios(tmp_path):
     assert bench_cli.run(args) == 0
     run = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]
     assert run["status"] == "ok" and run["dequantize_ms"] > 0 and run["fp32_attention_ms"] > 0
+
+
+def test_quantization_scenario(tmp_path):
+    args = _args(tmp_path, "--scenario", "quantization", "--policies", "full,kivi:bits=4,offload:codec=int8",
+                 "--budgets", "32", "--max-tokens", "150", "--max-new-tokens", "3")
+    assert bench_cli.run(args, model_and_tokenizer=_tiny()) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    ppl = {r["policy"]: r for r in data["runs"] if r["stage"] == "perplexity"}
+    dec = {r["policy"]: r for r in data["runs"] if r["stage"] == "decode"}
+    assert list(ppl) == list(dec) == ["full", "kivi:bits=4", "offload:codec=int8"]
+    assert ppl["offload:codec=int8"]["exact"] is False and ppl["full"]["exact"] is True  # the codec makes it lossy
+    assert ppl["kivi:bits=4"]["total_cache_bytes"] < ppl["full"]["total_cache_bytes"]
+    assert dec["kivi:bits=4"]["time_ratio_vs_ref"] == pytest.approx(
+        dec["kivi:bits=4"]["seconds_per_token"] / dec["full"]["seconds_per_token"])
+    assert "| `offload:codec=int8` | 32 | no |" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.long
+def test_serve_parking_scenario(tmp_path):
+    """Two real server processes (tiny model): every reply identical, the budgeted one parks."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    args = _args(tmp_path, "--scenario", "serve-parking", "--model", "tiny-llama", "--conversations", "2", "--turns",
+                 "2", "--max-new-tokens", "2", "--threads", "1")
+    assert bench_cli.run(args) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    hot, parked = data["runs"]
+    assert hot["label"] == "unbounded" and parked["stats"]["parks"] > 0
+    assert data["extra"]["summary"]["identical_replies"] == data["extra"]["summary"]["replies"] == 4
