@@ -16,7 +16,7 @@ Layout (imports point down this list, never up):
 **The scenario contract.** A scenario is one module ``kvbound/bench/scenarios/<module>.py`` and one
 line ``"<name>": "<module>"`` in :data:`kvbound.bench.scenarios.SCENARIOS`. The module defines:
 
-* a docstring whose first paragraph says what it measures (``--help`` and the docs show it);
+* a docstring that says what it measures and how, and ``SUMMARY``: one line for ``--help``;
 * ``options(args) -> dict``: validate its options (a :class:`~kvbound.errors.KVBoundError` with one line
   on bad input, before anything runs) and return them resolved; they go to ``meta.options``.
   ``args.policy_list`` (policies or variants, ``full`` among them if asked), ``args.budget_list``

@@ -41,6 +41,5 @@ def get(name: str) -> ModuleType:
 
 
 def summary(name: str) -> str:
-    """The first line of the scenario module's docstring (``--help`` and the docs)."""
-    doc = (get(name).__doc__ or "").strip()
-    return " ".join(doc.split("\n\n")[0].split())
+    """The scenario's one-line ``SUMMARY`` (``--help``)."""
+    return get(name).SUMMARY

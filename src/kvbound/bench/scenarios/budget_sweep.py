@@ -48,6 +48,8 @@ from ..runner import (
 DEFAULT_BUDGETS = "64,256"
 DEFAULT_NEW_TOKENS = 16
 
+SUMMARY = "token match, KL, memory by tier, RSS and speed of every policy x budget x prompt"
+
 
 def options(args) -> dict[str, Any]:
     return {"prompts": [p.name for p in load_prompts(args.prompt_file, args.prompts_dir)]}

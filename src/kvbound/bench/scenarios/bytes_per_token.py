@@ -27,6 +27,8 @@ from ..runner import (
 DEFAULT_BUDGETS = "128"
 DEFAULT_NEW_TOKENS = 16
 
+SUMMARY = "bytes per token, analytic next to measured, by tier"
+
 
 def options(args) -> dict[str, Any]:
     return {"prompts": [p.name for p in load_prompts(args.prompt_file, args.prompts_dir)][:1]}

@@ -28,6 +28,8 @@ DEFAULT_LENGTHS = "2048"
 DEFAULT_BUDGETS = "512"
 DEFAULT_NEW_TOKENS = 16
 
+SUMMARY = "decode time per token, round-robin, with rebuild / store-read shares and --speculate"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--draft", default="streaming",

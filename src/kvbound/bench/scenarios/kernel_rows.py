@@ -20,6 +20,8 @@ NEEDS_MODEL = False
 DEFAULT_LENGTHS = "4096"
 DEFAULT_ROWS = "1,2,4,8,16"
 
+SUMMARY = "the C kernel vs dequantize + attention by query rows (kernels.MAX_ROWS); no model"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--rows", default=DEFAULT_ROWS,

@@ -15,6 +15,8 @@ from ..runner import Bench, Context, positive_ints
 DEFAULT_LENGTHS = "128,512,1024,4096"
 DEFAULT_BATCHES = "1,8,64"
 
+SUMMARY = "one layer's K/V read vs recomputed from its residuals, by length and batch"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--batch-sizes", default=DEFAULT_BATCHES,

@@ -31,6 +31,8 @@ from ..runner import Context, positive_ints
 NEEDS_MODEL = False
 DEFAULT_BUDGETS = "512"
 
+SUMMARY = "each policy on a long prompt in a fresh process: peak RSS, time to first token, decode speed"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--one-shot-max", type=int, default=8192, metavar="N",

@@ -42,6 +42,8 @@ DEFAULT_BUDGETS = "128"
 DEFAULT_NEW_TOKENS = 16
 DEFAULT_TURNS = 20
 
+SUMMARY = "a chat through one cache per policy: replies equal to full's, cache bytes per turn"
+
 
 def options(args) -> dict[str, Any]:
     args.turns = args.turns or DEFAULT_TURNS

@@ -53,6 +53,8 @@ DEFAULT_CHUNK = 256
 DEFAULT_RERUN_MAX_LENGTH = 1024  # kv-direct CPU time per cell: 6.7x full at 1024, 9.5x at 2048
 # (benchmarks/results/needle-long; measured before kv-direct took prompts by id, which cut its prefill)
 
+SUMMARY = "needle-in-a-haystack accuracy over context length x depth"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--depths", default=DEFAULT_DEPTHS,

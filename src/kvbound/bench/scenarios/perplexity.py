@@ -47,6 +47,8 @@ DEFAULT_BUDGETS = "32,64,128"
 DEFAULT_PPL_TOKENS = 1024
 DEFAULT_CHUNK = 16
 
+SUMMARY = "perplexity vs budget on a long text"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--text-file", default=None, metavar="PATH",

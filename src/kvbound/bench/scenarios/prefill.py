@@ -17,6 +17,8 @@ from ..runner import Context, _failure, positive_ints
 DEFAULT_LENGTHS = "2048,7500"
 DEFAULT_CHUNKS = "0,512,1024,2048"
 
+SUMMARY = "one-shot vs chunked prefill of full (how the default prefill chunk was chosen)"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--chunks", default=DEFAULT_CHUNKS,

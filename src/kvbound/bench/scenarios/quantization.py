@@ -30,6 +30,8 @@ DEFAULT_TOKENS = 2048
 DEFAULT_CHUNK = 32
 STAGES = ("perplexity", "decode")
 
+SUMMARY = "quantized / codec'd variants: perplexity, bytes, token match, decode time"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--stages", default=",".join(STAGES),

@@ -18,6 +18,8 @@ from ..runner import Context, _cache_for, _close, _failure, positive_ints, spec
 DEFAULT_LENGTHS = "200"  # tokens in the rebuilt span (at least 137: the prompt ends in a question)
 DEFAULT_BUDGETS = "64"
 
+SUMMARY = "K/V rebuilt by kv-direct / residual vs full's cached K/V, bit for bit"
+
 
 def options(args) -> dict[str, Any]:
     return {"lengths": positive_ints(args.lengths or DEFAULT_LENGTHS, "lengths")}

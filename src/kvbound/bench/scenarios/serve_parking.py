@@ -32,6 +32,8 @@ from ..runner import Context
 NEEDS_MODEL = False
 DEFAULT_NEW_TOKENS = 8
 
+SUMMARY = "kvbound serve with and without a memory budget: RSS, identical replies, TTFT"
+
 
 def add_arguments(group) -> None:
     group.add_argument("--conversations", type=int, default=50, help="serve-parking: chats (default: 50)")
