@@ -6,8 +6,10 @@
    results; no weights travel to a GPU box) at a budget of 25% of the prompt: time per token of
    each policy as a ratio to ``full`` in the same run.
 
-``benchmarks/results/gpu_smoke_h100.json`` was measured by this script's earlier standalone
-version (see git history). Usage: ``python benchmarks/gpu_smoke.py [--device cuda] [--out DIR]``
+Each run writes the bench's own results.json (render it with ``kvbound bench report --all DIR``); an
+earlier standalone version's summary (H100, every exact policy equal to ``full``) is in git history
+(``git show 79a3f1f:benchmarks/results/gpu_smoke_h100.json``).
+Usage: ``python benchmarks/gpu_smoke.py [--device cuda] [--out DIR]``
 """
 
 import argparse

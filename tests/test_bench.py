@@ -13,7 +13,7 @@ import torch
 from kvbound.bench import cli as bench_cli
 from kvbound.bench import metrics
 from kvbound.bench.inputs import Conversation, load_messages, load_prompts, parse_budgets
-from kvbound.bench.scenarios import analytic_bytes
+from kvbound.bench.scenarios.bytes_per_token import analytic_bytes
 from kvbound.errors import KVBoundError
 
 
@@ -275,3 +275,203 @@ def test_random_weights_model_from_a_config(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), again.parameters()))
     with pytest.raises(KVBoundError, match="cannot read a model config"):
         bench_cli.load_model(f"random:{tmp_path / 'missing.json'}")
+
+
+# --------------------------------------------------------------------------- registry, renderers, report
+
+
+def test_registry_modules_follow_the_contract():
+    """Every registered scenario is one module with options/run/render and a one-line summary."""
+    from kvbound.bench import scenarios
+
+    assert scenarios.names()[:7] == ["budget-sweep", "multiturn", "bytes", "latency", "perplexity", "needle", "long"]
+    for name in scenarios.names():
+        module = scenarios.get(name)
+        assert callable(module.options) and callable(module.run) and callable(module.render), name
+        assert 20 < len(scenarios.summary(name)) < 200 and "``" not in scenarios.summary(name), name
+    with pytest.raises(KVBoundError, match="unknown scenario 'nope'"):
+        scenarios.get("nope")
+
+
+def test_policy_variants_parse_and_build():
+    from kvbound.bench.runner import _cache_for, policy_name, policy_options, split_policies
+
+    assert split_policies("full,kivi:bits=2,group=32,offload:codec=int8,window") == [
+        "full", "kivi:bits=2,group=32", "offload:codec=int8", "window"]
+    assert policy_name("kivi:bits=2,group=32") == "kivi"
+    assert policy_options("kivi:bits=2,clip=false,x=0.5") == {"bits": 2, "clip": False, "x": 0.5}
+    with pytest.raises(KVBoundError, match="key=value"):
+        policy_options("kivi:bits")
+    cache = _cache_for(_tiny()[0], "kivi:bits=4", None)
+    assert cache.policy_name == "kivi"
+    with pytest.raises(KVBoundError, match="unknown policy 'nope'"):
+        bench_cli.select_policies("full,nope:x=1")
+
+
+def _synthetic(scenario: str, runs: list[dict], extra: dict | None = None, options: dict | None = None) -> dict:
+    return {"schema": 1, "scenario": scenario, "runs": runs, "turns": [], "extra": extra or {},
+            "meta": {"date": "2026-01-01T00:00:00+00:00", "command": f"kvbound bench --scenario {scenario}",
+                     "commit": "abc123", "model": {"name": "tiny"}, "versions": {"torch": "x"},
+                     "hardware": {"cpu": "cpu", "cpu_count": 2, "load_average_start": [1.0, 1.0, 1.0],
+                                  "load_average_end": [2.0, 1.0, 1.0], "machine": "box"},
+                     "options": options or {}}}
+
+
+def _write(tmp_path, name: str, data: dict):
+    d = tmp_path / "results" / name
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps(data))
+    return d
+
+
+SYNTHETIC = {
+    "decode": _synthetic("decode", [
+        {"policy": "full", "exact": True, "budget": None, "tokens": 300, "status": "ok", "token_ids": [1, 2],
+         "seconds_per_token": 0.01, "mean_seconds_per_token": 0.01, "cpu_seconds_per_token": 0.01,
+         "time_ratio_vs_full": None, "peak_hot_kv_bytes": 2**20, "total_cache_bytes": 2**20},
+        {"policy": "kv-direct", "exact": True, "budget": 64, "tokens": 300, "status": "ok", "token_ids": [1, 2],
+         "seconds_per_token": 0.04, "mean_seconds_per_token": 0.04, "cpu_seconds_per_token": 0.03,
+         "time_ratio_vs_full": 4.0, "cpu_ratio_vs_full": 3.0, "token_match": 1.0, "rebuild_seconds_per_token": 0.02},
+        {"policy": "offload", "budget": 64, "tokens": 300, "status": "skipped", "reason": "no disk"}]),
+    "prefill": _synthetic("prefill", [
+        {"tokens": 300, "chunk": None, "repeat": 0, "status": "ok", "prefill_seconds": 2.0,
+         "prefill_cpu_seconds": 2.0, "first_tokens": [5, 6]},
+        {"tokens": 300, "chunk": 64, "repeat": 0, "status": "ok", "prefill_seconds": 1.0,
+         "prefill_cpu_seconds": 1.5, "first_tokens": [5, 6]}]),
+    "recompute-error": _synthetic("recompute-error", [
+        {"policy": "kv-direct", "budget": 16, "tokens": 140, "grouping": "same rows", "status": "ok", "span": [0, 140],
+         "rebuilt_layers": 2, "max_abs_dK": 0.0, "max_abs_dV": 0.0, "equal": True}]),
+    "quantization": _synthetic("quantization", [
+        {"stage": "perplexity", "policy": "full", "exact": True, "budget": None, "tokens": 100, "status": "ok",
+         "perplexity": 10.0, "total_cache_bytes": 2**20, "bytes_by_tier": {"hot_kv": 2**20}},
+        {"stage": "perplexity", "policy": "kivi:bits=4", "exact": False, "budget": None, "tokens": 100, "status": "ok",
+         "perplexity": 10.5, "total_cache_bytes": 2**18, "bytes_by_tier": {"hot_kv": 2**18}},
+        {"stage": "decode", "policy": "full", "tokens": 100, "status": "ok", "steps": 2, "token_ids": [1, 2],
+         "seconds_per_token": 0.01},
+        {"stage": "decode", "policy": "kivi:bits=4", "tokens": 100, "status": "ok", "steps": 2, "token_ids": [1, 3],
+         "seconds_per_token": 0.02, "token_match": 0.5, "time_ratio_vs_ref": 2.0},
+        {"stage": "decode", "policy": "offload", "budget": 8, "tokens": 900, "status": "ok", "steps": 2,
+         "token_ids": [1, 3], "seconds_per_token": 0.02, "cold_seconds_per_token": 0.05,
+         "bytes_by_tier": {"offloaded": 2**20}}], {"text_tokens": 100}),
+    "serve-parking": _synthetic("serve-parking", [
+        {"status": "ok", "label": label, "memory_budget": budget, "wall_s": 3.0, "baseline_rss_bytes": 2**28,
+         "peak_rss_bytes": 2**28 + share, "cache_share_bytes": share,
+         "stats": {"hot": hot, "parked": 2 - hot, "held_bytes": share, "parked_bytes": 100 * (2 - hot),
+                   "parked_tokens": 25 * (2 - hot), "restores": 2 - hot, "parks": 2 - hot},
+         "requests": [{"conversation": c, "turn": t, "ttft_s": 0.01 * (1 + t * (2 - hot)), "total_s": 0.1,
+                       "prompt_tokens": 50 * (t + 1), "completion_tokens": 2, "reply": f"r{c}{t}"}
+                      for t in range(2) for c in range(2)]}
+        for label, budget, share, hot in (("unbounded", None, 2**20, 2), ("budgeted", 2**17, 2**17, 0))],
+        options={"model": "tiny", "policy": "full", "budget": None, "conversations": 2, "turns": 2, "max_tokens": 2,
+                 "hot_fraction": 0.1, "threads": 1}),
+    "kernel-rows": _synthetic("kernel-rows", [
+        {"tokens": 256, "rows_per_kv_head": 3, "status": "ok", "dequantize_ms": 2.0, "kernel_ms": 1.0,
+         "kernel_over_dequantize": 0.5, "fp32_attention_ms": 0.5}], {"kernel": {"available": True, "max_rows": 12}}),
+}
+
+
+@pytest.mark.parametrize("scenario", sorted(SYNTHETIC))
+def test_renderers_on_synthetic_results(tmp_path, scenario):
+    from kvbound.bench import report
+
+    d = _write(tmp_path, scenario, SYNTHETIC[scenario])
+    paths = report.render(d)
+    text = (d / "report.md").read_text()
+    assert paths[0] == d / "report.md" and text.startswith("# kvbound")
+    assert "`kvbound bench --scenario" in text and "`abc123`" in text and "[2.0, 1.0, 1.0]" in text
+    numbers = {"decode": "4.00×", "prefill": "0.75×", "recompute-error": "| yes |", "kernel-rows": "0.50",
+               "quantization": "| `kivi:bits=4` | – | no | 10.500 | +5.00% | 0.25 | 0.250 | 50% | 2.00× |",
+               "serve-parking": "budgeted / unbounded: 0.125×"}
+    assert numbers[scenario] in text
+
+
+def test_report_all_writes_pages_plots_and_an_index(tmp_path):
+    """``kvbound bench report --all ROOT --out DOCS``: a page per results.json, its plots beside it."""
+    from kvbound.bench import report
+
+    _write(tmp_path, "a/decode", SYNTHETIC["decode"])
+    latency = _synthetic("latency", [{"tokens": 8, "batch": 1, "status": "ok", "kv_bytes": 10, "residual_bytes": 5,
+                                      "read_seconds": 0.001, "recompute_seconds": 0.002, "recompute_over_read": 2.0}])
+    _write(tmp_path, "lat", latency)
+    args = _args(tmp_path, "report", "--all", str(tmp_path / "results"))
+    args.out = str(tmp_path / "docs")
+    assert bench_cli.run(args) == 0
+    index = (tmp_path / "docs" / "index.md").read_text()
+    assert "[a/decode](a/decode/index.md)" in index and "[lat](lat/index.md)" in index
+    page = (tmp_path / "docs" / "lat" / "index.md").read_text()
+    assert "![latency.png](latency.png)" in page and (tmp_path / "docs" / "lat" / "latency.png").stat().st_size > 1000
+    assert not (tmp_path / "results" / "lat" / "report.md").exists()  # the sources are left alone
+    one = _args(tmp_path, "report", str(tmp_path / "results" / "lat" / "results.json"))
+    one.out = None  # beside the results.json
+    assert bench_cli.run(one) == 0 and (tmp_path / "results" / "lat" / "report.md").exists()
+    bad = _write(tmp_path, "bad", _synthetic("nope", []))
+    with pytest.raises(KVBoundError, match="unknown scenario 'nope'"):
+        report.render(bad)
+
+
+# --------------------------------------------------------------------------- the scenarios from benchmarks/*.py
+
+
+def test_decode_scenario_round_robin(tmp_path):
+    args = _args(tmp_path, "--scenario", "decode", "--policies", "full,window,offload,kivi:bits=4", "--lengths", "160",
+                 "--budgets", "32", "--max-new-tokens", "3", "--threads", "1")
+    assert bench_cli.run(args, model_and_tokenizer=_tiny()) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = {r["policy"]: r for r in data["runs"]}
+    assert list(runs) == ["full", "window", "offload", "kivi:bits=4"] and {r["status"] for r in runs.values()} == {"ok"}
+    assert runs["offload"]["token_match"] == 1.0 and runs["offload"]["read_seconds_per_token"] > 0
+    assert runs["window"]["peak_hot_kv_bytes"] < runs["full"]["peak_hot_kv_bytes"]
+    assert runs["offload"]["time_ratio_vs_full"] == pytest.approx(
+        runs["offload"]["seconds_per_token"] / runs["full"]["seconds_per_token"])
+    assert all(r["steps"] == 3 and len(r["token_ids"]) == 3 for r in runs.values())
+    assert data["meta"]["commit"] is None or len(data["meta"]["commit"]) >= 7
+    assert "| 160 | `kivi:bits=4` |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_prefill_recompute_and_kernel_scenarios(tmp_path):
+    args = _args(tmp_path, "--scenario", "prefill", "--lengths", "150", "--chunks", "0,40")
+    assert bench_cli.run(args, model_and_tokenizer=_tiny()) == 0
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert [r["chunk"] for r in runs] == [None, 40] and runs[0]["first_tokens"] == runs[1]["first_tokens"]
+
+    args = _args(tmp_path, "--scenario", "recompute-error", "--policies", "full,kv-direct,window", "--lengths", "140",
+                 "--budgets", "16")
+    assert bench_cli.run(args, model_and_tokenizer=_tiny()) == 0
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert [(r["policy"], r["grouping"]) for r in runs] == [("kv-direct", "same rows"),
+                                                            ("kv-direct", "prefix of a longer prefill")]
+    assert runs[0]["rebuilt_layers"] > 0 and runs[0]["max_abs_dK"] < 1e-4
+
+    args = _args(tmp_path, "--scenario", "kernel-rows", "--lengths", "64", "--rows", "1", "--repeats", "2")
+    assert bench_cli.run(args) == 0
+    run = json.loads((tmp_path / "out" / "results.json").read_text())["runs"][0]
+    assert run["status"] == "ok" and run["dequantize_ms"] > 0 and run["fp32_attention_ms"] > 0
+
+
+def test_quantization_scenario(tmp_path):
+    args = _args(tmp_path, "--scenario", "quantization", "--policies", "full,kivi:bits=4,offload:codec=int8",
+                 "--budgets", "32", "--max-tokens", "150", "--max-new-tokens", "3")
+    assert bench_cli.run(args, model_and_tokenizer=_tiny()) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    ppl = {r["policy"]: r for r in data["runs"] if r["stage"] == "perplexity"}
+    dec = {r["policy"]: r for r in data["runs"] if r["stage"] == "decode"}
+    assert list(ppl) == list(dec) == ["full", "kivi:bits=4", "offload:codec=int8"]
+    assert ppl["offload:codec=int8"]["exact"] is False and ppl["full"]["exact"] is True  # the codec makes it lossy
+    assert ppl["kivi:bits=4"]["total_cache_bytes"] < ppl["full"]["total_cache_bytes"]
+    assert dec["kivi:bits=4"]["time_ratio_vs_ref"] == pytest.approx(
+        dec["kivi:bits=4"]["seconds_per_token"] / dec["full"]["seconds_per_token"])
+    assert "| `offload:codec=int8` | 32 | no |" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.long
+def test_serve_parking_scenario(tmp_path):
+    """Two real server processes (tiny model): every reply identical, the budgeted one parks."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    args = _args(tmp_path, "--scenario", "serve-parking", "--model", "tiny-llama", "--conversations", "2", "--turns",
+                 "2", "--max-new-tokens", "2", "--threads", "1")
+    assert bench_cli.run(args) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    hot, parked = data["runs"]
+    assert hot["label"] == "unbounded" and parked["stats"]["parks"] > 0
+    assert data["extra"]["summary"]["identical_replies"] == data["extra"]["summary"]["replies"] == 4

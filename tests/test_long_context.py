@@ -233,7 +233,7 @@ def test_long_run_job_reports_process_memory_and_split_timings():
 
 
 def test_long_report_names_each_model_from_its_workers():
-    from kvbound.bench.long_report import long_md
+    from kvbound.bench.scenarios.long_context import long_md
 
     runs = [{"status": "ok", "model": m, "tokens": 64, "policy": "full", "budget": None, "chunk": 32,
              "peak_rss_bytes": 2**20, "rss_added_bytes": 2**19, "peak_hot_kv_bytes": 1, "total_cache_bytes": 1,

@@ -324,19 +324,14 @@ def test_needle_scenario(tmp_path):
     assert "| policy | budget | 600 tokens | 700 tokens |" in report
     assert (out / "needle_heatmap.png").stat().st_size > 5000
 
-    # a second run at another length, merged with the first (benchmarks/merge_bench_runs.py)
-    import importlib.util
-    from pathlib import Path
-
+    # a second run at another length, merged with the first (kvbound bench merge)
     more = _bench_args(tmp_path, "--scenario", "needle", "--policies", "full,kv-direct", "--budgets", "40",
                        "--lengths", "640", "--depths", "0.5", "--kinds", "multikey", "--chunk", "128")
     more.out = str(tmp_path / "more")
     assert bench_cli.run(more, model_and_tokenizer=_loaded()) == 0
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_bench_runs.py"
-    spec = importlib.util.spec_from_file_location("merge_bench_runs", path)
-    merger = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(merger)
-    merger.merge(tmp_path / "merged", [out, tmp_path / "more"])
+    merge = _bench_args(tmp_path, "merge", str(out), str(tmp_path / "more"))
+    merge.out = str(tmp_path / "merged")
+    assert bench_cli.run(merge) == 0
     merged = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert len(merged["runs"]) == len(runs) + 2
     assert merged["meta"]["options"]["lengths"] == [600, 640, 700]
@@ -348,7 +343,7 @@ def test_needle_scenario(tmp_path):
 
 
 def test_needle_exact_check_flags_a_differing_cell():
-    from kvbound.bench.quality_report import exact_check
+    from kvbound.bench.scenarios.needle import exact_check
 
     cell = dict(kind="single", length=900, depth=0.5, budget=64, exact=True, status="ok")
     runs = [dict(cell, policy="full", budget=None, found=True, answer="1234567"),

@@ -4,7 +4,8 @@ Long prompts are fed in chunks of ``prefill_chunk`` tokens (:func:`prefill`): be
 cache evicts, spills or checkpoints, so its hot K/V never exceeds budget + chunk and attention's
 transients (scores, the logits of the last position only) are bounded by the chunk instead of the
 prompt. :data:`DEFAULT_PREFILL_CHUNK` was measured to be no slower than one-shot prefill on
-SmolLM2-135M at ~2k and ~7.5k tokens (``benchmarks/results/long-baseline.md``).
+SmolLM2-135M at ~2k and ~7.5k tokens (``kvbound bench --scenario prefill``; ``benchmarks/results/prefill-chunk``
+and ``benchmarks/results/long-baseline``).
 """
 
 from __future__ import annotations

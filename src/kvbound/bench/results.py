@@ -131,6 +131,7 @@ def _loadavg() -> list[float] | None:
 def hardware(device: str = "cpu") -> dict[str, Any]:
     info: dict[str, Any] = {
         "platform": platform.platform(),
+        "machine": platform.node(),
         "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -171,10 +172,30 @@ def describe_model(model_name: str, model) -> dict[str, Any]:
     return model_info
 
 
+def commit() -> str | None:
+    """The git commit of the kvbound source that runs (``+dirty`` with uncommitted changes), or
+    ``None`` outside a git checkout (an installed wheel)."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        if sha.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "."],
+                               cwd=here.parent, capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def make_meta(model_name: str, model, argv: list[str] | None, options: dict[str, Any], device: str) -> dict[str, Any]:
+    """Provenance of a run: date (UTC), command, commit, model, versions, machine and load, options."""
     return {
         "date": _now(),
         "command": " ".join(argv if argv is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "commit": commit(),
         "model": describe_model(model_name, model),
         "versions": versions(),
         "hardware": hardware(device),

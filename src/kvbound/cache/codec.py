@@ -58,7 +58,7 @@ def check_group(group: object, head_dim: int, where: str) -> int:
 
 def default_group(bits: int, head_dim: int) -> int:
     """int8: the whole head; int4: 32 (KIVI's default); int2: 16 -- at 2 bits a 32-value group
-    costs SmolLM2 +17% perplexity, 16 costs +7% for one more bit per value (benchmarks/quantization.py).
+    costs SmolLM2 +17% perplexity, 16 costs +7% for one more bit per value (``kvbound bench --scenario quantization``, benchmarks/results/quantization).
     Each a divisor of ``head_dim``."""
     return head_dim if bits == 8 else math.gcd(16 if bits == 2 else 32, head_dim)
 

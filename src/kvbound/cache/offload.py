@@ -19,7 +19,8 @@ the mapped pages in place (kvbound's tiered attention, :mod:`kvbound.attention`:
 concatenation) and the pages are dropped from the process (``madvise(MADV_DONTNEED)``) right
 after each layer's attention, so a mapped span counts in RSS only while its layer attends.
 ``pread`` reads the span into a buffer reused by every layer of a forward pass and freed at its
-end (one copy). See ``benchmarks/results/tiered-attention.md`` for what each costs.
+end (one copy). What each costs was measured by a script since folded into ``kvbound bench --scenario decode``
+(``git show 79a3f1f:benchmarks/results/tiered-attention.md``).
 
 Layout: head-major segments ``[2, batch, kv_heads, SEGMENT, head_dim]``, so each head's keys (and
 values) of consecutive tokens are contiguous and a span is at most one block per segment. Gemma 3

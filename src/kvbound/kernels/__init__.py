@@ -40,7 +40,7 @@ MIN_SPLIT = 1024  # tokens per thread below which a block is not split
 MAX_PARTS = 64  # token ranges per call at most (coded_attention.c's MAX_PARTS)
 # Query rows per KV head up to which the kernel is used instead of dequantizing into a buffer + PyTorch's
 # flash attention: decoding steps and short speculative verifications, not prefill chunks. SmolLM2's shapes,
-# 4096 int8 tokens, one thread (benchmarks/kernel_rows.py, results/quantization/kernel-rows.txt): kernel /
+# 4096 int8 tokens, one thread (kvbound bench --scenario kernel-rows, benchmarks/results/quantization/kernel-rows): kernel /
 # dequantize 0.34 at 3 rows, 0.88 at 12, 0.84 at 24, 1.60 at 48; 12 keeps a margin below a noisy crossover.
 MAX_ROWS = 12
 
