@@ -91,6 +91,10 @@ def cmd_serve(args) -> int:
                          memory_budget=None if args.memory_budget is None else parse_size(args.memory_budget),
                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                          max_conversations=args.max_conversations, store=args.store, store_ttl=args.store_ttl)
+    if args.store is not None:  # an unreachable store fails now, before the model loads
+        from ..serve.redis_store import connect_store
+
+        connect_store(args.store, args.model, ttl_s=args.store_ttl).close()
     if args.replicas is not None or args.address is not None:
         from ..serve.cluster import run_cluster
 

@@ -30,6 +30,7 @@ from typing import Any, AsyncIterator
 from ..errors import KVBoundError
 from .affinity import affinity
 from .config import ServeConfig
+from .redis_store import connect_store
 from .schemas import APIError
 
 try:
@@ -318,13 +319,8 @@ def _config_args(args: dict[str, str]) -> dict[str, Any]:
 
 def check_store(config: ServeConfig) -> None:
     """Fail fast, with one line, when the shared store cannot be reached (before any replica starts)."""
-    if config.store is None:
-        return
-    from .redis_store import RedisParking
-
-    if not config.store.startswith(("redis://", "rediss://", "unix://")):
-        raise KVBoundError(f"--store must be a redis://, rediss:// or unix:// URL, got {config.store!r}")
-    RedisParking.connect(config.store, config.model, ttl_s=config.store_ttl).close()
+    if config.store is not None:
+        connect_store(config.store, config.model, ttl_s=config.store_ttl).close()
 
 
 def run_cluster(config: ServeConfig, replicas: int, host: str, port: int, address: str | None = None,

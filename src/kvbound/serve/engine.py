@@ -46,12 +46,9 @@ class Engine:
         """The shared parking store of ``config.store`` (fails fast, one line, if it cannot be reached)."""
         if self.config.store is None:
             return None
-        if not self.config.store.startswith(("redis://", "rediss://", "unix://")):
-            raise KVBoundError(f"--store must be a redis://, rediss:// or unix:// URL, got {self.config.store!r}")
-        from .redis_store import RedisParking
+        from .redis_store import connect_store
 
-        return RedisParking.connect(self.config.store, self.name, vocab_size=self.vocab_size,
-                                    ttl_s=self.config.store_ttl)
+        return connect_store(self.config.store, self.name, vocab_size=self.vocab_size, ttl_s=self.config.store_ttl)
 
     def health(self) -> dict:
         """``/health``: ``ok``, or ``degraded`` when the shared store is down (hot conversations still serve)."""

@@ -164,6 +164,13 @@ class RedisParking:
             pass
 
 
+def connect_store(url: str, model: str, **kw: Any) -> RedisParking:
+    """The shared store of a ``--store`` URL, reachable now; else :class:`KVBoundError` with one line."""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise KVBoundError(f"--store must be a redis://, rediss:// or unix:// URL, got {url!r}")
+    return RedisParking.connect(url, model, **kw)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
