@@ -17,7 +17,6 @@ Ray cluster (``serve run kvbound.serve.cluster:app_builder model=tiny-llama repl
 store=redis://...``; see ``docs/scaling.md``). Needs the ``cluster`` extra.
 """
 
-from __future__ import annotations
 
 import asyncio
 import hashlib
@@ -72,6 +71,19 @@ def rendezvous(key: str, replica_ids: list[str]) -> str:
 class AffinityRouter(_RouterBase):
     """Routes by the request's session id (the routing key the ingress computed): consistent hashing
     over the live replicas; a session id ``replica:<id>`` goes to that replica (per-replica stats)."""
+
+    def _get_pending_request_matching_metadata(self, request_metadata=None):
+        """The pending request a chosen replica was chosen *for*. Ray Serve's base router hands a
+        replica to the oldest pending request unless this matches one, which swaps concurrent
+        requests between replicas and breaks affinity under load."""
+        if request_metadata is None:
+            return None
+        for pending in self._pending_requests_to_fulfill:
+            meta = pending.metadata
+            if (not pending.future.done() and meta.internal_request_id == request_metadata.internal_request_id
+                    and meta.session_id == request_metadata.session_id):
+                return pending
+        return None
 
     async def choose_replicas(self, candidate_replicas, pending_request=None):
         if not candidate_replicas:
@@ -210,7 +222,12 @@ class KVBoundIngress:
             call = getattr(self.engine.options(session_id=TARGET + rid), method).remote()
             return await asyncio.wait_for(call, STATS_TIMEOUT_S)
 
-        answers = await asyncio.gather(*(ask(r) for r in ids), return_exceptions=True)
+        answers = []
+        for rid in ids:  # one at a time: Ray Serve's router may hand a replica to the oldest pending request
+            try:
+                answers.append(await ask(rid))
+            except Exception as exc:  # noqa: BLE001 -- a replica that is gone or stuck is reported
+                answers.append(exc)
         got, failed = {}, []
         for rid, answer in zip(ids, answers):
             if isinstance(answer, BaseException):
