@@ -7,6 +7,8 @@ no CPU reservation and one torch thread each.
 from __future__ import annotations
 
 import json
+from typing import Any
+import time
 from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
@@ -79,6 +81,16 @@ def cluster(tmp_path_factory):
             ray.shutdown()
 
 
+def _raw_chat(url: str, messages, max_tokens: int) -> tuple[int, Any, dict]:
+    body = json.dumps({"model": MODEL, "messages": messages, "max_tokens": max_tokens, "temperature": 0}).encode()
+    req = urllib.request.Request(url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.headers, json.load(r)
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers, json.load(err)
+
+
 def _expected(openings: list[str]) -> dict[str, list[str]]:
     """Each conversation's replies from one unbounded single server."""
     out = {}
@@ -118,7 +130,12 @@ def test_affinity_failover_and_cluster_stats(cluster):
 
     victim = next(iter(where[openings[0]]))  # kill the replica that holds conversation 0
     moved = [o for o in openings if where[o] == {victim}]
+    in_flight = ThreadPoolExecutor(1).submit(_raw_chat, cluster.url, msgs[moved[0]] + [], 600)
+    time.sleep(1.0)  # a long reply is being generated on the victim
     cluster.kill(victim)
+    status, headers, error = in_flight.result(timeout=120)
+    assert status == 503 and headers.get("Retry-After") == "1", (status, error)  # retryable: the SDK retries
+    assert error["error"]["code"] == "replica_unavailable"
     for _ in range(2):
         for o in openings:
             turn(o)
