@@ -7,11 +7,11 @@ no CPU reservation and one torch thread each.
 from __future__ import annotations
 
 import json
-from typing import Any
 import time
-from concurrent.futures import ThreadPoolExecutor
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
@@ -21,8 +21,9 @@ openai = pytest.importorskip("openai")
 
 from ray import serve  # noqa: E402
 
+from kvbound.errors import KVBoundError  # noqa: E402
 from kvbound.serve import ServeConfig  # noqa: E402
-from kvbound.serve.cluster import APP_NAME, ENGINE, REPLICA_HEADER, build_app, rendezvous  # noqa: E402
+from kvbound.serve.cluster import APP_NAME, ENGINE, REPLICA_HEADER, app_builder, build_app, rendezvous  # noqa: E402
 
 from redis_fixture import free_port, redis_server  # noqa: E402
 from test_redis_store import TURNS  # noqa: E402
@@ -38,6 +39,16 @@ def test_rendezvous_moves_only_the_removed_replicas_keys():
     after = {k: rendezvous(k, ["a", "c"]) for k in keys}
     assert {before[k] for k in keys} == {"a", "b", "c"}
     assert all(after[k] == before[k] for k in keys if before[k] != "b")
+
+
+def test_app_builder_refuses_bad_arguments():
+    with pytest.raises(KVBoundError, match="--replicas must be a whole number >= 1, got 0"):
+        app_builder({"model": MODEL, "replicas": "0"})
+    with pytest.raises(KVBoundError, match="unknown argument"):
+        app_builder({"model": MODEL, "colour": "blue"})
+    with pytest.raises(KVBoundError, match="cannot reach the Redis store"):
+        app_builder({"model": MODEL, "store": f"redis://127.0.0.1:{free_port()}/0"})
+    assert app_builder({"model": MODEL, "replicas": "2", "policy": "full"}) is not None
 
 
 class Cluster:

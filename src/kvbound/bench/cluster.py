@@ -135,20 +135,17 @@ def reference(model: str, convs, turns: int, max_tokens: int, clients: int, thre
 
 
 @contextlib.contextmanager
-def ray_cluster(config, replicas: int, threads: int) -> Iterator[str]:
-    import ray
+def ray_cluster(config, replicas: int, threads: int, port: int) -> Iterator[str]:
+    """The kvbound application on Ray Serve (started on ``port`` by the caller), deleted afterwards."""
     from ray import serve
 
     from ..serve.cluster import APP_NAME, build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(config, replicas, threads), name=APP_NAME, route_prefix="/")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.delete(APP_NAME)
-        del ray
 
 
 def kill_one_replica(url: str) -> str:
@@ -171,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--clients", type=int, default=8, help="concurrent client threads")
     p.add_argument("--threads", type=int, default=1, help="torch threads per replica (and for the reference)")
-    p.add_argument("--memory-budget", default="4MiB", help="each replica's --memory-budget")
+    p.add_argument("--memory-budget", default="1MiB", help="each replica's --memory-budget")
     p.add_argument("--throughput-conversations", type=int, default=200,
                    help="conversations for the 1-vs-N replica throughput runs (0: skip)")
     p.add_argument("--out", default="benchmarks/results/cluster")
@@ -193,9 +190,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as folder, spawn_redis(folder) as redis_url:
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, configure_logging=False)
         try:
+            from ray import serve
+
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
             config = ServeConfig(model=args.model, memory_budget=args.memory_budget, store=redis_url,
                                  max_queue=4096, max_conversations=100_000)
-            with ray_cluster(config, args.replicas, args.threads) as url:
+            with ray_cluster(config, args.replicas, args.threads, port) as url:
                 start_stats = _get(url + "/stats")
                 player = Player(url, args.model, args.max_tokens, retries=8)
                 killed: dict[str, Any] = {}
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 for n in sorted({1, args.replicas}):
                     redis.Redis.from_url(redis_url).flushall()  # every run starts with an empty store
-                    with ray_cluster(config, n, args.threads) as url:
+                    with ray_cluster(config, n, args.threads, port) as url:
                         _, secs = Player(url, args.model, args.max_tokens, 8).play_all(sub, args.turns, args.clients)
                     record["throughput"][f"{n}_replicas"] = {"seconds": secs, "requests_per_s": n_req / secs,
                                                              "loadavg": open("/proc/loadavg").read().split()[:3]}
@@ -256,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                 one, many = record["throughput"]["1_replicas"], record["throughput"][f"{args.replicas}_replicas"]
                 record["throughput"]["speedup"] = many["requests_per_s"] / one["requests_per_s"]
         finally:
-            from ray import serve
-
             serve.shutdown()
             ray.shutdown()
     record["loadavg_end"] = open("/proc/loadavg").read().split()[:3]
