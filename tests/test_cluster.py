@@ -159,7 +159,7 @@ def test_affinity_failover_and_cluster_stats(cluster):
     assert health["status"] in ("ok", "degraded") and health["store_up"] is True
 
 
-def test_bad_session_header_is_a_400_at_the_ingress(cluster):
+def test_bad_session_header_streaming_and_errors_through_the_ingress(cluster):
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
     req = urllib.request.Request(cluster.url + "/v1/chat/completions", data=body,
                                  headers={"Content-Type": "application/json", "X-Session-Id": "x" * 500})
@@ -167,5 +167,10 @@ def test_bad_session_header_is_a_400_at_the_ingress(cluster):
         urllib.request.urlopen(req, timeout=60)
     assert err.value.code == 400
     reply, replica = cluster.chat([{"role": "user", "content": "hi"}], session="s-1")
+    stream = cluster.client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                                    max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == reply  # streaming, too
+    with pytest.raises(openai.NotFoundError):  # errors are a single server's
+        cluster.client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert cluster.chat([{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply},
                          {"role": "user", "content": "ok"}], session="s-1")[1] == replica
