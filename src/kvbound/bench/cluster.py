@@ -6,7 +6,8 @@ until ``kvbound bench`` has a scenario registry):
 1. an unbounded single server (in this process) answers every conversation: the reference replies;
 2. Ray Serve with ``--replicas`` engines and a real Redis store answers them again, with client
    threads playing conversations concurrently; after half the requests one replica is killed
-   (``ray.kill``). Requests in flight on it get a retryable 503, which the ``openai`` client retries;
+   (``ray.kill``), in the middle of turn ``turns // 2 + 1`` (turns are played round by round: every
+   conversation's turn 1, then every turn 2, ...). Requests in flight on it get a retryable 503, which the ``openai`` client retries;
    its conversations continue on the other replicas. Counted: conversations lost (a turn that failed
    after the client's retries), replies that differ from the reference, peak RSS per replica;
 3. throughput (requests/s) of 1 replica and of ``--replicas`` replicas on the same requests, no kill.
@@ -82,28 +83,34 @@ class Player:
         self.done = 0
         self.lock = threading.Lock()
 
-    def play(self, opening: list[dict], turns: int, on_request=None) -> dict[str, Any]:
-        msgs, replies = list(opening), []
-        for t in range(turns):
-            try:
-                out = self.client.chat.completions.create(model=self.model, messages=msgs, max_tokens=self.max_tokens,
-                                                          temperature=0)
-            except Exception as exc:  # noqa: BLE001 -- a lost conversation is the measurement
-                return {"replies": replies, "lost": f"{type(exc).__name__}: {str(exc)[:200]}"}
-            replies.append(out.choices[0].message.content)
-            msgs += [{"role": "assistant", "content": replies[-1]},
-                     {"role": "user", "content": FOLLOW_UPS[t % len(FOLLOW_UPS)]}]
-            with self.lock:
-                self.done += 1
-            if on_request is not None:
-                on_request()
-        return {"replies": replies, "lost": None}
+    def turn(self, conv: dict[str, Any], t: int, on_request=None) -> None:
+        """Turn ``t`` of one conversation (``{"msgs", "replies", "lost"}``); a failure marks it lost."""
+        if conv["lost"]:
+            return
+        try:
+            out = self.client.chat.completions.create(model=self.model, messages=conv["msgs"],
+                                                      max_tokens=self.max_tokens, temperature=0)
+        except Exception as exc:  # noqa: BLE001 -- a lost conversation is the measurement
+            conv["lost"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            return
+        conv["replies"].append(out.choices[0].message.content)
+        conv["msgs"] += [{"role": "assistant", "content": conv["replies"][-1]},
+                         {"role": "user", "content": FOLLOW_UPS[t % len(FOLLOW_UPS)]}]
+        with self.lock:
+            self.done += 1
+        if on_request is not None:
+            on_request()
 
-    def play_all(self, convs: list[list[dict]], turns: int, clients: int, on_request=None) -> tuple[list[dict], float]:
+    def play_all(self, openings_: list[list[dict]], turns: int, clients: int,
+                 on_request=None) -> tuple[list[dict], float]:
+        """Every conversation's turn 1, then every turn 2, ...: each conversation is mid-way when a
+        replica is killed halfway, and idle conversations pile up under the memory budget."""
+        convs = [{"msgs": list(o), "replies": [], "lost": None} for o in openings_]
         start = time.perf_counter()
         with ThreadPoolExecutor(clients) as pool:
-            out = list(pool.map(lambda o: self.play(o, turns, on_request), convs))
-        return out, time.perf_counter() - start
+            for t in range(turns):
+                list(pool.map(lambda c: self.turn(c, t, on_request), convs))
+        return convs, time.perf_counter() - start
 
 
 def _get(url: str) -> dict:
@@ -273,7 +280,8 @@ def report(r: dict) -> str:
     lines = [f"# kvbound serve on Ray Serve: {a['conversations']} conversations x {a['turns']} turns, "
              f"{fo['replicas']} replicas, one killed halfway", "",
              f"`{r['command']}` -- model `{a['model']}`, policy `full`, greedy, {a['max_tokens']} tokens a reply, "
-             f"{a['clients']} concurrent clients (`openai` SDK, retries on 5xx), {a['threads']} torch thread(s) a "
+             f"{a['clients']} concurrent clients (`openai` SDK, retries on 5xx), turns played round by round (every "
+             f"conversation's turn 1, then every turn 2, ...), {a['threads']} torch thread(s) a "
              f"replica, `--memory-budget {a['memory_budget']}` a replica, Redis store on a unix socket. "
              f"Machine: {r['machine']['cpus']} cores (shared with other jobs); load average at start "
              f"{' '.join(r['loadavg_start'])}, at end {' '.join(r['loadavg_end'])}.", "",
