@@ -13,6 +13,8 @@ EXAMPLES_SERVE = """\
 examples:
   kvbound serve --policy full --memory-budget 256MiB --port 8000
   kvbound serve --model tiny-llama --policy kv-direct --budget 32 --memory-budget 1MB
+  kvbound serve --store redis://127.0.0.1:6379/0          # conversations survive a restart
+  kvbound serve --replicas 2 --store redis://127.0.0.1:6379/0 --threads 1   # Ray Serve, docs/scaling.md
   curl localhost:8000/v1/chat/completions -H 'Content-Type: application/json' \\
        -d '{"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi!"}], "temperature": 0}'
 """
@@ -53,6 +55,17 @@ def add(sub) -> None:
     s.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
                    help=f"prompt tokens per forward pass when prefilling or restoring (default: {DEFAULT_PREFILL_CHUNK})")
     s.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
+    c = serve.add_argument_group("shared store and cluster (the cluster extra: pip install 'kvbound[cluster]')")
+    c.add_argument("--store", metavar="URL",
+                   help="write every conversation's token ids through to Redis (redis://host:port/db or "
+                        "unix:///path/redis.sock): a restarted server or another replica restores them")
+    c.add_argument("--store-ttl", type=int, default=86400, metavar="SECONDS",
+                   help="seconds a stored conversation lives after its last turn (default: 86400)")
+    c.add_argument("--replicas", type=int, metavar="N",
+                   help="run N engines as Ray Serve replicas behind one endpoint, conversations routed by "
+                        "affinity (X-Session-Id, user, or the first turns); needs --store to fail over")
+    c.add_argument("--address", metavar="RAY_ADDRESS",
+                   help="an existing Ray cluster to join (e.g. auto or ray://head:10001; default: start a local one)")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -77,7 +90,17 @@ def cmd_serve(args) -> int:
     config = ServeConfig(model=args.model, policy=args.policy, budget=args.budget, options=dict(args.option),
                          memory_budget=None if args.memory_budget is None else parse_size(args.memory_budget),
                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                         max_conversations=args.max_conversations)
+                         max_conversations=args.max_conversations, store=args.store, store_ttl=args.store_ttl)
+    if args.store is not None:  # an unreachable store fails now, before the model loads
+        from ..serve.redis_store import connect_store
+
+        connect_store(args.store, args.model, ttl_s=args.store_ttl).close()
+    if args.replicas is not None or args.address is not None:
+        from ..serve.cluster import run_cluster
+
+        run_cluster(config, replicas=1 if args.replicas is None else args.replicas, host=args.host, port=args.port,
+                    address=args.address, threads=args.threads)
+        return 0
     sock = listen(args.host, args.port)  # a taken port fails here, before the model loads
     with sock:
         app = create_app(config)

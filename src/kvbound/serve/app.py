@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from .affinity import affinity
 from .config import ServeConfig
 from .engine import Engine, failure_to_api_error
 from .sampling import SamplingParams
@@ -53,7 +54,7 @@ def create_app(config: ServeConfig, model=None, tokenizer=None) -> FastAPI:
     async def health() -> JSONResponse:
         if not engine.worker.alive:
             raise APIError(503, "the model worker is not running", type="server_error", code="service_unavailable")
-        return JSONResponse({"status": "ok"})
+        return JSONResponse(await run_in_threadpool(engine.health))
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -66,20 +67,26 @@ def create_app(config: ServeConfig, model=None, tokenizer=None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        req: ChatRequest = parse(ChatRequest, await _json(request))
+        body = await _json(request)
+        key = affinity(body, request.headers).conversation
+        req: ChatRequest = parse(ChatRequest, body)
         engine.check_model(req.model)
         prompt = await run_in_threadpool(engine.encode_chat, req.messages)
         params = engine.sampling(req, len(prompt))
         return await _generate(engine, request, prompt, params, Reply("chat", engine.name), req.stream,
+                               key,
                                req.stream_options is not None and req.stream_options.include_usage)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req: CompletionRequest = parse(CompletionRequest, await _json(request))
+        body = await _json(request)
+        key = affinity(body, request.headers).conversation
+        req: CompletionRequest = parse(CompletionRequest, body)
         engine.check_model(req.model)
         prompt = await run_in_threadpool(engine.encode_prompt, req.single_prompt())
         params = engine.sampling(req, len(prompt))
         return await _generate(engine, request, prompt, params, Reply("completion", engine.name), req.stream,
+                               key,
                                req.stream_options is not None and req.stream_options.include_usage)
 
     return app
@@ -93,7 +100,7 @@ async def _json(request: Request) -> Any:
 
 
 async def _generate(engine: Engine, request: Request, prompt: list[int], params: SamplingParams, reply: Reply,
-                    stream: bool, include_usage: bool):
+                    stream: bool, key: str | None, include_usage: bool):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -103,7 +110,7 @@ async def _generate(engine: Engine, request: Request, prompt: list[int], params:
         except RuntimeError:  # the event loop has closed: the server is shutting down
             job.cancel()
 
-    job = Job(prompt, params, emit)
+    job = Job(prompt, params, emit, key=key)
     try:
         engine.worker.submit(job)
     except QueueFull as exc:

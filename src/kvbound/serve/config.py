@@ -42,6 +42,8 @@ class ServeConfig:
     max_queue: int = 16  # requests waiting for the model; more get 429
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
     max_conversations: int = 4096  # stored conversations (hot + parked); the least recently used is dropped
+    store: str | None = None  # shared parking store URL (redis://host:port/db, unix:///path); None: in-process only
+    store_ttl: int | None = 86400  # seconds a shared entry lives after its last write; None: no expiry
 
     def __post_init__(self) -> None:
         for name in ("max_queue", "max_conversations"):

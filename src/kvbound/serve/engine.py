@@ -38,8 +38,26 @@ class Engine:
         self.max_positions: int | None = max_positions(model)
         self.vocab_size: int = cfg.vocab_size
         self._tok_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
-        self.store = ConversationStore(self.new_cache, config.memory_budget, config.max_conversations)
+        self.store = ConversationStore(self.new_cache, config.memory_budget, config.max_conversations,
+                                       shared=self._shared_store())
         self.worker = ModelWorker(model, self.store, self.decode, config.max_queue, config.prefill_chunk)
+
+    def _shared_store(self):
+        """The shared parking store of ``config.store`` (fails fast, one line, if it cannot be reached)."""
+        if self.config.store is None:
+            return None
+        from .redis_store import connect_store
+
+        return connect_store(self.config.store, self.name, vocab_size=self.vocab_size, ttl_s=self.config.store_ttl)
+
+    def health(self) -> dict:
+        """``/health``: ``ok``, or ``degraded`` when the shared store is down (hot conversations still serve)."""
+        shared = self.store.shared
+        if shared is None:
+            return {"status": "ok"}
+        up = shared.up or shared.ping()
+        return {"status": "ok" if up else "degraded", "store": shared.kind, "store_up": up,
+                "store_error": None if up else shared.last_error}
 
     def new_cache(self):
         c = self.config

@@ -11,6 +11,10 @@ recently used idle conversations are parked -- the cache is closed and dropped, 
 conversation's token ids stay (int32, in the radix tree: 4 bytes per token, shared prefixes once).
 The next request restores a parked conversation with a fresh cache of the same policy and a
 chunked prefill of its tokens, which rebuilds the K/V the cache would hold.
+
+Shared parking (``shared``, e.g. :class:`.redis_store.RedisParking`): each turn's token ids are also
+written through under the conversation's key (:mod:`.affinity`); a request whose conversation this
+store does not hold adopts the shared entry as a parked conversation and restores it the same way.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import threading
 from array import array
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 from ..cache.base import KVBoundCache
 from ..cache.registry import get_policy
@@ -50,6 +54,15 @@ def release(cache: KVBoundCache) -> None:
     cache.layers.clear()
 
 
+class SharedParking(Protocol):
+    """A parking store shared beyond this process (:class:`.redis_store.RedisParking`)."""
+
+    def save(self, conversation: str, tokens: array) -> bool: ...
+    def fetch(self, conversation: str) -> array | None: ...
+    def stats(self) -> dict[str, Any]: ...
+    def close(self) -> None: ...
+
+
 @dataclass(eq=False)
 class Conversation:
     """One conversation: its tokens (tree node = last prompt, ``tail`` = last reply) and its cache (``None``: parked)."""
@@ -60,6 +73,7 @@ class Conversation:
     tail: array = field(default_factory=lambda: array("i"))
     hot_kv_bytes: int = 0
     held_bytes: int = 0
+    key: str | None = None  # its key in the shared parking store
 
     @property
     def parked(self) -> bool:
@@ -83,26 +97,34 @@ class ConversationStore:
     """Stored conversations in least-recently-used order; thread-safe (one lock, held briefly)."""
 
     def __init__(self, new_cache: Callable[[], KVBoundCache], memory_budget: int | None = None,
-                 max_conversations: int = 4096) -> None:
+                 max_conversations: int = 4096, shared: SharedParking | None = None) -> None:
         self.new_cache = new_cache
+        self.shared = shared
         self.memory_budget = memory_budget
         self.max_conversations = max_conversations
         self.tree = RadixTree()
         self.conversations: OrderedDict[int, Conversation] = OrderedDict()  # oldest first
         self.lock = threading.Lock()
         self._ids = itertools.count(1)
-        self.counters = {"prefix_hits": 0, "reused_tokens": 0, "restores": 0, "parks": 0, "dropped": 0}
+        self.counters = {"prefix_hits": 0, "reused_tokens": 0, "restores": 0, "parks": 0, "dropped": 0,
+                         "shared_restores": 0}
 
     # -- one request ------------------------------------------------------------------------
-    def checkout(self, tokens) -> Lease:
-        """The conversation a request with prompt ``tokens`` continues (or a new one), ready to prefill."""
+    def checkout(self, tokens, key: str | None = None) -> Lease:
+        """The conversation a request with prompt ``tokens`` continues (or a new one), ready to prefill.
+        ``key``: the conversation's key in the shared store, read when no stored conversation matches."""
         tokens = as_ids(tokens)
+        with self.lock:
+            conv, _ = self._match(tokens)
+        if conv is None and key is not None and self.shared is not None:
+            self._adopt(tokens, key, self.shared.fetch(key))  # Redis is called outside the lock
         with self.lock:
             conv, shared = self._match(tokens)
             if conv is None:
-                conv = Conversation(next(self._ids), self.new_cache())
+                conv = Conversation(next(self._ids), self.new_cache(), key=key)
                 self.conversations[conv.id] = conv
                 return Lease(conv, 0, restored=False, matched=False)
+            conv.key = key if key is not None else conv.key
             self.tree.remove(conv.node, conv.id)
             conv.node, conv.tail = None, array("i")
             keep = min(shared, len(tokens) - 1)  # the last prompt token is fed to get the first reply token
@@ -117,6 +139,21 @@ class ConversationStore:
             self.counters["prefix_hits"] += 1
             self.counters["reused_tokens"] += reused
             return Lease(conv, reused, restored=restored, matched=True)
+
+    def _adopt(self, tokens: array, key: str, stored: array | None) -> None:
+        """Take a shared entry in as a parked conversation: the ids it shares with the request (an
+        entry that is not a prefix of the request's conversation is somebody else's and is ignored)."""
+        if stored is None:
+            return
+        keep = min(common_prefix(stored, tokens), len(tokens) - 1)
+        if keep < 1:
+            return
+        with self.lock:
+            conv = Conversation(next(self._ids), None, key=key)
+            conv.node = self.tree.insert(tokens[:keep], conv.id)
+            self.conversations[conv.id] = conv
+            self.conversations.move_to_end(conv.id, last=False)  # the first to drop if over the limit
+            self.counters["shared_restores"] += 1
 
     @staticmethod
     def _roll_back(cache: KVBoundCache, keep: int) -> bool:
@@ -155,6 +192,8 @@ class ConversationStore:
             conv.hot_kv_bytes, conv.held_bytes = report["hot_kv_bytes"], held_bytes(conv.cache)
             self.conversations.move_to_end(conv.id)
             self._enforce_limits()
+        if self.shared is not None and conv.key is not None:  # write-through, outside the lock
+            self.shared.save(conv.key, as_ids(prompt) + as_ids(reply))
 
     def discard(self, conv: Conversation) -> None:
         """Forget a conversation whose request failed (its cache may be half-updated)."""
@@ -201,6 +240,8 @@ class ConversationStore:
         with self.lock:
             for conv in list(self.conversations.values()):
                 self._drop(conv)
+        if self.shared is not None:
+            self.shared.close()
 
     # -- reporting ------------------------------------------------------------------------------
     def stats(self) -> dict[str, int | None]:
@@ -219,6 +260,7 @@ class ConversationStore:
                 "parked_bytes": TOKEN_ID_BYTES * sum(c.num_tokens() for c in parked),
                 "token_id_bytes": self.tree.token_bytes() + sum(len(c.tail) * TOKEN_ID_BYTES for c in convs),
                 **self.counters,
+                **(self.shared.stats() if self.shared is not None else {"store": "memory"}),
             }
 
 

@@ -66,6 +66,7 @@ class Job:
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[Event], None]
+    key: str | None = None  # the conversation's key in the shared parking store (affinity.py)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
 
@@ -149,7 +150,7 @@ class ModelWorker:
     @torch.no_grad()
     def _run(self, job: Job) -> None:
         started = time.perf_counter()
-        lease = self.store.checkout(job.prompt)
+        lease = self.store.checkout(job.prompt, job.key)
         conv, cache = lease.conversation, lease.conversation.cache
         params = job.params
         stream = TextStream(self.decode, params.stop)
