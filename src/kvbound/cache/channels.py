@@ -4,7 +4,8 @@ https://arxiv.org/abs/2407.21018), as a mixin for any token-eviction layer.
 Rule (per KV head)
 ------------------
 Each key channel ``c`` is scored by ``||Q_w[:, c]|| * ||K[:, c]||``: ``Q_w`` are the post-RoPE queries
-of the observation window (the newest ``window`` query rows, 32 as in SnapKV and ThinK), ``K`` the keys
+of the observation window (the newest ``window`` query rows: the policy's ``window`` option where it has
+one, ``think`` and ``snapkv``, else 32 as in SnapKV and ThinK), ``K`` the keys
 the layer keeps (after token selection: ThinK runs on top of SnapKV/H2O). With grouped-query attention
 the score is averaged over the query heads that read the KV head. The ``floor(ratio * head_dim)``
 lowest-scoring channels are pruned; the kept channel indices are chosen once, the first time a key
@@ -45,7 +46,7 @@ import torch
 from ..errors import KVBoundError
 from .base import nbytes
 
-WINDOW = 32  # observation window and full-key recent window of the composed form (ThinK, SnapKV)
+WINDOW = 32  # observation window and full-key recent window where the policy has no `window` (ThinK, SnapKV)
 
 
 def think_ratio(options: Any, policy: str, codec: Any = None) -> float | None:
@@ -106,7 +107,8 @@ class ThinKMixin:
 
     @property
     def think_window(self) -> int:
-        return getattr(self.cache.options, "window", WINDOW) if self.cache.policy_name == "think" else WINDOW
+        """The policy's own observation window where it has one (``think``, ``snapkv``), else :data:`WINDOW`."""
+        return getattr(self.cache.options, "window", WINDOW)
 
     # -- counts -------------------------------------------------------------------------
     def _pruned(self) -> int:
