@@ -320,3 +320,16 @@ def test_minicache_bad_options():
         kvbound.make_cache(model, "minicache", 16)
     with pytest.raises(KVBoundError, match="nothing to merge"):
         kvbound.make_cache(tiny("tiny-gemma3"), "minicache")
+
+
+@pytest.mark.parametrize("policy, options", [("think", {"ratio": 0.5, "window": 4}), ("snapkv", {"think": 0.5, "window": 4}),
+                                             ("minicache", {"window": 4, "start": 0})])
+def test_reset_forgets_everything(policy, options):
+    model, ids = tiny("tiny-llama"), prompt_ids(30)
+    budget = 12 if policy == "snapkv" else None
+    fresh, reused = kvbound.make_cache(model, policy, budget, **options), kvbound.make_cache(model, policy, budget, **options)
+    forward(model, reused, prompt_ids(25, seed=5))
+    reused.reset()
+    assert reused.memory_report()["total_bytes"] == 0
+    assert forward(model, fresh, ids).tolist() == forward(model, reused, ids).tolist()
+    assert fresh.memory_report()["bytes_by_tier"] == reused.memory_report()["bytes_by_tier"]
