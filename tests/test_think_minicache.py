@@ -107,7 +107,7 @@ def test_think_alone_keeps_every_token_and_the_naive_channels(name):
         assert torch.equal(layer.pruned_keys, ref.keys[:, :, :n - window].gather(-1, idx))
         assert torch.equal(layer.keys, ref.keys[:, :, n - window:])  # the window keeps full keys
         assert torch.equal(layer.values, ref.values)  # V untouched
-        held_k, _ = layer.held_kv(torch.float32)  # what attention reads: zero-filled pruned channels
+        held_k, _ = layer.with_new(ref.keys[:, :, :0], ref.values[:, :, :0])  # what attention reads: zero-filled
         q = torch.randn(1, 1, 1, held_k.shape[-1])
         pruned_dot = (q.squeeze()[channels[0, 0]] * layer.pruned_keys[0, 0]).sum(-1)  # q[kept] . k[kept]
         assert torch.allclose((q.squeeze() * held_k[0, 0, :n - window]).sum(-1), pruned_dot, atol=1e-6)

@@ -91,6 +91,19 @@ def _channel_index(channels: torch.Tensor, tokens: int) -> torch.Tensor:
     return channels.unsqueeze(2).expand(channels.shape[0], channels.shape[1], tokens, channels.shape[-1])
 
 
+def _take(keys: torch.Tensor, idx: torch.Tensor | None, n_old: int | None = None,
+          channels: torch.Tensor | None = None) -> torch.Tensor:
+    """Entries ``idx`` ``[B, kv_heads, k]`` of ``keys`` ``[B, kv_heads, n, D]`` (all when ``None``), or with
+    ``channels`` the first ``n_old`` of them at those channels only: one gather of ``n_old * d_keep``
+    values through flat indices, never the full-width rows."""
+    b, h, n, d = keys.shape
+    if channels is None:
+        return keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+    rows = torch.arange(n_old, device=keys.device).expand(b, h, n_old) if idx is None else idx[..., :n_old]
+    flat = (rows.unsqueeze(-1) * d + channels.unsqueeze(2)).reshape(b, h, -1)
+    return keys.reshape(b, h, n * d).gather(-1, flat).view(b, h, n_old, channels.shape[-1])
+
+
 class ThinKMixin:
     """Key-channel pruning on top of an ``EvictingLayer``'s token selection (see the module doc).
 
@@ -135,16 +148,17 @@ class ThinKMixin:
         self.think_queries = q
 
     # -- storage ----------------------------------------------------------------------------
-    def held_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def with_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         m = self._pruned()
         if not m:
-            return super().held_kv(dtype)
+            return super().with_new(key_states, value_states)
         recent = self.keys
-        b, h, _, d = recent.shape
-        keys = recent.new_zeros(b, h, m + recent.shape[-2], d)
-        keys[:, :, :m].scatter_(-1, _channel_index(self.channels, m), self.pruned_keys)
-        keys[:, :, m:] = recent
-        return keys, self.values
+        b, h, r, d = recent.shape
+        keys = recent.new_empty(b, h, m + r + key_states.shape[-2], d)  # one buffer, filled in place
+        keys[:, :, :m].zero_().scatter_(-1, _channel_index(self.channels, m), self.pruned_keys)
+        keys[:, :, m:m + r] = recent
+        keys[:, :, m + r:] = key_states
+        return keys, torch.cat([self.values, value_states], dim=-2)
 
     def hold_unscored(self, stored, positions) -> None:
         super().hold_unscored(stored, positions)  # keys: every entry at full width (pruned ones zero-filled)
@@ -153,23 +167,24 @@ class ThinKMixin:
     def _keep(self, stored, positions, idx) -> None:
         if self.is_sliding:
             return super()._keep(stored, positions, idx)
-        keys, values = stored
-        if idx is not None:  # the policy's token selection (per head), then the channels of the older keys
-            idx = idx.expand(keys.shape[0], keys.shape[1], idx.shape[-1])
-            keys = keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
+        keys, values = stored  # keys: every entry at full width, the pruned ones zero-filled
+        n = keys.shape[-2]
+        kept = n if idx is None else idx.shape[-1]
+        n_old = kept - min(kept, self.think_window)
+        if idx is not None:  # the policy's token selection (per head)
+            idx = idx.expand(keys.shape[0], keys.shape[1], kept)
             values = values.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1]))
             positions = positions.gather(2, idx)
-        n_old = keys.shape[-2] - min(keys.shape[-2], self.think_window)
-        self.values, self.positions, self.pruned_keys, self.keys = values, positions, None, keys
-        if n_old:  # keys: every kept entry at full width, the older pruned ones zero-filled
-            if self.channels is None:
-                if self.think_queries is None:
-                    raise RuntimeError(f"{self.cache.policy_name}: no observation queries for layer "
-                                       f"{self.layer_idx}; the attention hooks did not run")
-                self.channels = choose_channels(self.think_queries, keys, self.cache.think)
-                self.think_queries = None
-            self.pruned_keys = keys[:, :, :n_old].gather(-1, _channel_index(self.channels, n_old))
-            self.keys = keys[:, :, n_old:].clone()  # a fresh tensor: the full-width copy is freed
+        if n_old and self.channels is None:  # chosen once, from the observation window and the kept keys
+            if self.think_queries is None:
+                raise RuntimeError(f"{self.cache.policy_name}: no observation queries for layer "
+                                   f"{self.layer_idx}; the attention hooks did not run")
+            self.channels = choose_channels(self.think_queries, keys if idx is None else _take(keys, idx), self.cache.think)
+            self.think_queries = None
+        self.values, self.positions = values, positions
+        self.pruned_keys = _take(keys, idx, n_old, self.channels) if n_old else None
+        recent = keys[:, :, n_old:] if idx is None else _take(keys, idx[..., n_old:])
+        self.keys = recent.clone() if recent._base is not None else recent  # fresh: the full-width copy is freed
         self.cache.account(self.layer_idx)
 
     def key_bytes(self) -> int:

@@ -225,9 +225,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.pending_step = None  # a hand-over an interrupted pass never used
         b, h, new = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
         step_pos = torch.arange(self.seen, self.seen + new, device=key_states.device)
-        held_k, held_v = self.held_kv(key_states.dtype)
-        keys = torch.cat([held_k, key_states], dim=-2)
-        values = torch.cat([held_v, value_states], dim=-2)
+        keys, values = self.with_new(key_states, value_states)
         stored = self._stored(key_states, value_states, keys, values)
         positions = torch.cat([self.positions, step_pos.expand(b, h, new)], dim=-1)
         query, self.pending_query = self.pending_query, None
@@ -256,10 +254,11 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.cache.note_transient(nbytes(keys, values, query))
         return keys, values
 
-    def held_kv(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The held K/V as attention reads them, ``[B, kv_heads, held, head_dim]`` (decoded from a codec;
-        a layer storing keys in another form, e.g. ThinK's pruned channels, rebuilds them here)."""
-        return decode_kv(self.cache.codec, self.keys, self.values, dtype)
+    def with_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held K/V as attention reads them (decoded from a codec; a layer storing keys in another
+        form, e.g. ThinK's pruned channels, rebuilds them here) followed by the step's new K/V."""
+        held_k, held_v = decode_kv(self.cache.codec, self.keys, self.values, key_states.dtype)
+        return torch.cat([held_k, key_states], dim=-2), torch.cat([held_v, value_states], dim=-2)
 
     def hold_unscored(self, stored: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor) -> None:
         """Hold all of past + new (``stored``) until attention hands over the scores (tiered attention)."""
