@@ -187,10 +187,6 @@ class ThinKMixin:
         self.keys = recent.clone() if recent._base is not None else recent  # fresh: the full-width copy is freed
         self.cache.account(self.layer_idx)
 
-    def key_bytes(self) -> int:
-        """Bytes of the keys held (pruned + full-width)."""
-        return nbytes(self.pruned_keys, self.keys)
-
     def tiers(self) -> dict[str, int]:
         out = super().tiers()
         out["hot_kv"] += nbytes(self.pruned_keys)
