@@ -44,6 +44,7 @@ refused: after eviction the padding mask would be applied to the wrong keys.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -53,13 +54,23 @@ from transformers.cache_utils import DynamicLayer
 from .. import attention
 from ..recompute import LayerDriver
 from .base import KVBoundCache, PolicyLayer, nbytes
+from .channels import think_layer, think_ratio
 from .checks import refuse_padding
-from .codec import decode_kv, encode_kv, tier_codec
+from .codec import CodecOptions, decode_kv, encode_kv, tier_codec
 from .hooks import use_tiered_attention
 from .model_info import layer_windows
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
+
+
+@dataclass
+class EvictingOptions(CodecOptions):
+    """Options every token-eviction policy takes: a codec for the kept tokens (:class:`CodecOptions`)
+    and ``think``, ThinK's key-channel pruning of the kept keys (:mod:`kvbound.cache.channels`)."""
+
+    think: float | None = None  # fraction of key channels pruned per KV head from the kept keys (ThinK); None = off
+
 
 # --------------------------------------------------------------------------- scoring helpers
 
@@ -214,9 +225,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.pending_step = None  # a hand-over an interrupted pass never used
         b, h, new = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
         step_pos = torch.arange(self.seen, self.seen + new, device=key_states.device)
-        held_k, held_v = decode_kv(self.cache.codec, self.keys, self.values, key_states.dtype)
-        keys = torch.cat([held_k, key_states], dim=-2)
-        values = torch.cat([held_v, value_states], dim=-2)
+        keys, values = self.with_new(key_states, value_states)
         stored = self._stored(key_states, value_states, keys, values)
         positions = torch.cat([self.positions, step_pos.expand(b, h, new)], dim=-1)
         query, self.pending_query = self.pending_query, None
@@ -229,7 +238,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             rows = self.query_rows(new)
             query_pos = step_pos[new - rows:] if rows else step_pos[:0]
             if rows and query is None and attention.active_cache() is self.cache:
-                self.keys, self.values, self.positions = stored[0], stored[1], positions  # until attention scores them
+                self.hold_unscored(stored, positions)  # until attention scores them
 
                 def scored(query_rows: torch.Tensor, mass: torch.Tensor) -> None:
                     self._keep(stored, positions, self.select(keys, positions, query_rows, query_pos, mass))
@@ -244,6 +253,20 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self._keep(stored, positions, idx)
         self.cache.note_transient(nbytes(keys, values, query))
         return keys, values
+
+    def with_new(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held K/V as attention reads them (decoded from a codec; a layer storing keys in another
+        form, e.g. ThinK's pruned channels, rebuilds them here) followed by the step's new K/V."""
+        held_k, held_v = decode_kv(self.cache.codec, self.keys, self.values, key_states.dtype)
+        return torch.cat([held_k, key_states], dim=-2), torch.cat([held_v, value_states], dim=-2)
+
+    def hold_unscored(self, stored: tuple[torch.Tensor, torch.Tensor], positions: torch.Tensor) -> None:
+        """Hold all of past + new (``stored``) until attention hands over the scores (tiered attention)."""
+        self.keys, self.values, self.positions = stored[0], stored[1], positions
+
+    def observe_input(self, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        """The attention module's normed input of this step, before ``update`` (a full-attention layer;
+        ThinK collects its observation queries here)."""
 
     def _stored(self, key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,11 +301,13 @@ class EvictingCache(KVBoundCache):
 
     def __init__(self, model: "PreTrainedModel", budget: int, options: Any) -> None:
         self.options = options
-        self.codec = tier_codec(options, model, self.policy_name)  # hot window kept through a codec (option)
+        self.codec = tier_codec(options, model, self.policy_name) if isinstance(options, CodecOptions) else None
+        self.think = think_ratio(options, self.policy_name, self.codec)  # ThinK on the kept keys (option)
+        layer_cls = self.layer_cls if self.think is None else think_layer(self.layer_cls)
         self.driver = LayerDriver(model)  # clear error for unsupported families
         use_tiered_attention(model)
         windows = layer_windows(model)
-        layers = [self.layer_cls(self, i, w, budget) for i, w in enumerate(windows)]
+        layers = [layer_cls(self, i, w, budget) for i, w in enumerate(windows)]
         super().__init__(model, budget, layers)
         self.softcap = getattr(self.driver.config, "attn_logit_softcapping", None)
         self._first_full = next((i for i, w in enumerate(windows) if w is None), None)
@@ -293,6 +318,7 @@ class EvictingCache(KVBoundCache):
             refuse_padding(kwargs.get("attention_mask"), self.policy_name)
         if layer.is_sliding:
             return
+        layer.observe_input(hidden_states, kwargs)
         rows = layer.query_rows(hidden_states.shape[-2])
         if rows and attention.active_cache() is not self:  # tiered attention hands its probabilities over
             cos, sin = kwargs["position_embeddings"]

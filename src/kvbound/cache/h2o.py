@@ -18,13 +18,12 @@ import torch
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
-from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer, attention_mass, gather_tokens, keep_top
+from .evicting import EvictingCache, EvictingOptions, EvictingLayer, attention_mass, gather_tokens, keep_top
 from .registry import register
 
 
 @dataclass
-class H2OOptions(CodecOptions):
+class H2OOptions(EvictingOptions):
     recent: int | None = None  # newest tokens always kept; default budget // 2
 
 

@@ -38,13 +38,12 @@ import torch.nn.functional as F
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
-from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer, attention_mass, keep_top, pool_votes
+from .evicting import EvictingCache, EvictingOptions, EvictingLayer, attention_mass, keep_top, pool_votes
 from .registry import register
 
 
 @dataclass
-class SnapKVOptions(CodecOptions):
+class SnapKVOptions(EvictingOptions):
     window: int = 32  # observation window: newest queries that vote (and tokens always kept)
     kernel: int = 7  # max-pooling kernel over the votes (odd; 1 disables pooling)
 

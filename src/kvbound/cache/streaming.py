@@ -15,13 +15,13 @@ import torch
 
 from ..errors import KVBoundError
 from .checks import check_int
-from .codec import CodecOptions, encode_kv
-from .evicting import EvictingCache, EvictingLayer
+from .codec import encode_kv
+from .evicting import EvictingCache, EvictingLayer, EvictingOptions
 from .registry import register
 
 
 @dataclass
-class StreamingOptions(CodecOptions):
+class StreamingOptions(EvictingOptions):
     sinks: int = 4  # initial "attention sink" tokens always kept
 
 

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from .codec import CodecOptions
 from .registry import register
-from .evicting import EvictingCache, EvictingLayer, attention_mass, keep_top
+from .evicting import EvictingCache, EvictingOptions, EvictingLayer, attention_mass, keep_top
 
 
 class TOVALayer(EvictingLayer):
@@ -30,7 +29,7 @@ class TOVALayer(EvictingLayer):
 
 
 @register("tova", "lossy: TOVA (Oren et al. 2024) -- evicts the token the current query attends to least",
-          exact=False, options=CodecOptions, beams=True,
+          exact=False, options=EvictingOptions, beams=True,
           paper="Oren et al. 2024, https://arxiv.org/abs/2401.06104")
 class TOVACache(EvictingCache):
     layer_cls = TOVALayer
