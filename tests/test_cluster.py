@@ -141,8 +141,11 @@ def test_affinity_failover_and_cluster_stats(cluster):
 
     victim = next(iter(where[openings[0]]))  # kill the replica that holds conversation 0
     moved = [o for o in openings if where[o] == {victim}]
-    in_flight = ThreadPoolExecutor(1).submit(_raw_chat, cluster.url, msgs[moved[0]] + [], 600)
-    time.sleep(1.0)  # a long reply is being generated on the victim
+    in_flight = ThreadPoolExecutor(1).submit(_raw_chat, cluster.url, msgs[moved[0]] + [], 800)
+    deadline = time.monotonic() + 60
+    while not cluster.get("/stats")["replicas"][victim]["in_flight"]:  # a long reply is being generated on it
+        assert time.monotonic() < deadline and not in_flight.done(), "the long request never ran on the victim"
+        time.sleep(0.02)
     cluster.kill(victim)
     status, headers, error = in_flight.result(timeout=120)
     assert status == 503 and headers.get("Retry-After") == "1", (status, error)  # retryable: the SDK retries

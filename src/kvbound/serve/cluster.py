@@ -27,6 +27,7 @@ import time
 from typing import Any, AsyncIterator
 
 from ..errors import KVBoundError
+from ..rss import reset_peak_rss
 from .affinity import affinity
 from .config import ServeConfig
 from .redis_store import connect_store
@@ -157,20 +158,28 @@ class KVBoundReplica:
         torch.set_num_threads(threads)
         self.app = create_app(config)
         self.engine = self.app.state.engine
+        with torch.no_grad():  # touch every weight now (memory-mapped ones load on first use)
+            self.engine.model(input_ids=torch.zeros(1, 1, dtype=torch.long))
         self.engine.start()  # the app's lifespan does not run in-process: start the worker here
+        reset_peak_rss()  # /stats' peak_rss_bytes: the serving peak, not the model load's transient
         self.replica_id = serve.get_replica_context().replica_id.unique_id
+        self.in_flight = 0  # forwarded requests not finished yet
 
     async def forward(self, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes):
         """Run one HTTP request through this replica's kvbound app; streams (status, headers), then bytes."""
-        async for item in asgi_call(self.app, method, path, query, headers, body):
-            if isinstance(item, tuple):
-                status, head = item
-                yield status, head + [(REPLICA_HEADER, self.replica_id)]
-            else:
-                yield item
+        self.in_flight += 1
+        try:
+            async for item in asgi_call(self.app, method, path, query, headers, body):
+                if isinstance(item, tuple):
+                    status, head = item
+                    yield status, head + [(REPLICA_HEADER, self.replica_id)]
+                else:
+                    yield item
+        finally:
+            self.in_flight -= 1
 
     def stats(self) -> dict[str, Any]:
-        return {"replica": self.replica_id, "pid": os.getpid(), **self.engine.stats()}
+        return {"replica": self.replica_id, "pid": os.getpid(), "in_flight": self.in_flight, **self.engine.stats()}
 
     def health(self) -> dict[str, Any]:
         return {"replica": self.replica_id, "worker_alive": self.engine.worker.alive, **self.engine.health()}
