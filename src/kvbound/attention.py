@@ -90,7 +90,10 @@ class TierStep:
     * ``key_bias`` -- ragged heads (:mod:`kvbound.cache.allocation`): an additive float32 bias
       ``[B, kv_heads, n]`` over the keys of ``keys``, ``-inf`` where a head holds no token (the step's
       padding of heads shorter than the longest), ``log m`` on a compensation token that stands for
-      ``m`` dropped tokens (RazorAttention); it applies to the output and to the scored mass.
+      ``m`` dropped tokens (RazorAttention); it applies to the output and to the scored mass;
+    * ``fit_mask`` -- the layers of this kind hold different numbers of past keys (per-layer budgets),
+      while transformers builds one mask from the first layer's: every past key is visible (unpadded
+      input) and the mask's last ``T`` columns (the step's own keys) apply.
     """
 
     keys: torch.Tensor
@@ -100,6 +103,7 @@ class TierStep:
     per_query: bool = False
     release: Callable[[], None] | None = None
     key_bias: torch.Tensor | None = None
+    fit_mask: bool = False
 
 
 # --------------------------------------------------------------------------- active cache
@@ -329,7 +333,7 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 def tiered_attention(query: torch.Tensor, blocks: list["Block | LazyBlock"], keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | None, scaling: float, softcap: float | None = None,
                      sinks: torch.Tensor | None = None, mass_rows: int = 0, per_query: bool = False,
-                     key_bias: torch.Tensor | None = None):
+                     key_bias: torch.Tensor | None = None, fit_mask: bool = False):
     """Attention of ``query`` over ``blocks`` followed by ``keys``/``values``, merged exactly.
 
     ``mask`` (transformers', over every block then ``keys``; bool, additive float, or ``None``:
@@ -343,6 +347,8 @@ def tiered_attention(query: torch.Tensor, blocks: list["Block | LazyBlock"], key
     n_old = sum(block_tokens(b) for b in blocks)
     total = n_old + keys.shape[-2]
     visible = _visible(mask)
+    if fit_mask and visible is not None and visible.shape[-1] != total:  # another layer's past: all visible
+        visible = torch.cat([visible.new_ones(*visible.shape[:-1], total - t), visible[..., -t:]], dim=-1)
     if visible is not None and visible.shape[-1] != total:
         raise RuntimeError(f"kvbound attention: mask covers {visible.shape[-1]} keys, the tiers hold {total}")
     if visible is None and t > 1:  # causal over the newest keys, every older key visible
@@ -404,7 +410,7 @@ def kvbound_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         softcap = softcap if softcap is not None else getattr(module, "attn_logit_softcapping", None)
         out, mass = tiered_attention(query, step.blocks, key, value, attention_mask, scaling, softcap,
                                      sinks=kwargs.get("s_aux"), mass_rows=step.rows if step.scored else 0,
-                                     per_query=step.per_query, key_bias=step.key_bias)
+                                     per_query=step.per_query, key_bias=step.key_bias, fit_mask=step.fit_mask)
     finally:
         if step.release is not None:
             step.release()

@@ -85,7 +85,7 @@ def pyramid_capacities(budget: int, layers: int, beta: float, n: int | None = No
     """PyramidKV's per-layer capacities (bottom layer first), summing to ``layers * budget``.
 
     ``n`` (tokens seen) caps the bottom layer at ``n - window`` while the context is short, as the
-    paper does; the integer remainder goes to the lowest layers."""
+    paper does; the integer remainder goes to the largest fractions."""
     if layers <= 1:
         return [budget] * layers
     lo = budget / beta
@@ -95,8 +95,9 @@ def pyramid_capacities(budget: int, layers: int, beta: float, n: int | None = No
         lo = 2 * budget - hi
     caps = [hi - i * (hi - lo) / (layers - 1) for i in range(layers)]
     out = [int(c) for c in caps]
+    by_fraction = sorted(range(layers), key=lambda i: caps[i] - out[i], reverse=True)
     for i in range(layers * budget - sum(out)):
-        out[i % layers] += 1
+        out[by_fraction[i % layers]] += 1
     return out
 
 

@@ -2,14 +2,48 @@
 
 Budget semantics
 ----------------
-``budget`` is the most tokens a layer holds between forward passes, per KV head: every head
-keeps the same number of tokens (selection is a per-head ``gather``), so the cache stays a
-rectangular ``[batch, kv_heads, n, head_dim]`` tensor. Inside a step a layer returns its kept
-past plus the step's new tokens to attention, then evicts down to the budget at the end of
-``update`` and stores *fresh* tensors (``gather`` / ``clone``), so evicted K/V are really freed
-and the accounting (which counts elements) measures what is held. The concatenation returned
-to attention and the step's query are reported as transient bytes; the scoring buffer (float32
-logits of a block of queries, at most :data:`kvbound.attention.MASS_BLOCK_BYTES`) is not.
+``budget`` is the mean number of tokens held between forward passes per (full-attention layer,
+KV head). How it is spread over layers and heads is the ``allocation`` option
+(:mod:`kvbound.cache.allocation`: ``uniform``, PyramidKV's ``pyramid``, Ada-KV's ``ada``, CAKE's
+``cake``); every allocation holds the same total. Inside a step a layer returns its kept past
+plus the step's new tokens to attention, then evicts down to its capacity at the end of
+``update`` and stores *fresh* tensors (``gather`` / ``clone`` / boolean packing), so evicted K/V
+are really freed and the accounting (which counts elements) measures what is held. The
+concatenation returned to attention and the step's query are reported as transient bytes; the
+scoring buffer (float32 logits of a block of queries, at most
+:data:`kvbound.attention.MASS_BLOCK_BYTES`) is not.
+
+Ragged heads
+------------
+When every head of a layer keeps the same number of tokens the layer holds rectangular
+``[batch, kv_heads, n, head_dim]`` tensors (the fast path). When they differ (``ada``, ``razor``)
+every per-token tensor -- K/V (or their codec bytes), positions, the policy's ``token_state`` --
+is held *packed*: the kept tokens of head (0, 0), then (0, 1), ... as ``[kept, ...]`` with
+``lengths`` ``[batch, kv_heads]``; nothing is padded between steps, so the bytes held are the kept
+tokens times the head's bytes. A step unpacks them into the step's padded concatenation (like the
+concatenation every step already builds) and hands kvbound's attention an additive bias that is
+``-inf`` on the padding (:class:`kvbound.attention.TierStep` ``key_bias``): one fused attention call
+for all heads, exactly the softmax over each head's own tokens. Ragged heads and per-layer budgets
+need kvbound's attention (a model on ``sdpa``); other attention implementations are refused.
+
+Writing a scorer (the contract)
+-------------------------------
+A new scored policy subclasses :class:`EvictingLayer` and :class:`EvictingCache` and gets every
+allocation for free. It implements:
+
+* ``query_rows(new) -> int`` -- how many of the step's newest query rows it needs (0: none);
+* ``select(keys, positions, query, query_pos, mass=None)`` -- compute per-token scores
+  ``[B, kv_heads or 1, n]`` float (higher = keep, ``+inf`` = must keep, any value on padding) over
+  ``keys`` (past + new; padded for ragged heads, padding at :data:`BIG_POSITION`) and
+  ``return self.keep(scores, protect_last=k)``: :meth:`EvictingLayer.keep` is the one function that
+  asks the cache's allocation how many tokens each head keeps and returns the selection. Never
+  call ``keep_top(scores, self.capacity)`` directly (that is ``uniform`` only);
+* per-token state aligned with the held keys (accumulated scores, votes): list it in
+  ``token_state`` (``{"scores": 2}``: attribute name -> the dim of its tokens) and assign it
+  *ungathered* (aligned with ``keys``) in ``select``; the base class gathers or packs it with the
+  K/V. Other state goes in ``policy_tiers`` / ``reset_policy`` as before;
+* the options dataclass derives from :class:`kvbound.cache.allocation.AllocationOptions`, and the
+  cache may override ``protected_tokens()`` (the newest tokens it always keeps, for PyramidKV's cap).
 
 Every kept token keeps its original RoPE rotation; ``positions`` records, per head, which
 token each kept entry is (ascending). Masks stay consistent because ``get_mask_sizes`` reports
@@ -376,7 +410,8 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             if valid is not None and not tiered:
                 raise RuntimeError(f"{self.cache.policy_name}: ragged heads need kvbound's attention "
                                    f"(layer {self.layer_idx} ran another implementation)")
-            if tiered and (rows and query is None or bias is not None):
+            uneven = self.cache.allocation != "uniform"
+            if tiered and (rows and query is None or bias is not None or uneven):
                 self.keys, self.values, self.positions = stored[0], stored[1], positions  # until attention scores them
 
                 def scored(query_rows: torch.Tensor, mass: torch.Tensor) -> None:
@@ -389,10 +424,10 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
                     self.cache.note_transient(nbytes(keys, values, query_rows))
 
                 if rows and query is None:
-                    self.pending_step = attention.TierStep(keys, rows=rows, scored=scored,
-                                                           per_query=self.per_query_mass, key_bias=bias)
+                    self.pending_step = attention.TierStep(keys, rows=rows, scored=scored, per_query=self.per_query_mass,
+                                                           key_bias=bias, fit_mask=uneven)
                     return keys, values
-                self.pending_step = attention.TierStep(keys, key_bias=bias)
+                self.pending_step = attention.TierStep(keys, key_bias=bias, fit_mask=uneven)
             if rows and query is None:
                 raise RuntimeError(f"{self.cache.policy_name}: no query for layer {self.layer_idx}; "
                                    "the attention hooks did not run (call the model with this cache)")
@@ -458,10 +493,11 @@ class EvictingCache(KVBoundCache):
         self.codec = tier_codec(options, model, self.policy_name)  # hot window kept through a codec (option)
         self.driver = LayerDriver(model)  # clear error for unsupported families
         tiered = use_tiered_attention(model)
-        if (self.ragged_heads or self.allocation == "ada") and not tiered:
-            raise KVBoundError(f"{self.policy_name}{' allocation=ada' if self.allocation == 'ada' else ''} holds a "
-                               "different number of tokens per head, which needs kvbound's attention: load the "
-                               f"model with attn_implementation='sdpa' (it runs {model.config._attn_implementation!r})")
+        if (self.ragged_heads or self.allocation != "uniform") and not tiered:
+            what = "" if self.ragged_heads else f" allocation={self.allocation}"
+            raise KVBoundError(f"{self.policy_name}{what} holds a different number of tokens per layer or head, "
+                               "which needs kvbound's attention: load the model with attn_implementation='sdpa' "
+                               f"(it runs {model.config._attn_implementation!r})")
         windows = layer_windows(model)
         layers = [self.layer_cls(self, i, w, budget) for i, w in enumerate(windows)]
         super().__init__(model, budget, layers)
