@@ -204,3 +204,105 @@ def test_bad_allocations_are_one_line_errors(options, match):
 def test_ada_needs_kvbound_attention():
     with pytest.raises(KVBoundError, match="needs kvbound's attention"):
         kvbound.make_cache(tiny("tiny-llama", "eager"), "h2o", 16, allocation="ada")
+
+
+# --------------------------------------------------------------------------- razor
+
+
+@pytest.fixture
+def kv_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBOUND_HOME", str(tmp_path))
+    return tmp_path
+
+
+def _held(layer, name):
+    value = getattr(layer, name)
+    if layer.lengths is None:
+        return value
+    return unpack(value, lengths_mask(layer.lengths, layer.width), 2, -1 if name == "positions" else 0)
+
+
+@torch.no_grad()
+def test_razor_compensation_token_is_the_weighted_mean_of_what_was_dropped(kv_home):
+    """A prefill then two steps (the merge runs three times, the later ones weighted by what the
+    token already stands for): each non-retrieval head holds sinks + recent + one token whose K/V
+    is the plain mean of every token it dropped, weight = how many."""
+    model = tiny("tiny-llama")
+    ids = prompt_ids(50, seed=2)
+    cache = kvbound.make_cache(model, "razor", 24, threshold=0.0, fraction=0.34, sinks=2)
+    model(ids[:, :46], past_key_values=cache)
+    for j in range(46, 50):
+        model(ids[:, j:j + 1], past_key_values=cache)
+    full = DynamicCache(config=model.config)
+    model(ids, past_key_values=full)
+    cap_r, recent = cache.head_capacities(50)
+    assert cap_r == 50 and recent == 8
+    checked = 0
+    for i, layer in enumerate(cache.layers):
+        pos, keys, values, weight = (_held(layer, name) for name in ("positions", "keys", "values", "weight"))
+        for h in range(pos.shape[1]):
+            n = int((pos[0, h] >= 0).sum())
+            if bool(cache.retrieval[i][h]):
+                assert pos[0, h, :n].tolist() == list(range(50))  # the whole context
+                continue
+            assert n == 2 + recent + 1
+            comp = int(weight[0, h].argmax())
+            others = set(pos[0, h, :n].tolist()) - {int(pos[0, h, comp])}
+            assert others == {0, 1, *range(50 - recent, 50)}
+            dropped = list(range(2, 50 - recent))
+            assert int(weight[0, h, comp]) == len(dropped) and max(dropped) == int(pos[0, h, comp])
+            torch.testing.assert_close(keys[0, h, comp], full.layers[i].keys[0, h, dropped].mean(0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(values[0, h, comp], full.layers[i].values[0, h, dropped].mean(0), rtol=1e-4,
+                                       atol=1e-5)
+            checked += 1
+    assert checked
+    assert cache.memory_report()["hot_kv_bytes"] == 3 * 2 * 24 * 2 * 16 * 4  # heads x budget, exactly
+
+
+def test_tiered_attention_bias_is_a_logit_offset():
+    from kvbound.attention import tiered_attention
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    bias = torch.zeros(1, 2, 6)
+    bias[0, 0, 1] = float("-inf")
+    bias[0, 1, 2] = 1.5
+    out, _ = tiered_attention(q, [], k, v, torch.ones(1, 1, 2, 6, dtype=torch.bool), 0.3, key_bias=bias)
+    logits = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.3 + bias.repeat_interleave(2, 1).unsqueeze(2)
+    ref = torch.softmax(logits, -1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, ref)
+
+
+def test_razor_head_map_is_cached_and_rebuilt_when_corrupt_or_stale(kv_home):
+    import json
+    from kvbound.cache.retrieval_heads import map_path
+    model = tiny("tiny-mha")
+    kvbound.make_cache(model, "razor", 16, threshold=0.0)
+    path = map_path(model)
+    assert path.exists() and path.is_relative_to(kv_home)
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="was corrupt.*rebuilt"):
+        kvbound.make_cache(model, "razor", 16, threshold=0.0)
+    data = json.loads(path.read_text())
+    data["fingerprint"] = "0" * 32
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="was stale.*rebuilt"):
+        kvbound.make_cache(model, "razor", 16, threshold=0.0)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({}, "found 0 retrieval head"),  # random weights: no head above 2x chance
+    ({"threshold": 0.0, "recent": 20}, "below the floors"),
+    ({"threshold": 0.0, "fraction": 2}, "fraction"),
+])
+def test_razor_bad_input(kv_home, options, match):
+    with pytest.raises(KVBoundError, match=match):
+        kvbound.make_cache(tiny("tiny-mha"), "razor", 16, **options)
+
+
+def test_razor_with_codec_and_beams(kv_home):
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, "razor", 16, threshold=0.0, fraction=0.34, codec="int8")
+    run_greedy(model, prompt_ids(40), cache, 6)
+    assert sum(map(sum, cache.memory_report()["kept_tokens"])) == 3 * 2 * 16
+    cache = kvbound.make_cache(model, "razor", 16, threshold=0.0, fraction=0.34)
+    out = model.generate(prompt_ids(30), past_key_values=cache, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert out.shape[-1] == 34

@@ -226,8 +226,13 @@ def choose(scores: torch.Tensor, capacity: int, allocation: str = "uniform", flo
             return None
         scores = scores.expand(b, h, n) if scores.shape[1] != h else scores
         counts = head_counts(scores, capacity, floor)
-    if scores.shape[1] != h or scores.shape[1] != counts.shape[1]:
-        scores = scores.expand(b, counts.shape[1], n)
+    return keep_counts(scores.expand(b, counts.shape[1], n), counts)
+
+
+def keep_counts(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | Kept:
+    """Each head's top ``counts`` ``[B, H]`` entries of ``scores`` ``[B, H, n]``: ascending indices
+    ``[B, H, k]`` when all counts are equal, else :class:`Kept`."""
+    n = scores.shape[-1]
     order = scores.argsort(dim=-1, descending=True, stable=True)
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=scores.device).expand_as(order))
     mask = rank < counts.unsqueeze(-1)

@@ -275,9 +275,12 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
     def reset_policy(self) -> None:
         """Drop policy state (called by :meth:`reset`)."""
 
-    def step_bias(self, valid: torch.Tensor) -> torch.Tensor:
-        """Additive attention bias ``[B, H, n]`` of a ragged step's keys: ``-inf`` on padding
-        (policies with weighted tokens, e.g. a compensation token, add theirs)."""
+    def step_bias(self, valid: torch.Tensor | None, new: int) -> torch.Tensor | None:
+        """Additive attention bias ``[B, H, n]`` of the step's keys (held + ``new``), or ``None``:
+        ``-inf`` on a ragged step's padding (``valid`` False); policies with weighted tokens (a
+        compensation token) add theirs."""
+        if valid is None:
+            return None
         return torch.zeros(valid.shape, dtype=torch.float32, device=valid.device).masked_fill_(~valid, float("-inf"))
 
     # -- cache protocol -------------------------------------------------------------------
@@ -395,7 +398,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         stored = self._stored(key_states, value_states, keys, values)
         positions = torch.cat([self.positions, step_pos.expand(b, h, new)], dim=-1)
         valid = None if valid_past is None else F.pad(valid_past, (0, new), value=True)
-        bias = None if valid is None else self.step_bias(valid)
+        bias = None if self.is_sliding else self.step_bias(valid, new)
         query, self.pending_query = self.pending_query, None
         self.seen += new
         n = keys.shape[-2]
