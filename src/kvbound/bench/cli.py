@@ -12,7 +12,7 @@ from ..errors import KVBoundError
 
 from . import quality
 
-SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency", *quality.SCENARIOS, "long")
+SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency", *quality.SCENARIOS, "long", "allocation")
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_BUDGETS = {"budget-sweep": "64,256", "multiturn": "128", "bytes": "128", "latency": "128",
                    **quality.DEFAULT_BUDGETS, "long": "512"}
@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--perplexity-tokens", type=int, default=0, metavar="N",
+                        help="allocation: also the perplexity of each variant over N corpus tokens (default: 0 = no)")
     parser.add_argument("--out", default="bench-results", metavar="DIR",
                         help="output directory for results.json, report.md and plots (default: bench-results)")
     parser.add_argument("--report-only", action="store_true",
@@ -166,6 +168,11 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
     _check(args)
     if args.scenario == "long":
         return _run_long(args, argv)
+    if args.scenario == "allocation":  # variants policy+allocation, see kvbound.bench.allocation
+        from . import allocation
+
+        allocation.check(args)
+        return allocation.run(args, argv)
     policies = select_policies(args.policies)
     budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS[args.scenario])
     max_new = args.max_new_tokens or DEFAULT_NEW_TOKENS[args.scenario]

@@ -413,7 +413,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             if valid is not None and not tiered:
                 raise RuntimeError(f"{self.cache.policy_name}: ragged heads need kvbound's attention "
                                    f"(layer {self.layer_idx} ran another implementation)")
-            uneven = self.cache.allocation != "uniform"
+            uneven = self.cache.allocation != "uniform" or self.cache.ragged_heads  # layers hold different counts
             if tiered and (rows and query is None or bias is not None or uneven):
                 self.keys, self.values, self.positions = stored[0], stored[1], positions  # until attention scores them
 
