@@ -207,16 +207,26 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
 def _biased_attention(query, keys, values, visible, scaling, softcap, bias):
     """:func:`block_attention` with a per-KV-head additive ``bias`` ``[B, kv_heads, n]``: one fused
     call with a per-head float mask (CPU flash kernel), or the explicit softmax (softcapping, GPU)."""
-    heads, kv_heads = query.shape[1], keys.shape[1]
+    b, heads, t, _ = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[-2]
     if query.device.type == "cpu" and not softcap and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        mask = bias.to(query.dtype).repeat_interleave(heads // kv_heads, dim=1).unsqueeze(2)  # [B, H, 1, n]
-        if visible is not None:
-            mask = mask.masked_fill(~visible, float("-inf"))
-        else:
-            mask = mask.expand(-1, -1, query.shape[-2], -1)
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, keys, values, 0.0, False, attn_mask=mask, scale=scaling)
-        lse = lse.float()
+        head_bias = bias.to(query.dtype).repeat_interleave(heads // kv_heads, dim=1).unsqueeze(2)  # [B, H, 1, n]
+        # the per-head mask is [B, H, rows, n]: a block of query rows at a time bounds it (a 1024-token
+        # prefill chunk over 2.5k keys would otherwise allocate ~90 MB for it)
+        rows = max(1, MASS_BLOCK_BYTES // (query.element_size() * b * heads * max(n, 1)))
+        outs, lses = [], []
+        for start in range(0, t, rows):
+            stop = min(t, start + rows)
+            if visible is not None:
+                mask = head_bias.masked_fill(~visible[..., start:stop, :], float("-inf"))
+            else:
+                mask = head_bias.expand(-1, -1, stop - start, -1)
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[:, :, start:stop], keys, values, 0.0, False, attn_mask=mask, scale=scaling)
+            outs.append(o)
+            lses.append(l)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        lse = (lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)).float()
     else:
         out, lse = _explicit(query, keys, values, visible, scaling, softcap, bias)
     # rows that see no key (padding everywhere, masked): zeros and lse = -inf, as block_attention's

@@ -138,14 +138,17 @@ def report(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     lines = [f"# Allocation bench: {meta['model']}", "", f"Command: `{meta['command']}`", "",
              f"Started {meta['started']}, load average at start {meta['loadavg_start'][0]:.1f}, "
              f"at end {meta.get('loadavg_end', [float('nan')])[0]:.1f} ({meta['cpus']} CPUs, shared).", "",
-             "| tokens | budget | variant | needle | hot K/V bytes | × first | RSS added | × first | decode s/token | × first | prefill s | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Decode CPU s/token is the process's CPU time per decoded token: on a shared box the wall time "
+             "(s/token) mostly measures how much of a core the run got.", "",
+             "| tokens | budget | variant | needle | hot K/V bytes | × first | RSS added | × first | decode s/token "
+             "| decode CPU s/token | × first | prefill CPU s | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base: dict[tuple[int, Any], dict[str, Any]] = {}
     for r in runs:
         key = (r.get("tokens"), r.get("budget_arg"))
         if r.get("status") != "ok":
             lines.append(f"| {r.get('tokens')} | {r.get('budget')} | {r['variant']} | error: {r.get('reason')} |"
-                         " | | | | | | | |")
+                         " | | | | | | | | |")
             continue
         ref = base.setdefault(key, r)
 
@@ -154,8 +157,8 @@ def report(meta: dict[str, Any], runs: list[dict[str, Any]]) -> str:
 
         lines.append(f"| {r['tokens']} | {r.get('budget')} | {r['variant']} | {r.get('needle_found')} | "
                      f"{r['hot_kv_bytes']:,} | {ratio('hot_kv_bytes')} | {r['rss_added_bytes'] / 2**20:.1f} MiB | "
-                     f"{ratio('rss_added_bytes')} | {r['seconds_per_token']:.4f} | {ratio('seconds_per_token')} | "
-                     f"{r['prefill_seconds']:.1f} | {r['loadavg_before']:.1f} |")
+                     f"{ratio('rss_added_bytes')} | {r['seconds_per_token']:.3f} | {r['cpu_seconds_per_token']:.4f} | "
+                     f"{ratio('cpu_seconds_per_token')} | {r['prefill_cpu_seconds']:.1f} | {r['loadavg_before']:.1f} |")
     if meta.get("perplexity"):
         lines += ["", "## Perplexity (built-in corpus)", "", "| budget | variant | tokens | perplexity | hot K/V bytes |",
                   "|---|---|---|---|---|"]
