@@ -52,8 +52,8 @@ def _fingerprint(model: "PreTrainedModel") -> str:
     h = hashlib.sha256()
     params = list(model.parameters())
     for p in params[:3] + params[-3:]:
-        h.update(f"{tuple(p.shape)}:{float(p.detach().double().sum()):.8e}:{float(p.detach().double().abs().sum()):.8e}"
-                 .encode())
+        sample = p.detach().flatten()[::101].double()  # a strided sample: no copy of a whole embedding matrix
+        h.update(f"{tuple(p.shape)}:{float(sample.sum()):.8e}:{float(sample.abs().sum()):.8e}".encode())
     return h.hexdigest()[:32]
 
 
