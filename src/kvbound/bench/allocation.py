@@ -99,7 +99,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     budgets = [float(x) for x in (args.budgets or "512").split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": " ".join(argv or ["kvbound", "bench", *sys.argv[1:]]), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    meta = {"command": " ".join(argv or ["kvbound", *sys.argv[1:]]), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "loadavg_start": os.getloadavg(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "model": args.model, "variants": variants, "lengths": lengths, "budgets": budgets}
     runs: list[dict[str, Any]] = []
