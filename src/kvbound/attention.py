@@ -86,7 +86,14 @@ class TierStep:
       attention with the newest ``rows`` query rows and the attention mass ``[B, kv_heads, n]``
       they gave the keys of ``keys`` (summed over those rows and the query heads of each KV head);
       with ``per_query`` the mass keeps one row per query, ``[B, kv_heads, rows, n]``;
-    * ``release`` -- called once attention is done with the blocks (drop mapped pages).
+    * ``release`` -- called once attention is done with the blocks (drop mapped pages);
+    * ``key_bias`` -- ragged heads (:mod:`kvbound.cache.allocation`): an additive float32 bias
+      ``[B, kv_heads, n]`` over the keys of ``keys``, ``-inf`` where a head holds no token (the step's
+      padding of heads shorter than the longest), ``log m`` on a compensation token that stands for
+      ``m`` dropped tokens (RazorAttention); it applies to the output and to the scored mass;
+    * ``fit_mask`` -- the layers of this kind hold different numbers of past keys (per-layer budgets),
+      while transformers builds one mask from the first layer's: every past key is visible (unpadded
+      input) and the mask's last ``T`` columns (the step's own keys) apply.
     """
 
     keys: torch.Tensor
@@ -95,6 +102,8 @@ class TierStep:
     scored: Callable[[torch.Tensor, torch.Tensor], None] | None = None
     per_query: bool = False
     release: Callable[[], None] | None = None
+    key_bias: torch.Tensor | None = None
+    fit_mask: bool = False
 
 
 # --------------------------------------------------------------------------- active cache
@@ -166,14 +175,18 @@ def _visible(mask: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor | None,
-                    scaling: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    scaling: float, softcap: float | None = None,
+                    bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of ``query`` ``[B, H, T, D]`` over one block ``[B, kv_heads, n, D]`` (GQA: query
-    head ``h`` reads KV head ``h // groups``). ``visible`` ``[B or 1, 1, T, n]`` bool or ``None``.
+    head ``h`` reads KV head ``h // groups``). ``visible`` ``[B or 1, 1, T, n]`` bool or ``None``;
+    ``bias`` ``[B, kv_heads, n]`` float, added to each KV head's logits (``-inf``: a ragged head's padding).
 
     Returns ``(out [B, H, T, D], lse [B, H, T] float32)``; rows that see no key get ``lse = -inf``.
     On CPU without softcapping this is PyTorch's fused flash kernel (reads strided K/V in place);
     otherwise an explicit softmax in query chunks.
     """
+    if bias is not None:
+        return _biased_attention(query, keys, values, visible, scaling, softcap, bias)
     if query.device.type == "cpu" and not softcap and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
         mask = None
         if visible is not None:
@@ -191,14 +204,52 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out, lse
 
 
-def _explicit(query, keys, values, visible, scaling, softcap):
+def _biased_attention(query, keys, values, visible, scaling, softcap, bias):
+    """:func:`block_attention` with a per-KV-head additive ``bias`` ``[B, kv_heads, n]``: one fused
+    call with a per-head float mask (CPU flash kernel), or the explicit softmax (softcapping, GPU)."""
+    b, heads, t, _ = query.shape
+    kv_heads, n = keys.shape[1], keys.shape[-2]
+    if query.device.type == "cpu" and not softcap and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        head_bias = bias.to(query.dtype).repeat_interleave(heads // kv_heads, dim=1).unsqueeze(2)  # [B, H, 1, n]
+        # the per-head mask is [B, H, rows, n]: a block of query rows at a time bounds it (a 1024-token
+        # prefill chunk over 2.5k keys would otherwise allocate ~90 MB for it)
+        rows = max(1, MASS_BLOCK_BYTES // (query.element_size() * b * heads * max(n, 1)))
+        outs, lses = [], []
+        for start in range(0, t, rows):
+            stop = min(t, start + rows)
+            if visible is not None:
+                mask = head_bias.masked_fill(~visible[..., start:stop, :], float("-inf"))
+            else:
+                mask = head_bias.expand(-1, -1, stop - start, -1)
+            o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query[:, :, start:stop], keys, values, 0.0, False, attn_mask=mask, scale=scaling)
+            outs.append(o)
+            lses.append(l)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        lse = (lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)).float()
+    else:
+        out, lse = _explicit(query, keys, values, visible, scaling, softcap, bias)
+    # rows that see no key (padding everywhere, masked): zeros and lse = -inf, as block_attention's
+    seen = torch.isfinite(bias).unsqueeze(2).repeat_interleave(heads // kv_heads, dim=1)  # [B, H, 1, n]
+    if visible is not None:
+        seen = seen & visible
+    none = ~seen.any(-1)
+    if bool(none.any()):
+        lse = lse.masked_fill(none, float("-inf"))
+        out = out.masked_fill(none.unsqueeze(-1), 0.0)
+    return out, lse
+
+
+def _explicit(query, keys, values, visible, scaling, softcap, bias=None):
     """Softmax attention written out (float32 logits), ``QUERY_CHUNK`` query rows at a time.
     Returns ``(out [B, H, T, D], lse [B, H, T])``."""
     outs, lses = [], []
     for start in range(0, query.shape[-2], QUERY_CHUNK):
         q = query[:, :, start:start + QUERY_CHUNK]
         logits = masked_logits(q, keys, None if visible is None else visible[..., start:start + q.shape[-2], :],
-                         scaling, softcap)  # [B, kv, g, tc, n]
+                               scaling, softcap)  # [B, kv, g, tc, n]
+        if bias is not None:
+            logits = logits + bias[:, :, None, None, :]
         lse = torch.logsumexp(logits, dim=-1)
         probs = torch.exp(logits - lse.unsqueeze(-1)).nan_to_num(0.0)  # rows seeing nothing: 0, not NaN
         b, kv, g, tc, n = probs.shape
@@ -226,7 +277,8 @@ def masked_logits(query, keys, visible, scaling, softcap) -> torch.Tensor:
 
 def mass_from_lse(query: torch.Tensor, keys: torch.Tensor,
                   visible: torch.Tensor | Callable[[int, int], torch.Tensor] | None, lse: torch.Tensor | None,
-                  scaling: float, softcap: float | None = None, per_query: bool = False) -> torch.Tensor:
+                  scaling: float, softcap: float | None = None, per_query: bool = False,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """Probability each key got from each query, ``exp(logit - lse)``, summed over the query heads of
     each KV head and over the queries: ``[B, kv_heads, n]`` float32 (``per_query``: one row per
     query, ``[B, kv_heads, T, n]``).
@@ -234,6 +286,7 @@ def mass_from_lse(query: torch.Tensor, keys: torch.Tensor,
     ``lse`` ``[B, H, T]`` is the attention call's own log-sum-exp; ``None`` normalizes over ``keys``
     (a plain softmax). ``visible`` (bool) is ``[B or 1, 1 or kv_heads, T, n]``, ``None`` (all), or a
     function ``(start, stop)`` giving the rows of queries ``start:stop`` (built one block at a time).
+    ``bias`` ``[B, kv_heads, n]`` is added to each KV head's logits (ragged heads, see :class:`TierStep`).
 
     Memory: the queries go in blocks of at most :data:`MASS_BLOCK_BYTES` of float32 logits, all
     computed in one reused buffer (in-place scaling, masking and ``exp``). One fresh tensor per block
@@ -256,6 +309,8 @@ def mass_from_lse(query: torch.Tensor, keys: torch.Tensor,
         logits = logits.mul_(scaling).view(b, kv_heads, groups, tc, n)
         if softcap:
             logits.div_(softcap).tanh_().mul_(softcap)
+        if bias is not None:
+            logits.add_(bias[:, :, None, None, :])
         if visible is not None:
             vis = visible(start, start + tc) if callable(visible) else visible[..., start:start + tc, :]
             logits.masked_fill_(~vis.unsqueeze(2), float("-inf"))
@@ -287,19 +342,23 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
 
 def tiered_attention(query: torch.Tensor, blocks: list["Block | LazyBlock"], keys: torch.Tensor, values: torch.Tensor,
                      mask: torch.Tensor | None, scaling: float, softcap: float | None = None,
-                     sinks: torch.Tensor | None = None, mass_rows: int = 0, per_query: bool = False):
+                     sinks: torch.Tensor | None = None, mass_rows: int = 0, per_query: bool = False,
+                     key_bias: torch.Tensor | None = None, fit_mask: bool = False):
     """Attention of ``query`` over ``blocks`` followed by ``keys``/``values``, merged exactly.
 
     ``mask`` (transformers', over every block then ``keys``; bool, additive float, or ``None``:
     blocks fully visible and ``keys`` causal, bottom-right aligned). ``sinks`` (``[heads]``, gpt-oss
     style) add ``exp(sink)`` to each softmax denominator. With ``mass_rows`` the newest query rows'
     probabilities over ``keys`` are returned too (:func:`mass_from_lse`, one row per query with
-    ``per_query``). Returns ``(out [B, H, T, D], mass or None)``.
+    ``per_query``). ``key_bias`` ``[B, kv_heads, n]`` is added to the logits of ``keys`` (ragged heads:
+    :class:`TierStep`). Returns ``(out [B, H, T, D], mass or None)``.
     """
     t = query.shape[-2]
     n_old = sum(block_tokens(b) for b in blocks)
     total = n_old + keys.shape[-2]
     visible = _visible(mask)
+    if fit_mask and visible is not None and visible.shape[-1] != total:  # another layer's past: all visible
+        visible = torch.cat([visible.new_ones(*visible.shape[:-1], total - t), visible[..., -t:]], dim=-1)
     if visible is not None and visible.shape[-1] != total:
         raise RuntimeError(f"kvbound attention: mask covers {visible.shape[-1]} keys, the tiers hold {total}")
     if visible is None and t > 1:  # causal over the newest keys, every older key visible
@@ -323,13 +382,13 @@ def tiered_attention(query: torch.Tensor, blocks: list["Block | LazyBlock"], key
         b, h = query.shape[:2]
         parts.append((torch.zeros_like(query), sinks.float().view(1, h, 1).expand(b, h, t)))
     vis = None if visible is None else visible[..., col:]
-    parts.append(block_attention(query, keys, values, vis, scaling, softcap))
+    parts.append(block_attention(query, keys, values, vis, scaling, softcap, key_bias))
     rows = min(mass_rows, t)
     if not rows:
         return merge(parts), None
     lse = torch.logsumexp(torch.stack([part_lse[..., t - rows:] for _, part_lse in parts]), dim=0)
     mass = mass_from_lse(query[:, :, t - rows:], keys, None if vis is None else vis[..., t - rows:, :], lse,
-                         scaling, softcap, per_query)
+                         scaling, softcap, per_query, key_bias)
     return merge(parts), mass
 
 
@@ -361,7 +420,7 @@ def kvbound_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
         softcap = softcap if softcap is not None else getattr(module, "attn_logit_softcapping", None)
         out, mass = tiered_attention(query, step.blocks, key, value, attention_mask, scaling, softcap,
                                      sinks=kwargs.get("s_aux"), mass_rows=step.rows if step.scored else 0,
-                                     per_query=step.per_query)
+                                     per_query=step.per_query, key_bias=step.key_bias, fit_mask=step.fit_mask)
     finally:
         if step.release is not None:
             step.release()

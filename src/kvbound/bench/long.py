@@ -106,6 +106,7 @@ def run_job(job: LongJob) -> dict[str, Any]:
         prefill_cpu_seconds=timings.prefill_cpu_seconds,
         cpu_seconds_per_token=timings.cpu_seconds_per_token,
         token_ids=tokens,
+        kept_tokens=memory.get("kept_tokens"),
         continuation=text,
         needle_found=(answer.lower() in text.lower()) if answer else None,
     )

@@ -11,7 +11,8 @@ from .base import KVBoundCache, PolicyLayer, nbytes
 from .registry import exact_policies, get_policy, register, registered
 
 # Neutral modules that hold shared pieces (no policy registers there); every other module is a policy.
-_SHARED = {"base", "channels", "checks", "codec", "evicting", "hooks", "hot_window", "model_info", "recall", "registry"}
+_SHARED = {"allocation", "base", "channels", "checks", "codec", "evicting", "hooks", "hot_window", "model_info", "recall", "registry",
+           "retrieval_heads"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel

@@ -18,17 +18,17 @@ import torch
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
-from .evicting import EvictingCache, EvictingOptions, EvictingLayer, attention_mass, gather_tokens, keep_top
+from .evicting import EvictingCache, EvictingLayer, ScoredOptions, attention_mass
 from .registry import register
 
 
 @dataclass
-class H2OOptions(EvictingOptions):
+class H2OOptions(ScoredOptions):
     recent: int | None = None  # newest tokens always kept; default budget // 2
 
 
 class H2OLayer(EvictingLayer):
-    batch_state = (*EvictingLayer.batch_state, "scores")
+    token_state = {"scores": 2}
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -47,18 +47,12 @@ class H2OLayer(EvictingLayer):
         if mass is None:
             mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap)
         old = self.scores if self.scores is not None else mass.new_zeros(*mass.shape[:2], 0)
-        scores = torch.cat([old, old.new_zeros(*old.shape[:2], mass.shape[-1] - old.shape[-1])], dim=-1) + mass
-        if keys.shape[-2] <= self.capacity:
-            self.scores = scores
-            return None
-        idx = keep_top(scores, self.capacity, protect_last=self.cache.options.recent)
-        self.scores = gather_tokens(scores, idx)
-        return idx
+        self.scores = torch.cat([old, old.new_zeros(*old.shape[:2], mass.shape[-1] - old.shape[-1])], dim=-1) + mass
+        return self.keep(self.scores, protect_last=self.cache.options.recent)  # the base gathers self.scores too
 
 
 @register("h2o", "lossy: H2O (Zhang et al. 2023) -- heavy hitters by accumulated attention + `recent` newest tokens",
-          exact=False, options=H2OOptions, beams=True,
-          paper="Zhang et al. 2023, https://arxiv.org/abs/2306.14048")
+          exact=False, options=H2OOptions, beams=True, paper="Zhang et al. 2023, https://arxiv.org/abs/2306.14048")
 class H2OCache(EvictingCache):
     layer_cls = H2OLayer
 
@@ -70,3 +64,6 @@ class H2OCache(EvictingCache):
         if opts.recent > budget:
             raise KVBoundError(f"h2o option recent must be <= budget ({budget}), got {opts.recent}")
         super().__init__(model, budget, opts)
+
+    def protected_tokens(self) -> int:
+        return self.options.recent

@@ -38,12 +38,12 @@ import torch.nn.functional as F
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
-from .evicting import EvictingCache, EvictingOptions, EvictingLayer, attention_mass, keep_top, pool_votes
+from .evicting import EvictingCache, EvictingLayer, ScoredOptions, attention_mass, pool_votes
 from .registry import register
 
 
 @dataclass
-class SnapKVOptions(EvictingOptions):
+class SnapKVOptions(ScoredOptions):
     window: int = 32  # observation window: newest queries that vote (and tokens always kept)
     kernel: int = 7  # max-pooling kernel over the votes (odd; 1 disables pooling)
 
@@ -56,7 +56,7 @@ def snapkv_scores(votes: torch.Tensor, protect: int, kernel: int) -> torch.Tenso
 
 
 class SnapKVLayer(EvictingLayer):
-    batch_state = (*EvictingLayer.batch_state, "votes")
+    token_state = {"votes": 3}
     per_query_mass = True
 
     def __init__(self, *args: Any) -> None:
@@ -78,23 +78,19 @@ class SnapKVLayer(EvictingLayer):
         if mass is None:  # no tiered attention: the step's rows are scored here
             mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap,
                                   per_query=True)
+        mass = mass[..., -window:, :]  # cake may have asked for more rows than the window
         ring, n = mass, keys.shape[-2]  # [B, kv_heads, rows, n]
         keep_old = window - mass.shape[-2]
         if self.votes is not None and keep_old > 0:
             old = self.votes[..., -keep_old:, :]  # the step's new keys come after these queries: no votes
             ring = torch.cat([F.pad(old, (0, n - old.shape[-1])), mass], dim=-2)
-        if n <= self.capacity:
-            self.votes = ring
-            return None
-        scores = snapkv_scores(ring.sum(dim=-2), min(window, self.capacity), self.cache.options.kernel)
-        idx = keep_top(scores, self.capacity)
-        self.votes = ring.gather(-1, idx.unsqueeze(-2).expand(*ring.shape[:-1], idx.shape[-1]))
-        return idx
+        self.votes = ring  # the base gathers the kept columns
+        protect = min(window, self.capacity)
+        return self.keep(snapkv_scores(ring.sum(dim=-2), protect, self.cache.options.kernel), protect_last=protect)
 
 
 @register("snapkv", "lossy: SnapKV (Li et al. 2024) -- the last `window` queries vote (max-pooled) for tokens to keep",
-          exact=False, options=SnapKVOptions, beams=True,
-          paper="Li et al. 2024, https://arxiv.org/abs/2404.14469")
+          exact=False, options=SnapKVOptions, beams=True, paper="Li et al. 2024, https://arxiv.org/abs/2404.14469")
 class SnapKVCache(EvictingCache):
     layer_cls = SnapKVLayer
 
@@ -105,3 +101,6 @@ class SnapKVCache(EvictingCache):
         if opts.kernel % 2 == 0:
             raise KVBoundError(f"snapkv option kernel must be odd (same-length pooling), got {opts.kernel}")
         super().__init__(model, budget, opts)
+
+    def protected_tokens(self) -> int:
+        return self.options.window

@@ -1,0 +1,155 @@
+"""``allocation``: budgets over layers and heads at equal bytes (:mod:`kvbound.cache.allocation`).
+
+Each variant is a policy with options in the bench's variant syntax (``snapkv``,
+``snapkv:allocation=ada``, ``snapkv:allocation=pyramid``, ``razor:fraction=0.15``). Every run is a
+fresh process (:func:`kvbound.bench.long.spawn`: the haystack prompt with its needle, RSS of the
+process, decode time per token, the bytes held, the tokens each KV head kept), at every
+``--lengths`` x ``--budgets`` (a fraction in (0, 1] is that share of the prompt).
+``--perplexity-tokens N`` also measures the perplexity of each variant over the first N tokens of the
+built-in corpus (in the bench process). The page shows ratios against the first variant of each
+length and budget, and one heatmap per run (layer x KV head, tokens kept).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from ...errors import KVBoundError
+from ..render import meta_section
+from ..runner import Context, policy_name, policy_options, positive_ints
+
+NEEDS_MODEL = False
+DEFAULT_BUDGETS = "512"
+
+SUMMARY = "per-layer / per-head budgets (uniform, pyramid, ada, cake, razor) at equal bytes: bytes, RSS, speed, heatmaps"
+
+
+def add_arguments(group) -> None:
+    group.add_argument("--perplexity-tokens", type=int, default=0, metavar="N",
+                       help="allocation: also the perplexity of each variant over N corpus tokens (default: 0 = no)")
+
+
+def options(args) -> dict[str, Any]:
+    if args.perplexity_tokens < 0:
+        raise KVBoundError(f"--perplexity-tokens must be >= 0, got {args.perplexity_tokens}")
+    lengths = positive_ints(args.lengths, "lengths") if args.lengths else [7500]
+    return {"model": args.model, "variants": args.policy_list, "lengths": lengths,
+            "budgets": [b.value for b in args.budget_list], "new_tokens": args.new_tokens or 16,
+            "prefill_chunk": args.prefill_chunk, "threads": args.threads, "perplexity_tokens": args.perplexity_tokens}
+
+
+def run(ctx: Context) -> None:
+    from ..long import LongJob, spawn
+
+    o, out = ctx.options, ctx.results.dir
+    for tokens in o["lengths"]:
+        for b in o["budgets"]:
+            budget = int(b * tokens) if b <= 1 else int(b)
+            for variant in o["variants"]:
+                policy = policy_name(variant)
+                job = LongJob(o["model"], policy, tokens, None if policy == "full" else budget, o["new_tokens"],
+                              o["prefill_chunk"], o["threads"], policy_options(variant))
+                load_before = os.getloadavg()[0]
+                record = spawn(job, getattr(ctx.args, "timeout", 3600))
+                record.update(variant=variant, budget_arg=b, loadavg_before=load_before, loadavg_after=os.getloadavg()[0])
+                record.pop("token_ids", None)
+                if record.get("kept_tokens") and policy != "full":
+                    name = f"heatmap-{variant.replace(':', '_').replace('=', '-').replace(',', '_')}-{tokens}-{budget}.png"
+                    heatmap(record["kept_tokens"], out / name, f"{variant}, {tokens} tokens, budget {budget}")
+                    record["heatmap"] = name
+                ctx.save_run(record)
+    if o["perplexity_tokens"]:
+        variants = [v for v in o["variants"] if policy_name(v) != "full"]
+        budgets = [b for b in o["budgets"] if b > 1]
+        ctx.results.set_extra("perplexity", _perplexity(o["model"], variants, budgets, o["perplexity_tokens"],
+                                                        o["threads"]))
+
+
+def heatmap(kept: list[list[int]], path: Path, title: str) -> None:
+    """Tokens kept per (layer, KV head) as a PNG (rows: layers, bottom first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in kept if r]
+    fig, ax = plt.subplots(figsize=(2 + 0.5 * max(len(r) for r in rows), 1.5 + 0.18 * len(rows)))
+    im = ax.imshow(rows, aspect="auto", origin="lower", cmap="viridis")
+    ax.set_xlabel("KV head")
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="tokens kept")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+
+def _perplexity(model_name: str, variants: list[str], budgets: list[float], tokens: int, threads: int | None
+                ) -> list[dict[str, Any]]:
+    import torch
+
+    from ...cache import make_cache
+    from ...models import load
+    from ...quality.corpus import book_text
+    from ...quality.perplexity import perplexity
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load(model_name)
+    ids = tokenizer(book_text(), return_tensors="pt")["input_ids"][:, :tokens]
+    out = []
+    for budget in budgets:
+        for variant in variants:
+            start = time.perf_counter()
+            cache = make_cache(model, policy_name(variant), int(budget), **policy_options(variant))
+            result = perplexity(model, ids, cache)
+            out.append({"variant": variant, "budget": int(budget), "tokens": ids.shape[-1],
+                        "perplexity": result.perplexity, "seconds": time.perf_counter() - start,
+                        "hot_kv_bytes": cache.memory_report()["hot_kv_bytes"]})
+    return out
+
+
+def render(data: dict[str, Any], out: Path) -> tuple[str, list[str]]:
+    """One row per run, ratios against the first variant at the same length and budget; the heatmaps."""
+    runs = data.get("runs", [])
+    model = data["meta"].get("options", {}).get("model") or data["meta"].get("model", "?")
+    lines = [f"# Allocation bench: {model}", "", meta_section(data), "",
+             "Decode CPU s/token is the process's CPU time per decoded token: on a shared box the wall time "
+             "(s/token) mostly measures how much of a core the run got.", "",
+             "| tokens | budget | variant | needle | hot K/V bytes | × first | RSS added | × first | decode s/token "
+             "| decode CPU s/token | × first | prefill CPU s | load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base: dict[tuple[Any, Any], dict[str, Any]] = {}
+    plots = []
+    for r in runs:
+        key = (r.get("tokens"), r.get("budget_arg"))
+        if r.get("status") != "ok":
+            lines.append(f"| {r.get('tokens')} | {r.get('budget')} | {r.get('variant')} | error: {r.get('reason')} |"
+                         " | | | | | | | | |")
+            continue
+        ref = base.setdefault(key, r)
+
+        def ratio(k: str) -> str:
+            return f"{r[k] / ref[k]:.3f}" if ref.get(k) else "—"
+
+        lines.append(f"| {r['tokens']} | {r.get('budget')} | {r['variant']} | {r.get('needle_found')} | "
+                     f"{r['hot_kv_bytes']:,} | {ratio('hot_kv_bytes')} | {r['rss_added_bytes'] / 2**20:.1f} MiB | "
+                     f"{ratio('rss_added_bytes')} | {r['seconds_per_token']:.3f} | {r['cpu_seconds_per_token']:.4f} | "
+                     f"{ratio('cpu_seconds_per_token')} | {r['prefill_cpu_seconds']:.1f} | {r.get('loadavg_before', 0):.1f} |")
+        if r.get("kept_tokens") and r.get("heatmap"):
+            heatmap(r["kept_tokens"], out / r["heatmap"], f"{r['variant']}, {r['tokens']} tokens, budget {r.get('budget')}")
+            plots.append(r["heatmap"])
+    ppl = data.get("extra", {}).get("perplexity") or data["meta"].get("perplexity")
+    if ppl:
+        lines += ["", "## Perplexity (built-in corpus)", "", "| budget | variant | tokens | perplexity | hot K/V bytes |",
+                  "|---|---|---|---|---|"]
+        for p in ppl:
+            lines.append(f"| {p['budget']} | {p['variant']} | {p['tokens']} | {p['perplexity']:.3f} | "
+                         f"{p['hot_kv_bytes']:,} |")
+    if plots:
+        lines += ["", "## Tokens kept per layer and KV head", ""] + [f"![{p}]({p})" for p in plots]
+    return "\n".join(lines) + "\n", plots

@@ -1,0 +1,308 @@
+"""Budgets over layers and heads (kvbound.cache.allocation) and ragged heads (kvbound.cache.evicting)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.cache_utils import DynamicCache
+
+import kvbound
+from kvbound.cache.allocation import Kept, cake_capacities, choose, head_counts, pyramid_capacities
+from kvbound.cache.evicting import lengths_mask, pack, unpack
+from kvbound.errors import KVBoundError
+from conftest import FAMILIES, prompt_ids, run_greedy, tiny
+
+# --------------------------------------------------------------------------- the formulas
+
+
+def naive_ada(scores: torch.Tensor, capacity: int, floor: float) -> list[set[int]]:
+    """Ada-KV by the formula, one head at a time: n_h of the layer's top H*capacity scores fall in
+    head h; it keeps its own top round((1 - floor) n_h + floor capacity)."""
+    h, n = scores.shape
+    flat = sorted(((float(scores[i, j]), i, j) for i in range(h) for j in range(n)), reverse=True)[:h * capacity]
+    n_h = [sum(1 for _, i, _ in flat if i == head) for head in range(h)]
+    want = [(1 - floor) * n_h[i] + floor * capacity for i in range(h)]
+    counts = [int(w) for w in want]
+    for i in sorted(range(h), key=lambda i: want[i] - counts[i], reverse=True)[:h * capacity - sum(counts)]:
+        counts[i] += 1
+    return [set(scores[i].argsort(descending=True)[:counts[i]].tolist()) for i in range(h)]
+
+
+@pytest.mark.parametrize("floor", [0.0, 0.2, 0.5])
+def test_ada_matches_the_formula(floor):
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.rand(1, 4, 30, generator=gen) ** torch.tensor([1.0, 4.0, 0.3, 2.0]).view(1, 4, 1)
+    kept = choose(scores, 8, "ada", floor)
+    assert isinstance(kept, Kept)
+    assert int(kept.counts.sum()) == 4 * 8  # the layer holds exactly heads x capacity
+    got = [set(kept.mask[0, i].nonzero().flatten().tolist()) for i in range(4)]
+    assert got == naive_ada(scores[0], 8, floor)
+    assert len(set(kept.counts[0].tolist())) > 1  # heads really differ
+
+
+def test_ada_keeps_protected_and_ignores_padding():
+    scores = torch.rand(2, 3, 20, generator=torch.Generator().manual_seed(4))
+    valid = torch.ones(2, 3, 20, dtype=torch.bool)
+    valid[:, 1, 10:16] = False  # head 1 holds fewer tokens: padding before the step's new tokens
+    kept = choose(scores, 6, "ada", 0.2, valid, protect_last=3)
+    assert not bool((kept.mask & ~valid).any())
+    assert bool(kept.mask[..., -3:].all())
+    assert kept.counts.sum(-1).tolist() == [18, 18]
+
+
+def test_uniform_is_the_old_top_k():
+    scores = torch.rand(1, 2, 12, generator=torch.Generator().manual_seed(5))
+    idx = choose(scores, 5, "uniform")
+    assert torch.equal(idx, scores.topk(5, dim=-1).indices.sort(dim=-1).values)
+    assert choose(scores, 12, "uniform") is None
+
+
+def test_pyramid_and_cake_capacities_keep_the_total():
+    caps = pyramid_capacities(100, 6, 20.0)
+    assert sum(caps) == 600 and caps == sorted(caps, reverse=True) and caps[-1] == 5
+    assert sum(pyramid_capacities(100, 6, 20.0, n=150, window=8)) == 600  # short context: capped at n - window
+    assert max(pyramid_capacities(100, 6, 20.0, n=150, window=8)) == 142
+    caps = cake_capacities([1.0, 3.0, 0.5, 0.5], 50, 8)
+    assert sum(caps) == 200 and min(caps) >= 8 and caps[1] == max(caps)
+    capped = cake_capacities([1.0, 30.0, 1.0], 50, 8, limit=60)
+    assert sum(capped) == 150 and max(capped) == 60
+
+
+def test_pack_unpack_round_trip():
+    lengths = torch.tensor([[3, 1, 4], [2, 2, 0]])
+    mask = lengths_mask(lengths, 4)
+    x = torch.randn(2, 3, 4, 5)
+    flat = pack(x, mask)
+    assert flat.shape == (12, 5)
+    back = unpack(flat, mask)
+    torch.testing.assert_close(back[mask], x[mask])
+    votes = torch.randn(2, 3, 7, 4)  # tokens on dim 3
+    torch.testing.assert_close(unpack(pack(votes, mask, 3), mask, 3)[..., :1, :][mask.unsqueeze(2)],
+                               votes[..., :1, :][mask.unsqueeze(2)])
+
+
+# --------------------------------------------------------------------------- ragged attention
+
+
+def _masked_reference(kept: dict[int, torch.Tensor]):
+    """A transformers attention function over the full K/V that masks, per KV head, every past
+    token the ragged cache dropped (``kept[layer]`` ``[B, kv_heads, n]`` bool over the past)."""
+
+    def forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kw):
+        b, heads, t, d = query.shape
+        kv = key.shape[1]
+        n = key.shape[-2]
+        if n != kept[module.layer_idx].shape[-1] + 1:  # a sliding layer: the window's suffix, as kvbound keeps
+            vis = torch.ones(1, 1, 1, n, dtype=torch.bool)
+        else:  # the next step: per head, the tokens the ragged cache kept, plus the new one
+            seen = kept[module.layer_idx]
+            vis = torch.cat([seen, torch.ones(b, kv, n - seen.shape[-1], dtype=torch.bool)], -1)
+            vis = vis.repeat_interleave(heads // kv, dim=1).unsqueeze(2)  # [B, H, 1, n]
+        k = key.repeat_interleave(heads // kv, dim=1).float()
+        v = value.repeat_interleave(heads // kv, dim=1).float()
+        logits = query.float() @ k.transpose(-1, -2) * (scaling or d ** -0.5)
+        cap = softcap or getattr(module, "attn_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        probs = torch.softmax(logits.masked_fill(~vis, float("-inf")), -1)
+        return (probs @ v).to(query.dtype).transpose(1, 2).contiguous(), None
+
+    return forward
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_ragged_heads_attend_like_masked_full_kv(name):
+    """After an ``ada`` prefill (ragged heads), the next step's logits equal those of the full K/V
+    with every dropped token masked out, per head (float rounding)."""
+    model = tiny(name)
+    ids = prompt_ids(40, seed=7)
+    cache = kvbound.make_cache(model, "snapkv", 12, window=4, allocation="ada")
+    model(ids, past_key_values=cache, use_cache=True)
+    assert any(layer.lengths is not None for layer in cache.layers), "the selection should be ragged"
+    kept = {}
+    for i, layer in enumerate(cache.layers):
+        if layer.lengths is not None:
+            pos = unpack(layer.positions, lengths_mask(layer.lengths, layer.width), 2, -1)
+        else:
+            pos = layer.positions
+        vis = torch.zeros(1, pos.shape[1], 41, dtype=torch.bool)  # column 40 takes the padding
+        vis.scatter_(2, pos.masked_fill(pos < 0, 40), True)
+        kept[i] = vis[..., :40]
+    nxt = torch.tensor([[17]])
+    out = model(nxt, past_key_values=cache, use_cache=True).logits
+    held = sum(int(layer.lengths.sum()) if layer.lengths is not None else layer.keys.shape[1] * layer.keys.shape[2]
+               for layer in cache.layers)
+    assert cache.memory_report()["hot_kv_bytes"] == held * 2 * cache.layers[0].keys.shape[-1] * 4
+
+    AttentionInterface.register("kvbound_test_masked", _masked_reference(kept))
+    before = model.config._attn_implementation
+    full = DynamicCache(config=model.config)
+    model(ids, past_key_values=full, use_cache=True)  # the prefill as the ragged cache saw it (all tokens)
+    try:
+        model.set_attn_implementation("kvbound_test_masked")
+        ref = model(nxt, past_key_values=full, use_cache=True).logits
+    finally:
+        model.set_attn_implementation(before)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
+def test_ada_holds_heads_x_budget_while_decoding(policy):
+    model = tiny("tiny-mha")
+    cache = kvbound.make_cache(model, policy, 10, allocation="ada")
+    run_greedy(model, prompt_ids(30), cache, 12)
+    report = cache.memory_report()
+    for layer, counts in zip(cache.layers, report["kept_tokens"]):
+        assert sum(counts) == 4 * 10
+    assert report["allocation"] == "ada"
+    d = cache.layers[0].keys.shape[-1]
+    assert report["hot_kv_bytes"] == sum(map(sum, report["kept_tokens"])) * 2 * d * 4
+
+
+def test_pyramid_and_cake_spread_layers_at_the_same_total():
+    model = tiny("tiny-llama")
+    totals = {}
+    for alloc, extra in [("uniform", {}), ("pyramid", {"pyramid_beta": 4}), ("cake", {"cake_window": 4})]:
+        cache = kvbound.make_cache(model, "snapkv", 16, window=4, allocation=alloc, **extra)
+        run_greedy(model, prompt_ids(50), cache, 6)
+        kept = cache.memory_report()["kept_tokens"]
+        totals[alloc] = sum(map(sum, kept))
+        if alloc == "pyramid":
+            assert [c[0] for c in kept] == sorted((c[0] for c in kept), reverse=True) and kept[0][0] > kept[-1][0]
+        if alloc == "cake":
+            assert len(cache.cake_prefs) == len(cache.layers)
+    assert totals["pyramid"] == totals["uniform"] and abs(totals["cake"] - totals["uniform"]) <= 0.02 * totals["uniform"]
+
+
+def test_ada_with_codec_beams_and_chunks():
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, "h2o", 10, allocation="ada", codec="int8")
+    run_greedy(model, prompt_ids(30), cache, 6)
+    assert sum(map(sum, cache.memory_report()["kept_tokens"])) == len(cache.layers) * 2 * 10
+    cache = kvbound.make_cache(model, "snapkv", 10, window=4, allocation="ada")
+    out = model.generate(prompt_ids(30), past_key_values=cache, max_new_tokens=5, num_beams=3, do_sample=False)
+    assert out.shape[-1] == 35
+    from kvbound.generation import prefill
+    cache = kvbound.make_cache(model, "snapkv", 10, window=4, allocation="ada")
+    prefill(model, prompt_ids(40), cache, chunk=12)
+    assert all(sum(c) <= 20 for c in cache.memory_report()["kept_tokens"])
+
+
+@pytest.mark.parametrize("options,match", [
+    ({"allocation": "triangle"}, "allocation must be one of uniform, pyramid, ada, cake"),
+    ({"allocation": "pyramid", "pyramid_beta": 40}, "below the floor"),
+    ({"allocation": "ada", "ada_floor": 1.5}, "ada_floor"),
+    ({"allocation": "ada", "ada_floor": 0.01}, "floor"),
+])
+def test_bad_allocations_are_one_line_errors(options, match):
+    with pytest.raises(KVBoundError, match=match):
+        kvbound.make_cache(tiny("tiny-llama"), "snapkv", 16, **options)
+
+
+def test_ada_needs_kvbound_attention():
+    with pytest.raises(KVBoundError, match="needs kvbound's attention"):
+        kvbound.make_cache(tiny("tiny-llama", "eager"), "h2o", 16, allocation="ada")
+
+
+# --------------------------------------------------------------------------- razor
+
+
+@pytest.fixture
+def kv_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBOUND_HOME", str(tmp_path))
+    return tmp_path
+
+
+def _held(layer, name):
+    value = getattr(layer, name)
+    if layer.lengths is None:
+        return value
+    return unpack(value, lengths_mask(layer.lengths, layer.width), 2, -1 if name == "positions" else 0)
+
+
+@torch.no_grad()
+def test_razor_compensation_token_is_the_weighted_mean_of_what_was_dropped(kv_home):
+    """A prefill then two steps (the merge runs three times, the later ones weighted by what the
+    token already stands for): each non-retrieval head holds sinks + recent + one token whose K/V
+    is the plain mean of every token it dropped, weight = how many."""
+    model = tiny("tiny-llama")
+    ids = prompt_ids(50, seed=2)
+    cache = kvbound.make_cache(model, "razor", 24, threshold=0.0, fraction=0.34, sinks=2)
+    model(ids[:, :46], past_key_values=cache)
+    for j in range(46, 50):
+        model(ids[:, j:j + 1], past_key_values=cache)
+    full = DynamicCache(config=model.config)
+    model(ids, past_key_values=full)
+    cap_r, recent = cache.head_capacities(50)
+    assert cap_r == 50 and recent == 8
+    checked = 0
+    for i, layer in enumerate(cache.layers):
+        pos, keys, values, weight = (_held(layer, name) for name in ("positions", "keys", "values", "weight"))
+        for h in range(pos.shape[1]):
+            n = int((pos[0, h] >= 0).sum())
+            if bool(cache.retrieval[i][h]):
+                assert pos[0, h, :n].tolist() == list(range(50))  # the whole context
+                continue
+            assert n == 2 + recent + 1
+            comp = int(weight[0, h].argmax())
+            others = set(pos[0, h, :n].tolist()) - {int(pos[0, h, comp])}
+            assert others == {0, 1, *range(50 - recent, 50)}
+            dropped = list(range(2, 50 - recent))
+            assert int(weight[0, h, comp]) == len(dropped) and max(dropped) == int(pos[0, h, comp])
+            torch.testing.assert_close(keys[0, h, comp], full.layers[i].keys[0, h, dropped].mean(0), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(values[0, h, comp], full.layers[i].values[0, h, dropped].mean(0), rtol=1e-4,
+                                       atol=1e-5)
+            checked += 1
+    assert checked
+    assert cache.memory_report()["hot_kv_bytes"] == 3 * 2 * 24 * 2 * 16 * 4  # heads x budget, exactly
+
+
+def test_tiered_attention_bias_is_a_logit_offset():
+    from kvbound.attention import tiered_attention
+    q, k, v = torch.randn(1, 4, 2, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    bias = torch.zeros(1, 2, 6)
+    bias[0, 0, 1] = float("-inf")
+    bias[0, 1, 2] = 1.5
+    out, _ = tiered_attention(q, [], k, v, torch.ones(1, 1, 2, 6, dtype=torch.bool), 0.3, key_bias=bias)
+    logits = q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.3 + bias.repeat_interleave(2, 1).unsqueeze(2)
+    ref = torch.softmax(logits, -1) @ v.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, ref)
+
+
+def test_razor_head_map_is_cached_and_rebuilt_when_corrupt_or_stale(kv_home):
+    import json
+    from kvbound.cache.retrieval_heads import map_path
+    model = tiny("tiny-mha")
+    kvbound.make_cache(model, "razor", 16, threshold=0.0)
+    path = map_path(model)
+    assert path.exists() and path.is_relative_to(kv_home)
+    path.write_text("{not json")
+    with pytest.warns(UserWarning, match="was corrupt.*rebuilt"):
+        kvbound.make_cache(model, "razor", 16, threshold=0.0)
+    data = json.loads(path.read_text())
+    data["fingerprint"] = "0" * 32
+    path.write_text(json.dumps(data))
+    with pytest.warns(UserWarning, match="was stale.*rebuilt"):
+        kvbound.make_cache(model, "razor", 16, threshold=0.0)
+
+
+@pytest.mark.parametrize("options,match", [
+    ({}, "found 0 retrieval head"),  # random weights: no head above 2x chance
+    ({"threshold": 0.0, "recent": 20}, "below the floors"),
+    ({"threshold": 0.0, "fraction": 2}, "fraction"),
+])
+def test_razor_bad_input(kv_home, options, match):
+    with pytest.raises(KVBoundError, match=match):
+        kvbound.make_cache(tiny("tiny-mha"), "razor", 16, **options)
+
+
+def test_razor_with_codec_and_beams(kv_home):
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, "razor", 16, threshold=0.0, fraction=0.34, codec="int8")
+    run_greedy(model, prompt_ids(40), cache, 6)
+    assert sum(map(sum, cache.memory_report()["kept_tokens"])) == 3 * 2 * 16
+    cache = kvbound.make_cache(model, "razor", 16, threshold=0.0, fraction=0.34)
+    out = model.generate(prompt_ids(30), past_key_values=cache, max_new_tokens=4, num_beams=2, do_sample=False)
+    assert out.shape[-1] == 34
