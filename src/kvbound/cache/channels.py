@@ -130,9 +130,6 @@ class ThinKMixin:
     def held(self) -> int:
         return super().held() + self._pruned()
 
-    def past_visible(self) -> int:
-        return super().past_visible() + self._pruned()
-
     # -- the observation window ------------------------------------------------------------
     def observe_input(self, hidden_states: torch.Tensor, kwargs: dict) -> None:
         super().observe_input(hidden_states, kwargs)

@@ -54,3 +54,6 @@ class ThinKCache(EvictingCache):
         opts = self.parse_options(options)
         check_int(opts.window, "window", "think", 1)
         super().__init__(model, None, opts)  # think_ratio checks ratio; the budget is ignored (every token kept)
+
+    def layer_capacity(self, layer_idx: int, seen: int) -> int:
+        return sys.maxsize  # no budget: every token kept
