@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -504,3 +505,21 @@ def test_serve_parking_scenario(tmp_path):
     hot, parked = data["runs"]
     assert hot["label"] == "unbounded" and parked["stats"]["parks"] > 0
     assert data["extra"]["summary"]["identical_replies"] == data["extra"]["summary"]["replies"] == 4
+
+
+@pytest.mark.long
+def test_cluster_scenario(tmp_path):
+    """Ray Serve with 2 tiny replicas and a real Redis, one killed halfway: nothing lost, replies identical."""
+    for module in ("ray", "redis", "openai", "uvicorn"):
+        pytest.importorskip(module)
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    args = _args(tmp_path, "--scenario", "cluster", "--model", "tiny-llama", "--conversations", "4", "--turns", "2",
+                 "--max-new-tokens", "2", "--clients", "2", "--throughput-conversations", "2")
+    assert bench_cli.run(args) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["kind"] for r in data["runs"]] == ["reference", "failover", "throughput", "throughput"]
+    failover = data["runs"][1]
+    assert failover["conversations_lost"] == 0 and failover["replies_identical"] == 8
+    assert failover["killed"]["at_request"] >= 4
+    assert "Speed-up, 2 replicas / 1" in (tmp_path / "out" / "report.md").read_text()

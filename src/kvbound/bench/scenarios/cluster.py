@@ -58,7 +58,7 @@ def add_arguments(group) -> None:
 def options(args) -> dict[str, Any]:
     from ...serve.config import parse_size
 
-    s = {"model": args.model, "conversations": 1000 if args.conversations is None else args.conversations,
+    s = {"policies": ["full"], "model": args.model, "conversations": 1000 if args.conversations is None else args.conversations,
          "turns": args.turns or 3, "max_tokens": args.new_tokens, "replicas": args.replicas, "clients": args.clients,
          "threads": args.threads or 1, "memory_budget": args.memory_budget,
          "throughput_conversations": args.throughput_conversations}
