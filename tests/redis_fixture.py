@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from kvbound.bench.cluster import free_port, spawn_redis
+from kvbound.bench.scenarios.cluster import free_port, spawn_redis
 
 __all__ = ["free_port", "redis_server"]
 

@@ -6,6 +6,7 @@ import argparse
 import functools
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -364,6 +365,22 @@ SYNTHETIC = {
         for label, budget, share, hot in (("unbounded", None, 2**20, 2), ("budgeted", 2**17, 2**17, 0))],
         options={"model": "tiny", "policy": "full", "budget": None, "conversations": 2, "turns": 2, "max_tokens": 2,
                  "hot_fraction": 0.1, "threads": 1}),
+    "cluster": _synthetic("cluster", [
+        {"status": "ok", "kind": "reference", "requests": 8, "seconds": 4.0, "requests_per_s": 2.0},
+        {"status": "ok", "kind": "failover", "replicas": 2, "requests": 8, "seconds": 2.0, "requests_per_s": 4.0,
+         "killed": {"at_request": 4, "replica": "r1"}, "conversations_lost": 1, "lost_examples": ["APIError: 503"],
+         "replies_identical": 6, "conversations_differing": 0, "memory_budget_bytes": 2**20,
+         "per_replica": {"r1": {"rss_after_load": 2**28, "peak_rss": 2**28 + 2**19, "requests_served": 4,
+                                "restores": 1, "shared_restores": 0, "peak_over_load_plus_budget": 0.998},
+                         "r2": {"rss_after_load": 2**28, "peak_rss": 2**28 + 2**20, "requests_served": 3,
+                                "restores": 2, "shared_restores": 1, "peak_over_load_plus_budget": 1.0}},
+         "end_totals": {}},
+        {"status": "ok", "kind": "throughput", "replicas": 1, "requests": 4, "seconds": 2.0, "requests_per_s": 2.0,
+         "loadavg": [1.0, 1.0, 1.0]},
+        {"status": "ok", "kind": "throughput", "replicas": 2, "requests": 4, "seconds": 1.25, "requests_per_s": 3.2,
+         "loadavg": [1.5, 1.0, 1.0]}],
+        options={"model": "tiny", "conversations": 4, "turns": 2, "max_tokens": 2, "replicas": 2, "clients": 2,
+                 "threads": 1, "memory_budget": "1MiB", "throughput_conversations": 2}),
     "kernel-rows": _synthetic("kernel-rows", [
         {"tokens": 256, "rows_per_kv_head": 3, "status": "ok", "dequantize_ms": 2.0, "kernel_ms": 1.0,
          "kernel_over_dequantize": 0.5, "fp32_attention_ms": 0.5}], {"kernel": {"available": True, "max_rows": 12}}),
@@ -381,8 +398,21 @@ def test_renderers_on_synthetic_results(tmp_path, scenario):
     assert "`kvbound bench --scenario" in text and "`abc123`" in text and "[2.0, 1.0, 1.0]" in text
     numbers = {"decode": "4.00×", "prefill": "0.75×", "recompute-error": "| yes |", "kernel-rows": "0.50",
                "quantization": "| `kivi:bits=4` | – | no | 10.500 | +5.00% | 0.25 | 0.250 | 50% | 2.00× |",
-               "serve-parking": "budgeted / unbounded: 0.125×"}
+               "serve-parking": "budgeted / unbounded: 0.125×",
+               "cluster": "Speed-up, 2 replicas / 1: 1.60x"}
     assert numbers[scenario] in text
+    if scenario == "cluster":
+        assert "Conversations lost: 1** of 4. First: APIError: 503" in text and "| r2 | 3 | 2 (1) | 256.0 MiB | 257.0 MiB" in text
+
+
+def test_cluster_options_fail_before_anything_starts(tmp_path):
+    """Bad ``cluster`` options are one-line errors before Ray, Redis or a model start."""
+    for extra, match in ((["--memory-budget", "lots"], "memory size 'lots'"), (["--replicas", "0"], "--replicas"),
+                         (["--policies", "window"], "policy full only")):
+        args = _args(tmp_path, "--scenario", "cluster", *extra)
+        with pytest.raises(KVBoundError, match=match):
+            bench_cli.run(args)
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_all_writes_pages_plots_and_an_index(tmp_path):
@@ -475,3 +505,21 @@ def test_serve_parking_scenario(tmp_path):
     hot, parked = data["runs"]
     assert hot["label"] == "unbounded" and parked["stats"]["parks"] > 0
     assert data["extra"]["summary"]["identical_replies"] == data["extra"]["summary"]["replies"] == 4
+
+
+@pytest.mark.long
+def test_cluster_scenario(tmp_path):
+    """Ray Serve with 2 tiny replicas and a real Redis, one killed halfway: nothing lost, replies identical."""
+    for module in ("ray", "redis", "openai", "uvicorn"):
+        pytest.importorskip(module)
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    args = _args(tmp_path, "--scenario", "cluster", "--model", "tiny-llama", "--conversations", "4", "--turns", "2",
+                 "--max-new-tokens", "2", "--clients", "2", "--throughput-conversations", "2")
+    assert bench_cli.run(args) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r["kind"] for r in data["runs"]] == ["reference", "failover", "throughput", "throughput"]
+    failover = data["runs"][1]
+    assert failover["conversations_lost"] == 0 and failover["replies_identical"] == 8
+    assert failover["killed"]["at_request"] >= 4
+    assert "Speed-up, 2 replicas / 1" in (tmp_path / "out" / "report.md").read_text()

@@ -55,7 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts-dir", default=None, metavar="DIR",
                         help="use every *.txt in DIR as a prompt (answers.json may map a name to a needle answer)")
     parser.add_argument("--turns", type=int, default=None,
-                        help="multiturn, serve-parking: turns per conversation (default: 20, 10)")
+                        help="multiturn, serve-parking, cluster: turns per conversation (default: 20, 10, 3)")
+    parser.add_argument("--conversations", type=int, default=None,
+                        help="serve-parking, cluster: conversations played (default: 50, 1000)")
     parser.add_argument("--lengths", default=None,
                         help="context lengths in tokens (latency, needle, long, decode, prefill; each has its default)")
     parser.add_argument("--chunk", type=int, default=None, metavar="C",
@@ -71,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model precision; every policy, the reference `full` included, runs in it "
                              "(default: float32)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs)")
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs; "
+                             "serve-parking, cluster: per server / replica, default 2, 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output directory (default: {DEFAULT_OUT}; report: beside each results.json)")

@@ -27,6 +27,7 @@ SCENARIOS: dict[str, str] = {  # name (what results.json stores as "scenario") -
     "kernel-rows": "kernel_rows",
     "serve-parking": "serve_parking",
     "allocation": "allocation",
+    "cluster": "cluster",
 }
 
 

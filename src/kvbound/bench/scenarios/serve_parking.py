@@ -36,7 +36,6 @@ SUMMARY = "kvbound serve with and without a memory budget: RSS, identical replie
 
 
 def add_arguments(group) -> None:
-    group.add_argument("--conversations", type=int, default=50, help="serve-parking: chats (default: 50)")
     group.add_argument("--hot-fraction", type=float, default=0.1,
                        help="serve-parking: memory budget as a share of the unbounded run's cache bytes (default: 0.1)")
     group.add_argument("--reuse-unbounded", metavar="RESULTS_JSON",
@@ -47,12 +46,13 @@ def options(args) -> dict[str, Any]:
     policies = args.policy_list if args.policies else ["full"]
     if len(policies) != 1:
         raise KVBoundError("serve-parking runs one policy (--policies NAME)")
-    if args.conversations < 1 or not 0 < args.hot_fraction <= 1:
+    conversations = 50 if args.conversations is None else args.conversations
+    if conversations < 1 or not 0 < args.hot_fraction <= 1:
         raise KVBoundError("serve-parking needs --conversations >= 1 and --hot-fraction in (0,1]")
     from ..runner import spec
 
     budget = int(args.budget_list[0].value) if args.budgets and spec(policies[0]).needs_budget else None
-    return {"model": args.model, "policy": policies[0], "budget": budget, "conversations": args.conversations,
+    return {"model": args.model, "policy": policies[0], "budget": budget, "conversations": conversations,
             "turns": args.turns or 10, "max_tokens": args.new_tokens, "hot_fraction": args.hot_fraction,
             "threads": args.threads or 2, "reuse_unbounded": args.reuse_unbounded}
 
