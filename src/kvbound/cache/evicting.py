@@ -148,6 +148,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
 
     # -- what a policy provides ---------------------------------------------------------
     per_query_mass = False  # ``select`` gets ``mass`` per query row ([B, kv_heads, rows, n]), not summed
+    select_values = False  # ``select`` also gets ``values=`` (past + new V, decoded), e.g. to weigh by ||v||
 
     def query_rows(self, new: int) -> int:
         """How many of the newest query rows of a ``new``-token step ``select`` needs."""
@@ -232,7 +233,8 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
                 self.keys, self.values, self.positions = stored[0], stored[1], positions  # until attention scores them
 
                 def scored(query_rows: torch.Tensor, mass: torch.Tensor) -> None:
-                    self._keep(stored, positions, self.select(keys, positions, query_rows, query_pos, mass))
+                    self._keep(stored, positions, self.select(keys, positions, query_rows, query_pos, mass,
+                                                              **self._values_arg(values)))
                     self.cache.note_transient(nbytes(keys, values, query_rows))
 
                 self.pending_step = attention.TierStep(keys, rows=rows, scored=scored, per_query=self.per_query_mass)
@@ -240,10 +242,13 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             if rows and query is None:
                 raise RuntimeError(f"{self.cache.policy_name}: no query for layer {self.layer_idx}; "
                                    "the attention hooks did not run (call the model with this cache)")
-            idx = self.select(keys, positions, query, query_pos)
+            idx = self.select(keys, positions, query, query_pos, **self._values_arg(values))
         self._keep(stored, positions, idx)
         self.cache.note_transient(nbytes(keys, values, query))
         return keys, values
+
+    def _values_arg(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"values": values} if self.select_values else {}
 
     def _stored(self, key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
