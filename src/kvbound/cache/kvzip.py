@@ -76,7 +76,7 @@ class KVzipOptions(CodecOptions):
 def model_tokenizer(model, given: Any):
     """The tokenizer of the reconstruction prompt (see the module docstring), or a one-line error."""
     if given is not None:
-        if not callable(getattr(given, "encode", None)):
+        if isinstance(given, (str, bytes)) or not callable(getattr(given, "encode", None)):
             raise KVBoundError(f"kvzip option tokenizer must be a tokenizer object (Python API), got {given!r}")
         return given
     path = getattr(model, "name_or_path", "") or ""
