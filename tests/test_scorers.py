@@ -214,23 +214,27 @@ def test_expected_attention_decoding_uses_the_buffer(name):
             assert layer.held() == budget
 
 
-def test_expected_attention_refresh_scores_new_keys_with_current_statistics():
-    """Between refreshes a new key is scored with the statistics of the last refresh."""
-    model = tiny("tiny-llama")
-    cache = kvbound.make_cache(model, "expected-attention", 8, refresh=100)
+def test_expected_attention_keeps_new_keys_until_the_next_scoring():
+    """Between scorings (refresh) a new key is held unscored; each step evicts the lowest-scored key."""
+    model, budget = tiny("tiny-llama"), 8
+    cache = kvbound.make_cache(model, "expected-attention", budget, refresh=100)
     with torch.no_grad():
         model(prompt_ids(12), past_key_values=cache, use_cache=True)
-        layer = cache.layers[1]
-        mu, cov = layer.mu.clone(), layer.cov.clone()
-        model(prompt_ids(1, seed=5), past_key_values=cache, use_cache=True)
-    assert torch.equal(layer.mu, mu) and torch.equal(layer.cov, cov)
-    from kvbound.cache.expected_attention import expected_logits
-
-    newest = (layer.positions[0, :, -1] == 12).nonzero().flatten()  # heads that kept the new key
-    for h in newest.tolist():
-        want = expected_logits(layer.keys[:, :, -1:], mu, cov, layer.scaling())[0, :, 0]
-        groups = want.shape[0] // layer.keys.shape[1]
-        torch.testing.assert_close(layer.logits[0, h * groups:(h + 1) * groups, -1], want[h * groups:(h + 1) * groups])
+        before = [(layer.logits.clone(), layer.positions.clone(), layer.values.clone()) for layer in cache.layers]
+        for step in range(3):
+            model(prompt_ids(1, seed=5 + step), past_key_values=cache, use_cache=True)
+    for layer, (logits, positions, values) in zip(cache.layers, before):
+        assert bool((layer.positions[..., -3:] == torch.arange(12, 15)).all())
+        assert bool(layer.logits[..., -3:].isnan().all()) and not bool(layer.logits[..., :-3].isnan().any())
+        # the 3 steps evicted, one at a time, the lowest score among the scored keys held then
+        kept_pos, kept_logits, kept_values = positions[0], logits[0].double(), values[0]
+        for _ in range(3):
+            scores = naive_expected_scores(kept_logits, kept_values, kept_pos)
+            keep = kept_from(scores, kept_pos.shape[1] - 1)
+            groups = kept_logits.shape[0] // keep.shape[0]
+            kept_pos, kept_values = kept_pos.gather(1, keep), kept_values.gather(1, keep[..., None].expand(-1, -1, kept_values.shape[-1]))
+            kept_logits = kept_logits.gather(1, keep.repeat_interleave(groups, 0))
+        assert torch.equal(layer.positions[0, :, :-3], kept_pos)
 
 
 # --------------------------------------------------------------------------- kvzip

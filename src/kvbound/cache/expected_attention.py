@@ -19,12 +19,14 @@ Gaussian fitted to recent queries, and each key is scored by its expected attent
 
 When the statistics are taken. A step of several tokens (a prompt or a prefill chunk) takes them
 from its own last ``max(new, buffer)`` attention inputs (the whole prompt of a one-pass prefill,
-as the paper) and re-scores every held key. While decoding, the layer keeps the attention inputs
-of the last ``buffer`` tokens (the ``hidden`` tier) and refreshes the statistics from them every
-``refresh`` steps (re-scoring all held keys); in between, each new key is scored with the current
-statistics (the ``query_stats`` tier: ``mu'``, ``S'``). The held keys' logits are kept per query
-head (the ``scores`` tier) so that each eviction re-normalizes the softmax over exactly the keys
-held. The layer evicts on every step that overflows the budget, in prefill chunks and decoding.
+as the paper) and scores every held key. While decoding, the layer keeps the attention inputs of
+the last ``buffer`` tokens (the ``hidden`` tier) and every ``refresh`` steps takes the statistics
+from them and re-scores every held key, as kvpress's decoding press compresses every N steps from
+a buffer of hidden states. The keys that arrive between refreshes are not scored yet and are kept
+(a recent window of fewer than ``refresh`` tokens; should they fill the budget, the oldest goes
+first); each overflowing step evicts the lowest-scored key of each KV head. The held keys' logits
+are kept per query head (the ``scores`` tier, NaN = not scored yet), so each eviction
+re-normalizes the softmax over exactly the scored keys held.
 
 The score needs the attention *input* (a query projection, from kvbound's attention pre-hook),
 never the attention weights, so it runs with any attention implementation.
@@ -49,8 +51,8 @@ from .registry import register
 class ExpectedAttentionOptions(CodecOptions):
     n_future: int = 512  # future positions RoPE is averaged over (T)
     sinks: int = 4  # first tokens always kept and left out of the statistics and the softmax
-    buffer: int = 128  # decoding: attention inputs of the newest tokens the statistics come from
-    refresh: int = 64  # decoding: steps between refreshes of the statistics (1 = every step)
+    buffer: int = 64  # decoding: attention inputs of the newest tokens the statistics come from
+    refresh: int = 32  # decoding: steps between scorings (1 = every step); keys between them are kept
     epsilon: float = 0.0  # added to the expected attention before the ||v|| weighting
     covariance: bool = True  # include the k^T S k term (False: the mean query only)
     vnorm: bool = True  # weigh by ||v_i||
@@ -94,46 +96,48 @@ def expected_logits(keys: torch.Tensor, mu: torch.Tensor, cov: torch.Tensor | No
 
 def expected_attention_scores(logits: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
                               opts: ExpectedAttentionOptions) -> torch.Tensor:
-    """Per-KV-head scores ``[B, kv_heads, n]`` from per-query-head ``logits`` ``[B, heads, n]``: softmax
-    over the non-sink keys, mean over each KV head's query heads, ``(a + epsilon) ||v||``; sinks +inf."""
+    """Per-KV-head scores ``[B, kv_heads, n]`` from per-query-head ``logits`` ``[B, heads, n]`` (NaN: not
+    scored yet): softmax over the scored non-sink keys, mean over each KV head's query heads,
+    ``(a + epsilon) ||v||``. Sinks +inf; keys not scored yet rank above every scored one, oldest lowest."""
     b, kv, n = positions.shape
     sink = positions < opts.sinks  # [B, kv, n]
     groups = logits.shape[1] // kv
-    masked = logits.view(b, kv, groups, n).masked_fill(sink.unsqueeze(2), float("-inf"))
+    unscored = logits[:, ::groups].isnan()  # [B, kv, n]: the same for every query head of a group
+    masked = logits.view(b, kv, groups, n).masked_fill((sink | unscored).unsqueeze(2), float("-inf"))
     scores = torch.softmax(masked, dim=-1).nan_to_num(0.0).mean(dim=2)
     if opts.vnorm:
         scores = (scores + opts.epsilon) * values.float().norm(dim=-1)
-    return scores.masked_fill(sink, float("inf"))
+    above = scores.amax(dim=-1, keepdim=True) + 1 + positions.float()
+    return torch.where(unscored, above, scores).masked_fill(sink, float("inf"))
 
 
 class ExpectedAttentionLayer(EvictingLayer):
     select_values = True
-    batch_state = (*EvictingLayer.batch_state, "logits", "mu", "cov", "hidden")
+    batch_state = (*EvictingLayer.batch_state, "logits", "hidden")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.pending_hidden: torch.Tensor | None = None  # this step's attention input (pre-hook)
         self.reset_policy()
 
     def reset_policy(self) -> None:
-        self.logits = None  # [B, heads, held] float32: each held key's expected logit per query head
-        self.mu = self.cov = None  # current statistics (rotated), float32
+        self.logits = None  # [B, heads, held] float32: each held key's expected logit per query head (NaN: later)
         self.hidden = None  # [B, <= buffer, hidden]: newest attention inputs (decoding statistics)
-        self.since = 0  # steps since the statistics were refreshed
-        self.pending_hidden = None
+        self.since = 0  # steps since the last scoring
+        self.pending_hidden = None  # this step's attention input (pre-hook)
 
     def policy_tiers(self) -> dict[str, int]:
-        return {"scores": nbytes(self.logits), "query_stats": nbytes(self.mu, self.cov), "hidden": nbytes(self.hidden)}
+        return {"scores": nbytes(self.logits), "hidden": nbytes(self.hidden)}
 
-    def _refresh(self, rows: torch.Tensor) -> None:
-        """Statistics from the attention inputs ``rows`` ``[B, m, hidden]``, the newest ending at ``seen - 1``."""
+    def score_all(self, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, heads, n]`` of ``keys`` under the statistics of the attention inputs ``rows``
+        ``[B, m, hidden]`` (the newest ending at ``seen - 1``; the sinks among them left out)."""
         opts, driver = self.cache.options, self.cache.driver
-        skip = max(0, opts.sinks - (self.seen - rows.shape[1]))  # leave the sink tokens out
+        skip = max(0, opts.sinks - (self.seen - rows.shape[1]))
         rows = rows[:, skip:] if skip < rows.shape[1] else rows[:, -1:]
-        queries = driver.prerope_query(self.layer_idx, rows)
         rope = averaged_rope(driver, self.layer_idx, self.seen, opts.n_future, rows)
-        self.mu, self.cov = query_statistics(queries, rope, opts.covariance)
+        mu, cov = query_statistics(driver.prerope_query(self.layer_idx, rows), rope, opts.covariance)
         self.since = 0
+        return expected_logits(keys, mu, cov, self.scaling())
 
     def select(self, keys, positions, query, query_pos, mass=None, values=None):
         opts = self.cache.options
@@ -147,11 +151,10 @@ class ExpectedAttentionLayer(EvictingLayer):
         rows = step if self.hidden is None else torch.cat([self.hidden, step], dim=1)
         self.hidden = rows[:, -opts.buffer:].clone()
         self.since += 1
-        if new > 1 or self.mu is None or self.since >= opts.refresh:
-            self._refresh(rows[:, -max(new, opts.buffer):])
-            logits = expected_logits(keys, self.mu, self.cov, self.scaling())
-        else:
-            logits = torch.cat([self.logits, expected_logits(keys[..., old:, :], self.mu, self.cov, self.scaling())], -1)
+        if new > 1 or self.logits is None or self.since >= opts.refresh:
+            logits = self.score_all(keys, rows[:, -max(new, opts.buffer):])
+        else:  # decoding between scorings: the new key waits, unscored
+            logits = torch.cat([self.logits, self.logits.new_full((*self.logits.shape[:2], new), float("nan"))], -1)
         if n <= self.capacity:
             self.logits = logits
             return None
