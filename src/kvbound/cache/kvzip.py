@@ -151,12 +151,11 @@ class KVzipLayer(EvictingLayer):
         """Held tokens not scored yet (a contiguous suffix, the same for every head)."""
         return 0 if self.scores is None else int(self.scores[0, 0].isnan().sum())
 
-    def ranking(self) -> torch.Tensor:
-        """What eviction ranks by: the scores (in [0, 1]); unscored tokens above them, oldest lowest;
-        the sinks +inf."""
-        pos = self.positions.float()
-        rank = torch.where(self.scores.isnan(), 2.0 + pos / (self.seen + 1), self.scores)
-        return rank.masked_fill(self.positions < self.cache.options.sinks, float("inf"))
+    def ranking(self, positions: torch.Tensor) -> torch.Tensor:
+        """What eviction ranks the held ``scores`` at ``positions`` by: the scores (in [0, 1]); unscored
+        tokens above them, oldest lowest; the sinks +inf."""
+        rank = torch.where(self.scores.isnan(), 2.0 + positions.float() / (self.seen + 1), self.scores)
+        return rank.masked_fill(positions < self.cache.options.sinks, float("inf"))
 
     def select(self, keys, positions, query, query_pos, mass=None):
         n = keys.shape[-2]
@@ -168,18 +167,17 @@ class KVzipLayer(EvictingLayer):
         if n - old > 1:  # several tokens: scored by reconstruction once every layer holds them
             self.cache.overflowed = True
             return None
-        self.positions = positions  # decoding: the scores stay; evict the lowest
-        return self.evict()
+        return self.evict(positions)  # decoding: the scores stay; evict the lowest
 
-    def evict(self) -> torch.Tensor:
-        idx = keep_top(self.ranking(), self.capacity)
+    def evict(self, positions: torch.Tensor) -> torch.Tensor:
+        idx = keep_top(self.ranking(positions), self.capacity)
         self.scores = gather_tokens(self.scores, idx)
         return idx
 
     def evict_scored(self) -> None:
         """After the reconstruction: keep ``capacity`` tokens per KV head."""
         if self.held() > self.capacity:
-            self._keep((self.keys, self.values), self.positions, self.evict())
+            self._keep((self.keys, self.values), self.positions, self.evict(self.positions))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         span = self.cache.scoring
