@@ -82,7 +82,7 @@ def test_plain_output_is_the_text(capsys):
 
 
 BAD_INPUTS = {
-    "unknown policy": (["--policy", "nope"], "valid policies: full"),
+    "unknown policy": (["--policy", "nope"], "valid policies: expected-attention, full"),
     "budget < 1": (["--policy", "window", "--budget", "0"], "budget must be >= 1"),
     "needs budget": (["--policy", "window"], "needs a budget"),
     "missing path": (["--model", "/no/such/model-dir"], "built-in names: smollm2-135m"),

@@ -76,7 +76,8 @@ def test_cli_reports_a_codec_offload_as_lossy(capsys):
     assert code == 0 and '"exact": false' in out
 
 
-@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "snapkv"])
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "tova", "snapkv", "expected-attention", "kvzip", "keydiff",
+                                    "knorm"])
 def test_eviction_hot_window_through_a_codec(policy):
     model = tiny("tiny-qwen3")  # head_dim 16, 2 KV heads, 3 layers
     plain = run_greedy(model, prompt_ids(PROMPT), kvbound.make_cache(model, policy, 8), NEW)

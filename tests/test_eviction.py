@@ -1,4 +1,5 @@
-"""Lossy eviction policies: streaming, h2o, tova, snapkv (see kvbound.cache.evicting)."""
+"""Lossy eviction policies: streaming, h2o, tova, snapkv and the token scorers expected-attention, kvzip,
+keydiff, knorm (see kvbound.cache.evicting; the scorers' reference tests: tests/test_scorers.py)."""
 
 import functools
 
@@ -13,7 +14,9 @@ from kvbound.errors import KVBoundError
 
 from conftest import FAMILIES, prompt_ids, run_greedy, tiny
 
-POLICIES = ["streaming", "h2o", "tova", "snapkv"]
+POLICIES = ["streaming", "h2o", "tova", "snapkv", "expected-attention", "kvzip", "keydiff", "knorm"]
+MAY_EVICT_NEWEST = {"tova", "expected-attention", "kvzip", "keydiff", "knorm"}  # may rank a new token last
+DEFERRED = {"kvzip"}  # a multi-token pass is held whole until its reconstruction (peak = budget + the pass)
 SMALL = {"snapkv": {"window": 3}}  # budget-7 runs: let snapkv's voted tokens matter
 
 
@@ -32,14 +35,15 @@ def check_held(cache, budget, batch=1):
         assert layer.keys._base is None and layer.values._base is None  # evicted K/V really freed
         pos = layer.positions
         assert bool((pos[..., 1:] > pos[..., :-1]).all()) and int(pos.max()) < seen
-        if cache.policy_name != "tova":  # TOVA may evict the newest token itself
+        if cache.policy_name not in MAY_EVICT_NEWEST:
             assert bool((pos[..., -1] == seen - 1).all())
         if layer.sliding_window is not None:  # contiguous recent suffix on sliding layers
             assert torch.equal(pos, torch.arange(seen - n, seen).expand_as(pos))
     held = sum(nbytes(layer.keys, layer.values) for layer in cache.layers)
     assert cache.bytes_by_tier()["hot_kv"] == held
     assert held <= budget * cache.kv_bytes_per_token * batch
-    assert cache.memory_report()["peak_hot_kv_bytes"] <= budget * cache.kv_bytes_per_token * batch
+    if cache.policy_name not in DEFERRED:
+        assert cache.memory_report()["peak_hot_kv_bytes"] <= budget * cache.kv_bytes_per_token * batch
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -74,6 +78,9 @@ def test_budget_beyond_length_matches_full(name, policy):
 @pytest.mark.parametrize("name", ["tiny-gemma3"])  # sliding + full layers: the hardest masks
 def test_sdpa_and_eager_agree_under_eviction(name, policy):
     """Masks stay consistent with the keys returned for both attention implementations."""
+    if policy == "knorm":
+        pytest.skip("Gemma 3's k_norm leaves every key of the random tiny model with norm ~sqrt(d): knorm ranks "
+                    "float noise, which differs between sdpa and eager")
     ids = prompt_ids(16)
     outs = []
     for attn in ["sdpa", "eager"]:

@@ -207,16 +207,22 @@ class LayerDriver:
     @torch.no_grad()
     def query(self, layer_idx: int, normed: torch.Tensor, position_embeddings) -> torch.Tensor:
         """Post-RoPE query states ``[B, heads, T, head_dim]`` for the attention input ``normed``."""
+        return self.rope(self.prerope_query(layer_idx, normed), *position_embeddings)
+
+    @torch.no_grad()
+    def prerope_query(self, layer_idx: int, normed: torch.Tensor) -> torch.Tensor:
+        """Query states before RoPE ``[B, heads, T, head_dim]`` (q_proj, then q_norm where the family has one)."""
         attn = self.base.layers[layer_idx].self_attn
         shape = (*normed.shape[:-1], -1, attn.head_dim)
         q = attn.q_proj(normed).view(shape)
         q_norm = getattr(attn, "q_norm", None)
         if q_norm is not None:
             q = q_norm(q)
-        q = q.transpose(1, 2)
-        cos, sin = position_embeddings
-        q, _ = self._apply_rope(q, q, cos, sin)
-        return q
+        return q.transpose(1, 2)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, H, T, D]`` rotated by the model's own ``apply_rotary_pos_emb`` (``cos``/``sin`` ``[B, T, D]``)."""
+        return self._apply_rope(x, x, cos, sin)[0]
 
     def attention_scaling(self, layer_idx: int) -> float:
         return float(self.base.layers[layer_idx].self_attn.scaling)

@@ -184,6 +184,10 @@ class KVBoundCache(DynamicCache):
     def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
         """Called before the attention module of ``layer_idx`` with its normed input."""
 
+    def observe_output(self) -> None:
+        """Called when the base model's forward pass has run every layer (before the LM head): a
+        policy that decides once all layers hold the step (``kvzip``) acts here."""
+
     def absorb_prompt(self, input_ids: torch.Tensor) -> bool:
         """Take prompt tokens without a forward pass, if this policy can (``kv-direct`` rebuilds
         them from their ids in the next pass). Returns whether it did; ``False`` here."""

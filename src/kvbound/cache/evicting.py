@@ -254,6 +254,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
 
     # -- what a policy provides ---------------------------------------------------------
     per_query_mass = False  # ``select`` gets ``mass`` per query row ([B, kv_heads, rows, n]), not summed
+    select_values = False  # ``select`` also gets ``values=`` (past + new V, decoded), e.g. to weigh by ||v||
 
     def query_rows(self, new: int) -> int:
         """How many of the newest query rows of a ``new``-token step ``select`` needs."""
@@ -436,7 +437,8 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
                     self._valid = valid
                     try:
                         self._measure(keys, positions, query_rows, query_pos)
-                        self._keep(stored, positions, self.select(keys, positions, query_rows, query_pos, mass), valid)
+                        self._keep(stored, positions, self.select(keys, positions, query_rows, query_pos, mass,
+                                                                  **self._values_arg(values)), valid)
                     finally:
                         self._valid = None
                     self.cache.note_transient(nbytes(keys, values, query_rows))
@@ -452,7 +454,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
             self._valid = valid
             try:
                 self._measure(keys, positions, query, query_pos)
-                idx = self.select(keys, positions, query, query_pos)
+                idx = self.select(keys, positions, query, query_pos, **self._values_arg(values))
             finally:
                 self._valid = None
         self._keep(stored, positions, idx, valid)
@@ -486,6 +488,9 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         opts = self.cache.options
         pref = cake_preference(probs.flatten(1, 2), opts.cake_tau1, opts.cake_tau2)
         self.capacity = self.cache.cascade(self.layer_idx, pref, self.seen)
+
+    def _values_arg(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"values": values} if self.select_values else {}
 
     def _stored(self, key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Stateless forward pre-hooks that tell a kvbound cache what it cannot see through ``Cache.update``:
-the step's input ids, each layer's residual input and each attention module's normed input.
+the step's input ids, each layer's residual input, each attention module's normed input, and the
+end of the base model's forward pass (:meth:`~kvbound.cache.base.KVBoundCache.observe_output`).
 
 Around each attention module a pre-hook pushes the call's cache on :mod:`kvbound.attention`'s
 context stack (when the module runs kvbound's tiered attention) and a forward hook pops it, so a
@@ -39,6 +40,12 @@ def _on_base(module, args, kwargs):
         cache.observe_input_ids(ids)
 
 
+def _after_base(module, args, kwargs, output):
+    cache = _cache_of(kwargs)
+    if cache is not None:
+        cache.observe_output()
+
+
 def _on_module(layer_idx: int, observe: str):
     """Pre-hook that hands module ``layer_idx``'s first input to ``cache.<observe>``."""
 
@@ -71,7 +78,8 @@ def attach(model: "PreTrainedModel") -> None:
     if model in _ATTACHED:
         return
     base = base_model(model)
-    handles = [base.register_forward_pre_hook(_on_base, with_kwargs=True)]
+    handles = [base.register_forward_pre_hook(_on_base, with_kwargs=True),
+               base.register_forward_hook(_after_base, with_kwargs=True)]
     for i, layer in enumerate(base.layers):
         handles.append(layer.register_forward_pre_hook(_on_module(i, "observe_layer_input"), with_kwargs=True))
         attn = layer.self_attn

@@ -1,0 +1,296 @@
+"""``kvzip``: query-agnostic scores from context reconstruction (Kim et al. 2025).
+
+"KVzip: Query-Agnostic KV Cache Compression with Context Reconstruction",
+https://arxiv.org/abs/2505.23416 (reference code: https://github.com/snu-mllab/KVzip; NVIDIA
+kvpress's ``KVzipPress``). The model is teacher-forced to repeat the context from its own cache;
+each cached K/V pair is scored by the largest attention it receives during the repetition, so the
+score does not depend on any later question.
+
+Scoring. The tokens not scored yet are reconstructed in chunks of ``chunk`` tokens (default 2048,
+as the paper), one forward pass each, through this very cache: the pass feeds a repeat prompt, the
+chat template's end of the user turn and start of the assistant's (the ``suffix``), then the chunk's
+own ids. The repeat prompt is "\\n\\nRepeat the previous context exactly." for the context's first
+chunk and "\\n\\nRepeat the part of the previous context exactly, starting with " plus the last 8
+tokens before the chunk for later ones. In every full-attention layer the repeat queries (post
+RoPE) attend, for the score, over ``[the sinks; the chunk's cached keys; the repeat keys,
+causal]`` with the softmax over that subset only; ``score_i`` is the maximum over the repeat
+queries and over the query heads of the KV head. The repeat pass's own K/V are never stored. Its
+hidden states see the whole held cache (the model's ordinary attention). Memory stays bounded:
+one chunk per pass, the score's logits in blocks of queries.
+
+When. A forward pass of several tokens (a prompt, a prefill chunk, a new turn) that leaves a
+layer above the budget is followed, once every layer has run (:meth:`observe_output`), by the
+reconstruction of every held token not scored yet, then each layer keeps its ``budget`` best
+tokens per KV head (uniform per-head budgets, kvpress's ``layerwise`` variant with per-head top-k;
+the paper's default global bottom-k over layers x heads needs ragged storage). The ``sinks`` first
+tokens are always kept. So the hot K/V reach ``budget`` + one pass's tokens between the pass and
+its reconstruction (``peak_hot_kv_bytes`` shows it); prefill in chunks to bound it. Cost: about one
+more prefill of the scored tokens (the paper: 2-3x a prefill). A prefill within the budget scores
+nothing.
+
+Decoding (the paper compresses once and then lets the cache grow): nothing is re-scored. A step
+that overflows evicts the lowest-scored token of each KV head; the generated tokens are unscored
+and kept, like a recent window; when no scored token is left (a generation longer than the budget,
+or a prompt that fit the budget) the oldest unscored non-sink token goes, as in StreamingLLM. The
+next multi-token pass reconstructs every unscored held token, generated ones included. The cache
+keeps the ids of the unscored tokens for that (the ``token_ids`` tier, 8 bytes per token).
+
+Prompt. With a chat template the suffix is the template's (as kvpress derives it); a tokenizer
+without one gets a plain-text reconstruction ("\\n" as the suffix), and the memory report's
+``reconstruction_prompt`` says so. The tokenizer is the option ``tokenizer`` (Python), else the
+one saved with the model's folder, else kvbound's byte tokenizer for its tiny 256-token models.
+
+The score needs the repeat queries (projected from the attention input by kvbound's pre-hook),
+never the model's attention weights, so it runs with any attention implementation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import attention
+from ..errors import KVBoundError
+from .base import nbytes
+from .checks import check_int
+from .codec import CodecOptions, decode_kv
+from .evicting import EvictingCache, EvictingLayer, gather_tokens, keep_top
+from .registry import register
+
+FIRST_PROMPT = "\n\nRepeat the previous context exactly."
+NEXT_PROMPT = "\n\nRepeat the part of the previous context exactly, starting with "
+LEAD_TOKENS = 8  # tokens before a later chunk quoted in its repeat prompt
+PLAIN_SUFFIX = "\n"
+
+
+@dataclass
+class KVzipOptions(CodecOptions):
+    chunk: int = 2048  # tokens reconstructed per forward pass
+    sinks: int = 4  # first tokens always kept (and attended to in every chunk's score)
+    tokenizer: Any = None  # Python API: the model's tokenizer (default: the model folder's)
+
+
+def model_tokenizer(model, given: Any):
+    """The tokenizer of the reconstruction prompt (see the module docstring), or a one-line error."""
+    if given is not None:
+        if isinstance(given, (str, bytes)) or not callable(getattr(given, "encode", None)):
+            raise KVBoundError(f"kvzip option tokenizer must be a tokenizer object (Python API), got {given!r}")
+        return given
+    path = getattr(model, "name_or_path", "") or ""
+    if path and Path(path).is_dir():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            pass
+    if not path and getattr(model.config, "vocab_size", None) == 256:
+        from ..models import byte_tokenizer
+
+        return byte_tokenizer()
+    raise KVBoundError("kvzip needs the model's tokenizer for its reconstruction prompt: load the model from a "
+                       "folder with one, or pass tokenizer=<tokenizer> (Python API)")
+
+
+def reconstruction_suffix(tokenizer) -> tuple[str, str]:
+    """(text between the repeat prompt and the repeated chunk, which prompt kind): the chat template's
+    end of a user turn and start of the assistant's, or a plain newline without a template."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        return PLAIN_SUFFIX, "plain text (the tokenizer has no chat template)"
+    marker = "\n" + "#" * 16
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "context" + marker}],
+                                         add_generation_prompt=True, tokenize=False)
+    return text.split(marker, 1)[1], "chat template"
+
+
+def encode(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor([tokenizer.encode(text, add_special_tokens=False)], dtype=torch.long)
+
+
+def kvzip_chunk_scores(query: torch.Tensor, sink_keys: torch.Tensor, chunk_keys: torch.Tensor,
+                       repeat_keys: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Max attention each chunk key gets from the repeat queries: ``[B, kv_heads, c]`` float32.
+
+    ``query`` ``[B, heads, r, D]`` (post-RoPE, one per repeat token); the softmax of each query runs
+    over ``[sink_keys; chunk_keys; repeat_keys]`` (the repeat keys causally); the maximum is over the
+    queries and the query heads of each KV head. Queries go in blocks (float32 logits of at most
+    :data:`kvbound.attention.MASS_BLOCK_BYTES`)."""
+    keys = torch.cat([sink_keys, chunk_keys, repeat_keys], dim=-2)
+    b, heads, r, _ = query.shape
+    s, c, n = sink_keys.shape[-2], chunk_keys.shape[-2], keys.shape[-2]
+    out = torch.zeros(b, keys.shape[1], c, dtype=torch.float32, device=keys.device)
+    block = max(1, attention.MASS_BLOCK_BYTES // (4 * b * heads * n))
+    cols = torch.arange(n, device=keys.device)
+    for start in range(0, r, block):
+        rows = torch.arange(start, min(r, start + block), device=keys.device)
+        visible = (cols[None, :] < s + c) | (cols[None, :] - (s + c) <= rows[:, None])  # [t, n]
+        logits = attention.masked_logits(query[:, :, start:start + len(rows)], keys, visible.view(1, 1, len(rows), n),
+                                         scaling, softcap)
+        probs = torch.softmax(logits, dim=-1)[..., s:s + c]  # [B, kv, groups, t, c]
+        out = torch.maximum(out, probs.amax(dim=(2, 3)))
+    return out
+
+
+class KVzipLayer(EvictingLayer):
+    batch_state = (*EvictingLayer.batch_state, "scores")
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.scores: torch.Tensor | None = None  # [B, kv_heads, held] float32; NaN = not scored yet
+
+    def policy_tiers(self) -> dict[str, int]:
+        return {"scores": nbytes(self.scores)}
+
+    def reset_policy(self) -> None:
+        self.scores = None
+
+    def unscored(self) -> int:
+        """Held tokens not scored yet (a contiguous suffix, the same for every head)."""
+        return 0 if self.scores is None else int(self.scores[0, 0].isnan().sum())
+
+    def ranking(self, positions: torch.Tensor) -> torch.Tensor:
+        """What eviction ranks the held ``scores`` at ``positions`` by: the scores (in [0, 1]); unscored
+        tokens above them, oldest lowest; the sinks +inf."""
+        rank = torch.where(self.scores.isnan(), 2.0 + positions.float() / (self.seen + 1), self.scores)
+        return rank.masked_fill(positions < self.cache.options.sinks, float("inf"))
+
+    def select(self, keys, positions, query, query_pos, mass=None):
+        n = keys.shape[-2]
+        old = 0 if self.scores is None else self.scores.shape[-1]
+        pad = torch.full((*positions.shape[:2], n - old), float("nan"), device=keys.device)
+        self.scores = pad if self.scores is None else torch.cat([self.scores, pad], dim=-1)
+        if n <= self.capacity:
+            return None
+        if n - old > 1:  # several tokens: scored by reconstruction once every layer holds them
+            self.cache.overflowed = True
+            return None
+        return self.evict(positions)  # decoding: the scores stay; evict the lowest
+
+    def evict(self, positions: torch.Tensor) -> torch.Tensor:
+        idx = keep_top(self.ranking(positions), self.capacity)
+        self.scores = gather_tokens(self.scores, idx)
+        return idx
+
+    def evict_scored(self) -> None:
+        """After the reconstruction: keep ``capacity`` tokens per KV head."""
+        if self.held() > self.capacity:
+            self._keep((self.keys, self.values), self.positions, self.evict(self.positions))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        span = self.cache.scoring
+        if span is None:
+            return super().update(key_states, value_states, *args, **kwargs)
+        # a reconstruction pass: attention sees held + repeat K/V; nothing is stored
+        held_k, held_v = decode_kv(self.cache.codec, self.keys, self.values, key_states.dtype)
+        keys, values = torch.cat([held_k, key_states], dim=-2), torch.cat([held_v, value_states], dim=-2)
+        query, self.pending_query = self.pending_query, None
+        if not self.is_sliding:
+            first, stop = span
+            held = held_k.shape[-2]
+            c0, c1 = held - (self.seen - first), held - (self.seen - stop)  # the chunk: columns of the unscored tail
+            sinks = min(self.cache.options.sinks, first)  # held positions 0..sinks-1 (never evicted)
+            self.scores[..., c0:c1] = kvzip_chunk_scores(query, held_k[..., :sinks, :], held_k[..., c0:c1, :],
+                                                         key_states, self.scaling(), self.cache.softcap)
+        self.cache.note_transient(nbytes(keys, values, query))
+        return keys, values
+
+
+@register("kvzip",
+          "lossy: KVzip (Kim et al. 2025) -- query-agnostic: keeps the K/V the model attends to most while it "
+          "repeats the context (reconstruction after each multi-token pass that overflows)",
+          exact=False, options=KVzipOptions, beams=True,
+          paper="Kim, Kim, Kwon, Yang, Yun, Song 2025, https://arxiv.org/abs/2505.23416")
+class KVzipCache(EvictingCache):
+    layer_cls = KVzipLayer
+
+    def __init__(self, model, budget: int, **options: Any) -> None:
+        opts = self.parse_options(options)
+        check_int(opts.chunk, "chunk", "kvzip", 1)
+        check_int(opts.sinks, "sinks", "kvzip", 0)
+        if budget <= opts.sinks:
+            raise KVBoundError(f"kvzip needs budget > sinks, got budget {budget} and sinks {opts.sinks}")
+        tokenizer = model_tokenizer(model, opts.tokenizer)
+        suffix, self.prompt_kind = reconstruction_suffix(tokenizer)
+        self.first_ids, self.next_ids = encode(tokenizer, FIRST_PROMPT), encode(tokenizer, NEXT_PROMPT)
+        self.suffix_ids = encode(tokenizer, suffix)
+        super().__init__(model, budget, opts)
+        self.reset_state()
+
+    def reset_state(self) -> None:
+        self.ids: torch.Tensor | None = None  # [B, u]: ids of the unscored held tokens (+ LEAD_TOKENS before)
+        self.scoring: tuple[int, int] | None = None  # positions [first, stop) being reconstructed
+        self.overflowed = False
+        self.ids_missing = False
+        self.reconstructed_tokens = 0  # tokens fed to reconstruction passes (prompt + chunk), for the report
+
+    def map_batch_state(self, fn) -> None:
+        if self.ids is not None:
+            self.ids = fn(self.ids)
+
+    def extra_tiers(self) -> dict[str, int]:
+        return {"token_ids": nbytes(self.ids)}
+
+    def memory_report(self) -> dict[str, Any]:
+        return {**super().memory_report(), "reconstruction_prompt": self.prompt_kind,
+                "reconstructed_tokens": self.reconstructed_tokens}
+
+    # -- hooks ---------------------------------------------------------------------------
+    def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
+        if self.scoring is not None:
+            return
+        if input_ids is None:
+            self.ids_missing = True
+            return
+        self.ids = input_ids if self.ids is None else torch.cat([self.ids, input_ids.to(self.ids.device)], dim=1)
+
+    def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        if self.scoring is None:
+            return super().observe_attention_input(layer_idx, hidden_states, kwargs)
+        if not self.layers[layer_idx].is_sliding:
+            self.layers[layer_idx].pending_query = self.driver.query(layer_idx, hidden_states,
+                                                                     kwargs["position_embeddings"])
+
+    def observe_output(self) -> None:
+        if self.scoring is not None:
+            return
+        full = [layer for layer in self.layers if not layer.is_sliding]
+        if self.overflowed:
+            self.overflowed = False
+            self.reconstruct(full[0].unscored())
+            for layer in full:
+                layer.evict_scored()
+        if self.ids is not None and full:  # keep the ids of the unscored tokens and the few before them
+            self.ids = self.ids[:, -(full[0].unscored() + LEAD_TOKENS):].clone()
+
+    # -- reconstruction ------------------------------------------------------------------------
+    @torch.no_grad()
+    def reconstruct(self, unscored: int) -> None:
+        """Score the newest ``unscored`` tokens: one repeat pass per ``chunk`` of them."""
+        if self.ids_missing or self.ids is None or self.ids.shape[1] < unscored:
+            raise KVBoundError("kvzip reconstructs the context from its token ids; call the model with input_ids "
+                               "(not inputs_embeds)")
+        seen = self.get_seq_length()
+        first = seen - unscored
+        ids = self.ids.to(self.device_of_model())
+        batch = ids.shape[0]
+        for a in range(first, seen, self.options.chunk):
+            b = min(seen, a + self.options.chunk)
+            chunk = ids[:, ids.shape[1] - (seen - a):ids.shape[1] - (seen - b)]
+            if a == 0:
+                prompt = self.first_ids.to(ids.device).expand(batch, -1)
+            else:
+                lead = ids[:, max(0, ids.shape[1] - (seen - a) - LEAD_TOKENS):ids.shape[1] - (seen - a)]
+                prompt = torch.cat([self.next_ids.to(ids.device).expand(batch, -1), lead], dim=1)
+            repeat = torch.cat([prompt, self.suffix_ids.to(ids.device).expand(batch, -1), chunk], dim=1)
+            self.scoring = (a, b)
+            try:
+                self.driver.base(input_ids=repeat, past_key_values=self, use_cache=True)
+            finally:
+                self.scoring = None
+            self.reconstructed_tokens += repeat.shape[1]
+
+    def device_of_model(self) -> torch.device:
+        return self.driver.base.embed_tokens.weight.device
