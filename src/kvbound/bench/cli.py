@@ -10,9 +10,9 @@ from typing import Any, Callable
 
 from ..errors import KVBoundError
 
-from . import quality
+from . import quality, ruler
 
-SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency", *quality.SCENARIOS, "long")
+SCENARIOS = ("budget-sweep", "multiturn", "bytes", "latency", *quality.SCENARIOS, "long", "ruler")
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_BUDGETS = {"budget-sweep": "64,256", "multiturn": "128", "bytes": "128", "latency": "128",
                    **quality.DEFAULT_BUDGETS, "long": "512"}
@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-render report.md and plots from DIR/results.json without running anything")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     quality.add_arguments(parser)
+    ruler.add_arguments(parser)
 
 
 def _positive_ints(text: str, what: str) -> list[int]:
@@ -166,6 +167,8 @@ def run(args: argparse.Namespace, *, model_and_tokenizer: tuple[Any, Any] | None
     _check(args)
     if args.scenario == "long":
         return _run_long(args, argv)
+    if args.scenario == "ruler":
+        return _run_ruler(args, argv, model_and_tokenizer, on_record)
     policies = select_policies(args.policies)
     budgets = parse_budgets(args.budgets or DEFAULT_BUDGETS[args.scenario])
     max_new = args.max_new_tokens or DEFAULT_NEW_TOKENS[args.scenario]
@@ -280,6 +283,26 @@ def _run_long(args: argparse.Namespace, argv: list[str] | None) -> int:
 
         bar = tqdm(total=len(jobs), desc="long", unit="run", dynamic_ncols=True)
     return _drive(results, args.out, lambda: long.run_scenario(jobs, results, bar, args.timeout), bar.close)
+
+
+def _run_ruler(args: argparse.Namespace, argv: list[str] | None, model_and_tokenizer, on_record) -> int:
+    """``--scenario ruler`` (see :mod:`kvbound.bench.ruler`)."""
+    from .results import Results, make_meta
+    from .scenarios import Bench
+
+    policies = select_policies(args.policies) if args.policies else ruler.default_policies()
+    ruler.options(args, policies)  # bad input fails before the model loads
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, tokenizer = model_and_tokenizer or load_model(args.model, args.seed)
+    opts = ruler.options(args, policies, model)
+    results = Results(args.out, "ruler", make_meta(args.model, model, argv, {"scenario": "ruler", **opts}, args.device))
+    progress = None if args.no_progress else __import__("tqdm.auto", fromlist=["tqdm"]).tqdm
+    bench = Bench(model, tokenizer, opts["policies"], results, 0, args.seed, progress,
+                  on_record or (lambda record: None), args.prefill_chunk)
+    return _drive(results, args.out, lambda: ruler.run(bench, opts))
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience entry point

@@ -431,6 +431,11 @@ def render(out_dir: str | Path) -> list[Path]:
 
         plots = long_plots(data, out)
         md = long_md(data, plots)
+    elif scenario == "ruler":
+        from .ruler_report import ruler_md, ruler_plots
+
+        plots = ruler_plots(data, out)
+        md = ruler_md(data, plots)
     elif scenario in ("perplexity", "needle"):
         from . import quality_report
 
