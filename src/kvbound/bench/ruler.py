@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -122,7 +123,7 @@ def options(args: argparse.Namespace, policies: list[str], model=None) -> dict[s
                                    f"tokens); use at most {limit - longest}")
     return {"protocol": args.protocol, "tasks": tasks, "lengths": lengths, "ratios": _ratios(args.ratios),
             "samples": args.samples or (1 if args.quick else DEFAULT_SAMPLES), "policies": policies,
-            "prefill_chunk": args.prefill_chunk, "quick": args.quick}
+            "prefill_chunk": args.prefill_chunk, "quick": args.quick, "max_new_tokens": args.max_new_tokens}
 
 
 def keep_for(ratio: float, context_tokens: int) -> int:
@@ -210,6 +211,8 @@ def run(bench: Bench, opts: dict[str, Any]) -> None:
     ratios, protocol = opts["ratios"], opts["protocol"]
     samples = [s for n in opts["lengths"] for s in rt.make_samples(bench.tokenizer, opts["tasks"], n, opts["samples"],
                                                                  bench.seed)]
+    if opts.get("max_new_tokens"):  # --max-new-tokens caps each task's answer length
+        samples = [replace(s, max_new_tokens=min(s.max_new_tokens, opts["max_new_tokens"])) for s in samples]
     bar = bench.bar(len(samples) * (1 + len(lossy) * len(ratios) + len(exact)), f"ruler ({protocol})")
     prefills = []
     for sample in samples:
