@@ -84,7 +84,8 @@ def test_qwen_names_are_builtin():
 @pytest.mark.long
 def test_qwen05b_loads_and_exact_policies_match_full():
     """Load (converting on first use), answer a chat question, and kv-direct / residual / offload at
-    budget 64 are token-identical to full on a ~500-token prompt (40 new tokens)."""
+    budget 16 are token-identical to full on a 128-token prompt (8 new tokens, prefill chunk 32).
+    Kept short: kv-direct re-runs the model over the evicted span every step."""
     start = time.perf_counter()
     model, tok = models.load("qwen2.5-0.5b")
     print(f"load: {time.perf_counter() - start:.1f} s")
@@ -98,11 +99,13 @@ def test_qwen05b_loads_and_exact_policies_match_full():
     assert "Paris" in answer
 
     text = (files("kvbound") / "data" / "prompts" / "lighthouse.txt").read_text()
-    ids = tok(text, return_tensors="pt").input_ids[:, :500]
-    ref = kvbound.generation.greedy(model, ids, kvbound.make_cache(model, "full"), 40, stop_at_eos=False,
-                                    prefill_chunk=128)
-    for policy in exact_policies():
-        cache = kvbound.make_cache(model, policy, budget=64)
-        out = kvbound.generation.greedy(model, ids, cache, 40, stop_at_eos=False, prefill_chunk=128)
+    ids = tok(text, return_tensors="pt").input_ids[:, :128]
+    ref = kvbound.generation.greedy(model, ids, kvbound.make_cache(model, "full"), 8, stop_at_eos=False,
+                                    prefill_chunk=32)
+    for policy in [p for p in exact_policies() if p != "full"]:
+        start = time.perf_counter()
+        cache = kvbound.make_cache(model, policy, budget=16)
+        out = kvbound.generation.greedy(model, ids, cache, 8, stop_at_eos=False, prefill_chunk=32)
+        print(f"{policy}: identical {torch.equal(out, ref)}, {time.perf_counter() - start:.1f} s")
         assert torch.equal(out, ref), policy
         cache.close()

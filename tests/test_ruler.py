@@ -167,3 +167,15 @@ def test_bad_input(tmp_path, extra, message):
         bench_cli.run(args, model_and_tokenizer=(tiny("tiny-llama"), TOK))
     assert "\n" not in str(err.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_compress_at_ratio_zero_answers_as_full(tmp_path):
+    """Nothing evicted: the question appended after a compressed copy gets full's answer (positions,
+    masks and the uncompressed question are right)."""
+    args = _args(tmp_path, "--model", "tiny-llama", "--lengths", "500", "--tasks", "niah_single_2", "--ratios", "0",
+                 "--samples", "1", "--policies", "full,snapkv,h2o,tova,streaming", "--max-new-tokens", "6",
+                 "--prefill-chunk", "64")
+    assert bench_cli.run(args, model_and_tokenizer=(tiny("tiny-llama"), TOK)) == 0
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    full = next(r["answer_tokens"] for r in runs if r["policy"] == "full")
+    assert len(runs) == 5 and all(r["answer_tokens"] == full for r in runs)
