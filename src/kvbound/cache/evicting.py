@@ -69,6 +69,14 @@ contiguous suffix: tokens outside the window are never needed again, the sliding
 only when past keys are a contiguous suffix, and all sliding layers must return the same
 number of keys (one mask serves them all). The policy proper runs on full-attention layers.
 
+Compressing a prefilled context (kvpress's protocol)
+----------------------------------------------------
+:meth:`EvictingCache.compress` takes the K/V of a context prefilled elsewhere (once, shared by
+every policy and ratio: :class:`kvbound.cache.context.ContextRecorder`) and lets each layer apply
+its own ``select`` to it, as for one prefill step of the whole context, keeping ``keep`` tokens;
+afterwards the cache holds everything that follows (the question and the answer are appended
+uncompressed). It is what ``kvbound bench --scenario ruler --protocol compress`` runs.
+
 Batches
 -------
 Batches without padding work (each sequence selects its own tokens), and beam search reorders
@@ -86,6 +94,7 @@ import torch.nn.functional as F
 from transformers.cache_utils import DynamicLayer
 
 from .. import attention
+from ..errors import KVBoundError
 from ..recompute import LayerDriver
 from .base import KVBoundCache, PolicyLayer, nbytes
 from .channels import think_layer, think_ratio
@@ -99,6 +108,7 @@ from .model_info import layer_windows
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import PreTrainedModel
 
+    from .context import ContextRecorder
 
 @dataclass
 class EvictingOptions(CodecOptions):
@@ -423,7 +433,8 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         if self.is_sliding:
             idx = None if n <= self.capacity else torch.arange(n - self.capacity, n, device=keys.device).view(1, 1, -1)
         else:
-            self.capacity = self.cache.layer_capacity(self.layer_idx, self.seen)
+            if self.capacity != self.UNBOUNDED:  # a compressed context holds everything that follows
+                self.capacity = self.cache.layer_capacity(self.layer_idx, self.seen)
             rows = self._rows(new)
             query_pos = step_pos[new - rows:] if rows else step_pos[:0]
             if valid is not None and not tiered:
@@ -491,6 +502,47 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
 
     def _values_arg(self, values: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"values": values} if self.select_values else {}
+
+    # -- compressing a context prefilled elsewhere (kvpress's protocol) -----------------------
+    UNBOUNDED = 1 << 62
+
+    def compress(self, keys: torch.Tensor, values: torch.Tensor, keep: int, query: torch.Tensor | None = None,
+                 mass: torch.Tensor | None = None, seen: int | None = None) -> None:
+        """Hold the context ``keys``/``values`` (``[B, kv_heads, n, D]``, the newest ``n`` of its
+        ``seen`` tokens: all of them but on a sliding layer, which has only its window) compressed
+        by this policy's ``select`` to ``keep`` tokens per KV head, as after one ``n``-token step;
+        then hold everything that follows (capacity unbounded).
+
+        ``query`` is the post-RoPE query of the context's newest rows ``[B, heads, r, D]``: a policy
+        whose :meth:`query_rows` asks for at most ``r`` rows scores them itself. ``mass`` is the
+        attention every context query gave each key, summed over queries and each KV head's query
+        heads ``[B, kv_heads, n]`` (what a policy that needs all ``n`` rows, like ``h2o``, takes).
+        """
+        self.reset()
+        self.lazy_initialization(keys, values)
+        b, h, n = keys.shape[0], keys.shape[1], keys.shape[-2]
+        self.seen = n if seen is None else seen
+        self.capacity = keep if self.sliding_window is None else max(1, min(keep, self.sliding_window - 1))
+        positions = torch.arange(self.seen - n, self.seen, device=keys.device).expand(b, h, n)
+        stored = (keys, values) if self.cache.codec is None else encode_kv(self.cache.codec, keys, values)
+        if self.is_sliding or n <= self.capacity:
+            idx = None if n <= self.capacity else torch.arange(n - self.capacity, n, device=keys.device).view(1, 1, -1)
+        else:
+            rows = self.query_rows(n)
+            query_pos = torch.arange(self.seen - rows, self.seen, device=keys.device)
+            if not rows:
+                idx = self.select(keys, positions, None, query_pos, **self._values_arg(values))
+            elif query is not None and query.shape[-2] >= rows:
+                idx = self.select(keys, positions, query[..., query.shape[-2] - rows:, :], query_pos,
+                                  **self._values_arg(values))
+            elif mass is not None and not self.per_query_mass:
+                idx = self.select(keys, positions, query, query_pos, mass, **self._values_arg(values))
+            else:
+                have = 0 if query is None else query.shape[-2]
+                raise KVBoundError(f"{self.cache.policy_name} cannot compress a prefilled context with the queries "
+                                   f"of its last {have} tokens: it scores with {rows}")
+        self._keep(stored, positions, idx)
+        self.capacity = self.UNBOUNDED
 
     def _stored(self, key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -595,6 +647,13 @@ class EvictingCache(KVBoundCache):
         report["allocation"] = self.allocation
         report["kept_tokens"] = [layer.kept_per_head() for layer in self.layers]
         return report
+
+    def compress(self, context: "ContextRecorder", keep: int) -> None:
+        """Take the context ``context`` recorded (see :meth:`EvictingLayer.compress`), each layer
+        compressed to ``keep`` tokens; the question and the answer then go in uncompressed."""
+        seen = context.tokens()
+        for layer, (keys, values, query, mass) in zip(self.layers, context.recorded()):
+            layer.compress(keys, values, keep, query, mass, seen)
 
     def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
         layer = self.layers[layer_idx]

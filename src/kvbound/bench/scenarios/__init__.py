@@ -28,6 +28,7 @@ SCENARIOS: dict[str, str] = {  # name (what results.json stores as "scenario") -
     "serve-parking": "serve_parking",
     "allocation": "allocation",
     "cluster": "cluster",
+    "ruler": "ruler",
 }
 
 

@@ -1,0 +1,182 @@
+"""RULER scenario (issue 21): task generators, scoring, the compress API on the eviction layers, both
+protocols end to end on tiny-llama, and the bad-input errors."""
+
+import argparse
+import json
+import re
+
+import pytest
+import torch
+
+import kvbound
+from conftest import prompt_ids, tiny
+from kvbound.bench import cli as bench_cli
+from kvbound.cache.context import ContextRecorder
+from kvbound.errors import KVBoundError
+from kvbound.models import byte_tokenizer
+from kvbound.quality import ruler_tasks as rt
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+TOK = byte_tokenizer()
+
+
+# --------------------------------------------------------------------------- generators and scoring
+
+
+@pytest.mark.parametrize("task", rt.TASKS)
+def test_samples_are_deterministic_fit_and_hold_their_answers(task):
+    a, b = rt.make_sample(TOK, task, 1500, 0), rt.make_sample(TOK, task, 1500, 0)
+    assert a == b
+    assert rt.make_sample(TOK, task, 1500, 1).references != a.references
+    assert a.tokens <= 1500 and a.tokens > 1200  # filled up to the length
+    context = TOK.decode(list(a.context_ids))
+    assert all(ref in context for ref in a.references)
+    question = TOK.decode(list(a.question_ids))
+    assert not any(ref in question for ref in a.references if task != "vt" or ref != a.references[0])
+
+
+def test_niah_needles_and_queries():
+    s = rt.make_sample(TOK, "niah_multiquery", 1500, 0)
+    context, question = TOK.decode(list(s.context_ids)), TOK.decode(list(s.question_ids))
+    keys = re.findall(r"special magic numbers for (\S+) is: (\d+)\.", context)
+    assert sorted(v for _, v in keys) == sorted(s.references) and len(keys) == 4
+    assert all(k in question for k, _ in keys)
+    mv = rt.make_sample(TOK, "niah_multivalue", 1500, 0)
+    needles = re.findall(r"for (\S+) is: (\d+)\.", TOK.decode(list(mv.context_ids)))
+    assert len({k for k, _ in needles}) == 1 and sorted(v for _, v in needles) == sorted(mv.references)
+    uuid = rt.make_sample(TOK, "niah_multikey_3", 1500, 0)
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", uuid.references[0])
+    assert TOK.decode(list(uuid.context_ids)).count("One of the special magic uuids") > 5  # a haystack of needles
+
+
+def test_vt_chain_is_in_order():
+    s = rt.make_sample(TOK, "vt", 1500, 0)
+    context = TOK.decode(list(s.context_ids))
+    first = re.search(r"VAR (\w+) = (\d+)\.", context)
+    assert first.group(1) == s.references[0] and first.group(2) in TOK.decode(list(s.question_ids))
+    for prev, name in zip(s.references, s.references[1:]):
+        assert context.index(f"VAR {prev} =") < context.index(f"VAR {name} = VAR {prev}.")
+
+
+def test_cwe_and_fwe_answers_are_the_most_frequent():
+    cwe = rt.make_sample(TOK, "cwe", 2000, 0)
+    words = re.findall(r"\d+\. (\w+)", TOK.decode(list(cwe.context_ids)))
+    counts = {w: words.count(w) for w in set(words)}
+    assert min(counts[w] for w in cwe.references) > max(c for w, c in counts.items() if w not in cwe.references)
+    fwe = rt.make_sample(TOK, "fwe", 2000, 0)
+    coded = TOK.decode(list(fwe.context_ids)).split()
+    top = sorted(set(coded), key=coded.count, reverse=True)
+    assert top[0] == "..." and set(top[1:4]) == set(fwe.references)
+
+
+def test_score_is_string_match_all():
+    assert rt.score("The numbers are 123 and 456.", ["123", "456"]) == 1.0
+    assert rt.score("only 123", ["123", "456"]) == 0.5
+    assert rt.score("ABCDE-x", ["abcde"]) == 1.0  # case-insensitive
+    assert rt.score("", ["1"]) == 0.0
+    with pytest.raises(KVBoundError):
+        rt.score("x", [])
+
+
+def test_too_short_and_unknown_task():
+    with pytest.raises(KVBoundError, match="needs at least .* tokens"):
+        rt.make_sample(TOK, "niah_single_1", 50, 0)
+    with pytest.raises(KVBoundError, match="valid tasks: niah_single_1, .*fwe"):
+        rt.make_sample(TOK, "qa_1", 1000, 0)
+
+
+# --------------------------------------------------------------------------- the compress API
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "streaming"])
+def test_compress_equals_one_prefill_step_of_the_policy(policy):
+    """Compressing the recorded context (prefilled in 4 chunks) keeps what the policy keeps after a
+    one-pass prefill of the same context at budget ``keep``; afterwards nothing more is evicted."""
+    model, ids, keep = tiny("tiny-llama"), prompt_ids(80), 24
+    context = ContextRecorder(model)
+    ref = kvbound.make_cache(model, policy, keep)
+    with torch.no_grad():
+        kvbound.generation.prefill(model, ids, context, 20)
+        model(ids, past_key_values=ref)
+    cache = kvbound.make_cache(model, policy, keep)
+    cache.compress(context, keep)
+    for mine, theirs in zip(cache.layers, ref.layers):
+        assert torch.equal(mine.positions, theirs.positions)
+        torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-5)
+    assert cache.get_seq_length() == 80
+    with torch.no_grad():
+        model(prompt_ids(5, seed=3), past_key_values=cache)
+    assert cache.layers[0].held() == keep + 5  # the question goes in uncompressed
+
+
+def test_compress_refuses_missing_queries():
+    model = tiny("tiny-llama")
+    context = ContextRecorder(model, window=4)
+    with torch.no_grad():
+        kvbound.generation.prefill(model, prompt_ids(60), context, 20)
+    with pytest.raises(KVBoundError, match="snapkv cannot compress .* last 4 tokens: it scores with 32"):
+        kvbound.make_cache(model, "snapkv", 16).compress(context, 16)
+
+
+# --------------------------------------------------------------------------- the scenario
+
+
+def _args(tmp_path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    return parser.parse_args(["--scenario", "ruler", "--out", str(tmp_path / "out"), "--no-progress", *extra])
+
+
+@pytest.mark.parametrize("protocol", ["compress", "bounded"])
+def test_protocols_end_to_end(tmp_path, protocol):
+    args = _args(tmp_path, "--protocol", protocol, "--model", "tiny-llama", "--lengths", "500",
+                 "--tasks", "niah_single_1,vt", "--ratios", "0.5,0.875", "--samples", "1",
+                 "--policies", "full,snapkv,streaming,offload", "--max-new-tokens", "3", "--prefill-chunk", "64")
+    model = tiny("tiny-llama")
+    assert bench_cli.run(args, model_and_tokenizer=(model, TOK)) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    runs = data["runs"]
+    assert all(r["status"] == "ok" for r in runs)
+    scored = {(r["task"], r["policy"], r["ratio"]) for r in runs if r.get("role") is None}
+    assert scored == {(t, p, q) for t in ("niah_single_1", "vt") for p in ("snapkv", "streaming") for q in (0.5, 0.875)} \
+        | {(t, "full", None) for t in ("niah_single_1", "vt")}
+    for r in runs:
+        assert 0.0 <= r["score"] <= 1.0 and len(r["answer_tokens"]) <= 3
+        if r["ratio"] is not None:
+            assert r["keep"] == round((1 - r["ratio"]) * r["context_tokens"])
+            assert r["held_kv_bytes"] <= r["keep"] * 2 * 2 * 4 * 16 * model.config.num_hidden_layers  # K+V fp32
+    exact = [r for r in runs if r.get("role") == "exact check"]
+    assert [r["policy"] for r in exact] == ["offload", "offload"] and all(r["identical_to_full"] for r in exact)
+    assert (protocol == "compress") == bool(data["extra"].get("shared_prefills"))
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "`full` (ceiling)" in report and (tmp_path / "out" / "ruler_score_vs_ratio.png").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--tasks", "niah_single_1,qa_2"], r"unknown RULER task 'qa_2'; valid tasks: niah_single_1, .*, fwe"),
+    (["--lengths", "5000"], r"--lengths 5000 is past the model's 1024 positions"),
+    (["--ratios", "0.5,1"], r"--ratios must be fractions in \[0, 1\)"),
+    (["--ratios", "-0.1"], r"--ratios must be fractions in \[0, 1\)"),
+    (["--policies", "kivi"], r"policy 'kivi' cannot run --protocol compress .* it supports --protocol bounded"),
+    (["--samples", "0"], r"--samples must be >= 1"),
+])
+def test_bad_input(tmp_path, extra, message):
+    args = _args(tmp_path, "--model", "tiny-llama", *extra)
+    with pytest.raises(KVBoundError, match=message) as err:
+        bench_cli.run(args, model_and_tokenizer=(tiny("tiny-llama"), TOK))
+    assert "\n" not in str(err.value)
+    results = tmp_path / "out" / "results.json"  # the length check needs the model: it runs after the folder exists
+    assert not results.exists() or not json.loads(results.read_text())["runs"]
+
+
+def test_compress_at_ratio_zero_answers_as_full(tmp_path):
+    """Nothing evicted: the question appended after a compressed copy gets full's answer (positions,
+    masks and the uncompressed question are right)."""
+    args = _args(tmp_path, "--model", "tiny-llama", "--lengths", "500", "--tasks", "niah_single_2", "--ratios", "0",
+                 "--samples", "1", "--policies", "full,snapkv,h2o,tova,streaming", "--max-new-tokens", "6",
+                 "--prefill-chunk", "64")
+    assert bench_cli.run(args, model_and_tokenizer=(tiny("tiny-llama"), TOK)) == 0
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    full = next(r["answer_tokens"] for r in runs if r["policy"] == "full")
+    assert len(runs) == 5 and all(r["answer_tokens"] == full for r in runs)
