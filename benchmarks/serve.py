@@ -274,11 +274,12 @@ def _stream(client, model: str, prompt: str, max_tokens: int) -> dict:
     """One streamed greedy completion: its text, tokens, TTFT and the gaps between chunks."""
     sent = time.perf_counter()
     stamps, parts, usage = [], [], None
-    for chunk in client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                           stream=True, stream_options={"include_usage": True}):
-        if chunk.choices and chunk.choices[0].text:
+    for chunk in client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=max_tokens, temperature=0, stream=True,
+                                                stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
             stamps.append(time.perf_counter())
-            parts.append(chunk.choices[0].text)
+            parts.append(chunk.choices[0].delta.content)
         if chunk.usage is not None:
             usage = chunk.usage
     end = time.perf_counter()
@@ -385,8 +386,8 @@ def run_determinism(args, out: Path) -> dict:
             client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
 
             def ask(p: str) -> str:
-                return client.completions.create(model=model, prompt=p, max_tokens=args.max_tokens,
-                                                 temperature=0).choices[0].text
+                return client.chat.completions.create(model=model, messages=[{"role": "user", "content": p}],
+                                                      max_tokens=args.max_tokens, temperature=0).choices[0].message.content
 
             load_before = _loadavg()
             alone = [ask(p) for p in prompts]
@@ -411,7 +412,8 @@ def load_report(args, data: dict) -> str:
     lines = ["# kvbound serve: continuous batching under load", ""]
     if data.get("runs"):
         lines += [f"`{data['command']}`", "",
-                  f"Streamed greedy `/v1/completions` through the `openai` client, {args.max_tokens} tokens per reply, "
+                  f"Streamed greedy `/v1/chat/completions` (one user message) through the `openai` client, at most "
+                  f"{args.max_tokens} tokens per reply (a reply may end earlier at EOS; tokens/s counts tokens made), "
                   f"{args.requests} requests per client per level, prompts of ~{data['runs'][0]['prompt_tokens_median']:.0f} "
                   f"tokens (context <= prompt + {args.max_tokens}); `--max-batch {args.max_batch}`, "
                   f"{args.threads} torch threads, server and clients under `nice`; "
