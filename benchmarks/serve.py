@@ -333,13 +333,14 @@ def _policies(text: str) -> list[tuple[str, int | None]]:
     return out
 
 
-def run_load(args, out: Path) -> dict:
+def run_load(args, out: Path, runs: list[dict], save) -> None:
     import openai
 
-    levels = [int(c) for c in args.clients.split(",")]
-    runs = []
     for model in args.models.split(","):
         for policy, budget in _policies(args.policies):
+            levels = [int(c) for c in args.clients.split(",")]
+            if policy in args.sequential_policies.split(","):  # one row per pass: fewer levels (time)
+                levels = [c for c in levels if c <= args.sequential_max_clients]
             proc, url, _ = _server(args, model, policy, budget, args.row_group, out)
             try:
                 client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
@@ -351,6 +352,7 @@ def run_load(args, out: Path) -> dict:
                     level.update(model=model, policy=policy, budget=budget, row_group=args.row_group,
                                  batching=stats(url)["batching"])
                     runs.append(level)
+                    save()
                     print(f"[load] {model} {policy} c={clients}: {level['tokens_per_s']:.1f} tok/s, ITL p50/p95 "
                           f"{level['itl_p50_s']}/{level['itl_p95_s']} s, TTFT p50 {level['ttft_p50_s']:.3f} s, "
                           f"load {level['loadavg_after']}", file=sys.stderr, flush=True)
@@ -366,10 +368,10 @@ def run_load(args, out: Path) -> dict:
                     level.update(model=model, policy=policy, budget=budget, row_group=args.baseline_row_group,
                                  batching=stats(url)["batching"])
                     runs.append(level)
+                    save()
                 finally:
                     proc.terminate()
                     proc.wait(60)
-    return {"runs": runs}
 
 
 def run_determinism(args, out: Path) -> dict:
@@ -484,11 +486,15 @@ def load_main(args) -> None:
     results = out / "results.json"
     data = json.loads(results.read_text()) if results.exists() else {}
     command = "nice python " + " ".join(sys.argv)
+    def save() -> None:
+        results.write_text(json.dumps(data, indent=1))
+
     if args.load:
-        data.update(run_load(args, out), command=command, args=vars(args))
+        data.update(runs=[], command=command, args=vars(args))
+        run_load(args, out, data["runs"], save)
     if args.determinism:
         data.update(run_determinism(args, out), determinism_command=command)
-    results.write_text(json.dumps(data, indent=1))
+    save()
     shown = argparse.Namespace(**{**vars(args), **data.get("args", {})})
     (out / "report.md").write_text(load_report(shown, data))
     if data.get("runs"):
@@ -520,6 +526,9 @@ def main() -> None:
     p.add_argument("--policies", default="full,offload:32,kv-direct:32,window:32", help="NAME[:BUDGET],...")
     p.add_argument("--clients", default="1,4,8,16")
     p.add_argument("--requests", type=int, default=2, help="--load: requests per client per level")
+    p.add_argument("--sequential-policies", default="kv-direct,residual",
+                   help="--load: policies that decode one row per pass, run at fewer levels")
+    p.add_argument("--sequential-max-clients", type=int, default=4)
     p.add_argument("--replies", type=int, default=104, help="--determinism: distinct requests")
     p.add_argument("--row-groups", default="4,1", help="--determinism: --row-group values")
     p.add_argument("--baseline-row-group", type=int, default=1,
