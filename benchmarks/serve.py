@@ -325,6 +325,14 @@ def _server(args, model: str, policy: str, budget: int | None, row_group: int, w
     return start_server(run_args, None, workdir)
 
 
+def _batching(before: dict, after: dict) -> dict:
+    """The server's batching report with the rows per decode pass of this level only."""
+    passes = after["decode_passes"] - before["decode_passes"]
+    rows = after["decode_rows"] - before["decode_rows"]
+    return {**after["batching"], "mean_decode_rows": round(rows / passes, 3) if passes else None,
+            "decode_passes": passes, "padding_rows": after["padding_rows"] - before["padding_rows"]}
+
+
 def _policies(text: str) -> list[tuple[str, int | None]]:
     out = []
     for item in text.split(","):
@@ -347,10 +355,11 @@ def run_load(args, out: Path, runs: list[dict], save) -> None:
                 _stream(client, model, "Warm up.", 4)
                 offset = 0
                 for clients in levels:
+                    before = stats(url)
                     level = _level(client, model, clients, args.requests, args.max_tokens, offset)
                     offset += clients * args.requests
                     level.update(model=model, policy=policy, budget=budget, row_group=args.row_group,
-                                 batching=stats(url)["batching"])
+                                 batching=_batching(before, stats(url)))
                     runs.append(level)
                     save()
                     print(f"[load] {model} {policy} c={clients}: {level['tokens_per_s']:.1f} tok/s, ITL p50/p95 "
@@ -364,9 +373,10 @@ def run_load(args, out: Path, runs: list[dict], save) -> None:
                 try:
                     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
                     _stream(client, model, "Warm up.", 4)
+                    before = stats(url)
                     level = _level(client, model, 1, args.requests, args.max_tokens, 0)
                     level.update(model=model, policy=policy, budget=budget, row_group=args.baseline_row_group,
-                                 batching=stats(url)["batching"])
+                                 batching=_batching(before, stats(url)))
                     runs.append(level)
                     save()
                 finally:
