@@ -432,11 +432,14 @@ def load_report(args, data: dict) -> str:
                   f"machine: {os.cpu_count()} cores shared with other jobs (load average in the table). "
                   "ITL: gaps between streamed chunks, client side (a chunk is a token unless detokenizing holds text back: "
                   "tiny-llama's random text often is, so its ITL is not meaningful); per-token: (last chunk - first "
-                  "chunk) / (tokens - 1) of each request. `row group`: the batch is padded to a multiple of it "
+                  "chunk) / (tokens - 1) of each request; decode tokens/s: clients / per-token p50 (the level's "
+                  "aggregate rate once every reply streams, prefill waits excluded); tokens/s: all completion tokens "
+                  "/ the level's wall time (prefill and TTFT included). `row group`: the batch is padded to a multiple of it "
                   "(batch invariance); `1` is the unpadded single-row path.", "",
                   "| model | policy | row group | clients | tokens/s | × 1 client | ITL p50 | ITL p95 | p95 × 1 client | "
-                  "TTFT p50 | TTFT p95 | per-token p50 / p95 | mean rows/pass | load avg (1 min) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "TTFT p50 | TTFT p95 | per-token p50 / p95 | decode tokens/s | × 1 client | mean rows/pass | "
+                  "load avg (1 min) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         base = {(r["model"], r["policy"], r["row_group"]): r for r in data["runs"] if r["clients"] == 1}
         for r in data["runs"]:
             b = base.get((r["model"], r["policy"], r["row_group"]))
@@ -446,7 +449,8 @@ def load_report(args, data: dict) -> str:
                 f"{r['row_group']} | {r['clients']} | {r['tokens_per_s']:.1f} | "
                 f"{r['tokens_per_s'] / b['tokens_per_s']:.2f}× | {ms(r['itl_p50_s'])} | {ms(r['itl_p95_s'])} | "
                 f"{_ratio(r['itl_p95_s'], b['itl_p95_s'])} | {ms(r['ttft_p50_s'])} | {ms(r['ttft_p95_s'])} | "
-                f"{ms(r['tpot_p50_s'])} / {ms(r['tpot_p95_s'])} | "
+                f"{ms(r['tpot_p50_s'])} / {ms(r['tpot_p95_s'])} | {_decode_rate(r):.1f} | "
+                f"{_decode_rate(r) / _decode_rate(b):.2f}× | "
                 f"{r['batching']['mean_decode_rows']} ({r['batching']['mode']}) | {r['loadavg_after'][0]:.1f} |")
     for d in data.get("determinism", []):
         lines += ["", f"Determinism ({d['model']}, {d['policy']}, row group {d['row_group']}): "
@@ -454,6 +458,11 @@ def load_report(args, data: dict) -> str:
                       f"the request alone and at 8 concurrent clients (load {d['loadavg_after'][0]:.1f}). "
                       f"`{data.get('determinism_command', '')}`"]
     return "\n".join(lines) + "\n"
+
+
+def _decode_rate(r: dict) -> float:
+    """Aggregate decode tokens/s of a level, prefill excluded: clients / median seconds per token of a request."""
+    return r["clients"] / r["tpot_p50_s"] if r.get("tpot_p50_s") else float("nan")
 
 
 def _ratio(a: float | None, b: float | None) -> str:
