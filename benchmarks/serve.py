@@ -487,7 +487,7 @@ def plot(data: dict, path: Path) -> None:
             axes[0][col].plot([r["clients"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=label)
             axes[1][col].plot([r["clients"] for r in rs], [(r["itl_p95_s"] or 0) * 1000 for r in rs], marker="o",
                               label=label)
-        axes[0][col].set_title(f"{model}: aggregate decode throughput")
+        axes[0][col].set_title(f"{model}: aggregate tokens/s (TTFT included)")
         axes[0][col].set_ylabel("tokens/s")
         axes[1][col].set_ylabel("inter-token latency p95 (ms)")
         for ax in axes[:, col]:
