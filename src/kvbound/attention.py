@@ -398,17 +398,34 @@ def tiered_attention(query: torch.Tensor, blocks: list["Block | LazyBlock"], key
 def kvbound_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                               attention_mask: torch.Tensor | None, dropout: float = 0.0,
                               scaling: float | None = None, softcap: float | None = None, **kwargs: Any):
-    """transformers attention function: tiered attention for a kvbound layer's step, ``sdpa`` otherwise."""
+    """transformers attention function: tiered attention for a kvbound layer's step, ``sdpa`` otherwise.
+
+    A batch of caches (:class:`kvbound.batching.CacheBatch`, any active cache with ``attend_rows``)
+    attends each row to its own cache's K/V instead."""
     step = None
     cache = active_cache()
+    if cache is not None and getattr(cache, "attend_rows", None) is not None:
+        return cache.attend_rows(module, query, key, value, dropout=dropout, scaling=scaling, softcap=softcap, **kwargs)
     layer_idx = getattr(module, "layer_idx", None)
     if cache is not None and layer_idx is not None:
-        layer = cache.layers[layer_idx]
-        step = getattr(layer, "pending_step", None)
-        if step is not None:
-            layer.pending_step = None
-            if step.keys is not key:  # not this step's tensors: a stale hand-over, ignore it
-                step = None
+        step = take_step(cache.layers[layer_idx], key)
+    return attend_step(module, query, key, value, attention_mask, step, dropout, scaling, softcap, **kwargs)
+
+
+def take_step(layer: Any, key: torch.Tensor) -> TierStep | None:
+    """The :class:`TierStep` ``layer`` left for the attention call on ``key`` (and clear it); ``None``
+    if there is none or it is stale (not this step's tensors)."""
+    step = getattr(layer, "pending_step", None)
+    if step is None:
+        return None
+    layer.pending_step = None
+    return step if step.keys is key else None
+
+
+def attend_step(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attention_mask: torch.Tensor | None, step: TierStep | None, dropout: float = 0.0,
+                scaling: float | None = None, softcap: float | None = None, **kwargs: Any):
+    """One attention call: tiered over ``step``'s blocks, or transformers' ``sdpa`` without a step."""
     if step is None:
         return ALL_ATTENTION_FUNCTIONS[FALLBACK](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         softcap=softcap, **kwargs)

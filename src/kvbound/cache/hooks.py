@@ -28,8 +28,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def _cache_of(kwargs: dict):
+    """The call's kvbound cache, or a batch of them (:class:`kvbound.batching.CacheBatch`: ``attend_rows``)."""
     cache = kwargs.get("past_key_values")
-    return cache if isinstance(cache, KVBoundCache) else None
+    return cache if isinstance(cache, KVBoundCache) or hasattr(cache, "attend_rows") else None
 
 
 def _on_base(module, args, kwargs):

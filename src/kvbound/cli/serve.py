@@ -31,6 +31,7 @@ def add(sub) -> None:
                     "exact policy the replies are those of a server without a budget. "
                     "Needs the serve extra: pip install 'kvbound[serve]'.",
         epilog=common.epilog(EXAMPLES_SERVE), formatter_class=common.FORMATTER)
+    from ..batching import ROW_GROUP
     from ..generation import DEFAULT_PREFILL_CHUNK
     from ..models import DEFAULT_MODEL
 
@@ -54,6 +55,12 @@ def add(sub) -> None:
                    help="conversations stored, hot or parked; the least recently used is forgotten (default: 4096)")
     s.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
                    help=f"prompt tokens per forward pass when prefilling or restoring (default: {DEFAULT_PREFILL_CHUNK})")
+    s.add_argument("--max-batch", type=int, default=8, metavar="N",
+                   help="conversations whose next tokens are decoded together in one forward pass (continuous "
+                        "batching; policies that cannot run batched decode one conversation per pass) (default: 8)")
+    s.add_argument("--row-group", type=int, default=ROW_GROUP, metavar="N",
+                   help="pad each batched pass to a multiple of N rows so a greedy reply does not depend on the "
+                        f"conversations it shares passes with; 1: no padding, fastest alone (default: {ROW_GROUP})")
     s.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     c = serve.add_argument_group("shared store and cluster (the cluster extra: pip install 'kvbound[cluster]')")
     c.add_argument("--store", metavar="URL",
@@ -90,7 +97,8 @@ def cmd_serve(args) -> int:
     config = ServeConfig(model=args.model, policy=args.policy, budget=args.budget, options=dict(args.option),
                          memory_budget=None if args.memory_budget is None else parse_size(args.memory_budget),
                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
-                         max_conversations=args.max_conversations, store=args.store, store_ttl=args.store_ttl)
+                         max_conversations=args.max_conversations, store=args.store, store_ttl=args.store_ttl,
+                         max_batch=args.max_batch, row_group=args.row_group)
     if args.store is not None:  # an unreachable store fails now, before the model loads
         from ..serve.redis_store import connect_store
 

@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..batching import ROW_GROUP
 from ..errors import KVBoundError
 from ..generation import DEFAULT_PREFILL_CHUNK  # prompt tokens per forward pass when prefilling or restoring
 from ..models import DEFAULT_MODEL
@@ -44,9 +45,11 @@ class ServeConfig:
     max_conversations: int = 4096  # stored conversations (hot + parked); the least recently used is dropped
     store: str | None = None  # shared parking store URL (redis://host:port/db, unix:///path); None: in-process only
     store_ttl: int | None = 86400  # seconds a shared entry lives after its last write; None: no expiry
+    max_batch: int = 8  # conversations decoding together, one forward pass per step (kvbound.batching)
+    row_group: int = ROW_GROUP  # pad a batch to batch-invariant row counts (1: no padding)
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_conversations"):
+        for name in ("max_queue", "max_conversations", "max_batch", "row_group"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KVBoundError(f"{name} must be a whole number >= 1, got {value!r}")

@@ -11,6 +11,7 @@ import time
 from typing import Sequence
 
 from .. import make_cache
+from ..batching import batch_refusal
 from ..errors import KVBoundError
 from ..generation import max_positions
 from ..rss import current_rss_bytes, peak_rss_bytes
@@ -33,14 +34,17 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.name = config.model
         self.created = int(time.time())
-        make_cache(model, config.policy, config.budget, **config.options).close()  # bad policy/options: fail now
+        probe = make_cache(model, config.policy, config.budget, **config.options)  # bad policy/options: fail now
+        sequential = batch_refusal(probe)
+        probe.close()
         cfg = model.config.get_text_config(decoder=True)
         self.max_positions: int | None = max_positions(model)
         self.vocab_size: int = cfg.vocab_size
         self._tok_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
         self.store = ConversationStore(self.new_cache, config.memory_budget, config.max_conversations,
                                        shared=self._shared_store())
-        self.worker = ModelWorker(model, self.store, self.decode, config.max_queue, config.prefill_chunk)
+        self.worker = ModelWorker(model, self.store, self.decode, config.max_queue, config.prefill_chunk,
+                                  config.max_batch, config.row_group, sequential)
 
     def _shared_store(self):
         """The shared parking store of ``config.store`` (fails fast, one line, if it cannot be reached)."""
@@ -137,7 +141,7 @@ class Engine:
         return {
             "model": self.name, "policy": c.policy, "budget": c.budget,
             **self.store.stats(), **self.worker.counters,
-            "queued": self.worker.queued(), "max_queue": c.max_queue,
+            "queued": self.worker.queued(), "max_queue": c.max_queue, "batching": self.worker.batching(),
             "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": current_rss_bytes(),
         }
 

@@ -204,7 +204,9 @@ class ConversationStore:
     def _enforce_limits(self) -> None:
         freed = False
         if self.memory_budget is not None:
-            total = sum(c.held_bytes for c in self.conversations.values() if not c.parked)
+            # checked-out conversations (no node: decoding in the batch) count with what they hold now
+            total = sum(held_bytes(c.cache) if c.node is None else c.held_bytes
+                        for c in self.conversations.values() if not c.parked)
             for conv in list(self.conversations.values()):  # least recently used first
                 if total <= self.memory_budget:
                     break

@@ -1,15 +1,24 @@
 """The model worker: one thread runs every model call, jobs wait in a bounded queue.
 
-A job is one request's prompt tokens and sampling parameters. The worker checks the conversation
-out of the store, prefills the prompt tokens the cache has not seen (chunked,
-:func:`kvbound.generation.prefill`), samples up to ``max_tokens`` tokens and reports each one
-through the job's ``emit`` callback (called on the worker thread). A cancelled job (its client
-went away) stops before its next model call and its conversation keeps the tokens generated so far.
+A job is one request's prompt tokens and sampling parameters. Up to ``max_batch`` jobs are active
+at once (continuous batching): each cycle of the worker's loop
+
+1. admits waiting jobs (their conversations checked out of the store) while there is room,
+2. ends the jobs whose client went away (the conversation keeps the tokens generated so far),
+3. prefills prompts the caches have not seen, whole ``prefill_chunk`` chunks (each prompt's chunks
+   start at its own first unseen token, whatever else runs), until one chunk's worth of tokens
+   was fed this cycle -- so a long prompt delays the others' next token by about one chunk,
+4. runs the next decode step of every conversation whose prompt is in: all in one forward pass
+   (:func:`kvbound.batching.decode_step`), or one pass each when the policy cannot run batched
+   (:func:`kvbound.batching.batch_refusal`), and samples each one's token.
+
+Each token goes out through the job's ``emit`` callback (called on the worker thread). A job that
+raises (sampling, detokenizing, its own cache) fails alone; a batched forward pass that raises
+fails the jobs in that batch (their caches may be half-updated, so their conversations are dropped).
 """
 
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -18,10 +27,11 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..batching import ROW_GROUP, decode_step, padded_rows
 from ..generation import prefill
 from .detok import TextStream
 from .sampling import SamplingParams, next_token
-from .store import ConversationStore
+from .store import ConversationStore, Lease
 
 
 class QueueFull(Exception):
@@ -74,22 +84,48 @@ class Job:
         self.cancelled.set()
 
 
+@dataclass(eq=False)
+class _Slot:
+    """An active job: its conversation lease, reply so far, and the token its next step feeds."""
+
+    job: Job
+    lease: Lease
+    started: float
+    stream: TextStream
+    generator: torch.Generator | None
+    generated: list[int] = field(default_factory=list)
+    next_input: int | None = None  # None: the prompt is still being prefilled
+    first_token_s: float | None = None
+
+    @property
+    def cache(self):
+        return self.lease.conversation.cache
+
+
 class ModelWorker:
-    """Serializes model calls on one thread; ``lock`` is held while a job runs."""
+    """Runs every model call on one thread; ``lock`` is held while a cycle runs model calls.
+
+    ``batched`` is ``None`` when the policy's conversations share forward passes, else why not."""
 
     def __init__(self, model, store: ConversationStore, decode: Callable[[Sequence[int]], str],
-                 max_queue: int, prefill_chunk: int | None) -> None:
+                 max_queue: int, prefill_chunk: int | None, max_batch: int = 8, row_group: int = ROW_GROUP,
+                 sequential_reason: str | None = None) -> None:
         self.model = model
         self.store = store
         self.decode = decode
         self.prefill_chunk = prefill_chunk
+        self.max_batch = max_batch
+        self.row_group = row_group
+        self.sequential_reason = sequential_reason
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.lock = threading.Lock()
         self.eos = _eos_ids(model)
+        self.active: list[_Slot] = []
         self.counters = {"requests_served": 0, "requests_cancelled": 0, "requests_failed": 0,
-                         "prompt_tokens": 0, "prefilled_tokens": 0, "completion_tokens": 0}
+                         "prompt_tokens": 0, "prefilled_tokens": 0, "completion_tokens": 0,
+                         "decode_passes": 0, "decode_rows": 0, "padding_rows": 0, "prefill_passes": 0}
         self._thread = threading.Thread(target=self._loop, name="kvbound-model-worker", daemon=True)
-        self._ids = itertools.count(1)
+        self._stopping = False
 
     # -- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -120,6 +156,14 @@ class ModelWorker:
     def queued(self) -> int:
         return self.jobs.qsize()
 
+    def batching(self) -> dict:
+        """How decode steps run (for ``/stats``)."""
+        passes = self.counters["decode_passes"]
+        return {"mode": "sequential" if self.sequential_reason else "batched",
+                "sequential_reason": self.sequential_reason, "max_batch": self.max_batch,
+                "row_group": self.row_group, "active": len(self.active),
+                "mean_decode_rows": round(self.counters["decode_rows"] / passes, 3) if passes else None}
+
     def _cancel_waiting(self) -> None:
         try:
             job = self.jobs.get_nowait()
@@ -132,54 +176,119 @@ class ModelWorker:
     # -- the loop ------------------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
-        while True:
-            job = self.jobs.get()
+        while not self._stopping:
+            self._admit()
+            with self.lock:
+                try:
+                    self._cycle()
+                except Exception as exc:  # noqa: BLE001 -- a bug outside any one job: fail the active ones
+                    for slot in list(self.active):
+                        self._fail(slot, exc)
+        for slot in list(self.active):  # shutting down
+            self._finish(slot, "cancelled")
+
+    def _admit(self) -> None:
+        """Take waiting jobs while fewer than ``max_batch`` are active (wait for one when none is)."""
+        while len(self.active) < self.max_batch:
+            try:
+                job = self.jobs.get() if not self.active else self.jobs.get_nowait()
+            except queue.Empty:
+                return
             if job is None:
+                self._stopping = True
                 return
             if job.cancelled.is_set():
                 self.counters["requests_cancelled"] += 1
                 job.emit(Done("cancelled", len(job.prompt), 0, "", {}))
                 continue
-            with self.lock:
-                try:
-                    self._run(job)
-                except Exception as exc:  # noqa: BLE001 -- reported to the client; the worker keeps serving
-                    self.counters["requests_failed"] += 1
-                    job.emit(Failed(exc))
+            try:
+                lease = self.store.checkout(job.prompt, job.key)
+            except Exception as exc:  # noqa: BLE001 -- reported to the client; the worker keeps serving
+                self.counters["requests_failed"] += 1
+                job.emit(Failed(exc))
+                continue
+            params = job.params
+            self.active.append(_Slot(job, lease, time.perf_counter(), TextStream(self.decode, params.stop),
+                                     params.generator()))
 
-    @torch.no_grad()
-    def _run(self, job: Job) -> None:
-        started = time.perf_counter()
-        lease = self.store.checkout(job.prompt, job.key)
-        conv, cache = lease.conversation, lease.conversation.cache
-        params = job.params
-        stream = TextStream(self.decode, params.stop)
-        generated: list[int] = []
-        finish = "length"
-        first_token_s = None
+    def _cycle(self) -> None:
+        for slot in list(self.active):
+            if slot.job.cancelled.is_set():
+                self._finish(slot, "cancelled")
+        self._prefill()
+        ready = [s for s in self.active if s.next_input is not None]
+        if not ready:
+            return
+        if self.sequential_reason is None:
+            self._decode(ready)
+        else:
+            for slot in ready:
+                self._decode([slot])
+
+    def _prefill(self) -> None:
+        """Whole prefill chunks, oldest job first, until a chunk's worth of tokens went in this cycle."""
+        fed = 0
+        for slot in [s for s in self.active if s.next_input is None]:
+            while slot.next_input is None and (self.prefill_chunk is None or fed < self.prefill_chunk):
+                try:
+                    fed += self._prefill_chunk(slot)
+                except Exception as exc:  # noqa: BLE001 -- this job fails alone
+                    self._fail(slot, exc)
+                    break
+
+    def _prefill_chunk(self, slot: _Slot) -> int:
+        """Feed ``slot``'s next prompt chunk (all but the last prompt token, which its first decode
+        step feeds); returns the tokens fed."""
+        prompt, cache = slot.job.prompt, slot.cache
+        seen, end = cache.get_seq_length(), len(prompt) - 1
+        upto = end if self.prefill_chunk is None else min(end, seen + self.prefill_chunk)
+        if upto > seen:
+            prefill(self.model, torch.tensor([prompt[:upto]], dtype=torch.long), cache, self.prefill_chunk)
+            self.counters["prefill_passes"] += 1
+        if cache.get_seq_length() >= end:
+            slot.next_input = prompt[-1]
+        return max(upto - seen, 1)
+
+    def _decode(self, slots: list[_Slot]) -> None:
+        """One decode step for ``slots`` (one forward pass), then each one's next token."""
         try:
-            ids = torch.tensor([job.prompt], dtype=torch.long)
-            prefill(self.model, ids[:, :-1], cache, self.prefill_chunk)
-            logits = self._step(ids[:, -1:], cache)
-            generator = params.generator()
-            while len(generated) < params.max_tokens:
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                token = next_token(logits, params, generator)
-                generated.append(token)
-                text = stream.push(token)
-                if first_token_s is None:
-                    first_token_s = time.perf_counter() - started
-                job.emit(Token(token, text))
-                if token in self.eos or stream.stopped:
-                    finish = "stop"
-                    break
-                if len(generated) < params.max_tokens:
-                    logits = self._step(torch.tensor([[token]]), cache)
-        except BaseException:
-            self.store.discard(conv)
-            raise
+            if self.sequential_reason is None:
+                logits = decode_step(self.model, [s.cache for s in slots], [s.next_input for s in slots],
+                                     self.row_group)
+                self.counters["padding_rows"] += padded_rows(len(slots), self.row_group) - len(slots)
+            else:
+                logits = self._step(torch.tensor([[slots[0].next_input]]), slots[0].cache)[None]
+        except Exception as exc:  # noqa: BLE001 -- the pass failed: its caches may be half-updated
+            for slot in slots:
+                self._fail(slot, exc)
+            return
+        self.counters["decode_passes"] += 1
+        self.counters["decode_rows"] += len(slots)
+        for slot, row in zip(slots, logits):
+            try:
+                self._take(slot, row)
+            except Exception as exc:  # noqa: BLE001 -- this job fails alone
+                self._fail(slot, exc)
+
+    def _take(self, slot: _Slot, logits: torch.Tensor) -> None:
+        params = slot.job.params
+        token = next_token(logits, params, slot.generator)
+        slot.generated.append(token)
+        text = slot.stream.push(token)
+        if slot.first_token_s is None:
+            slot.first_token_s = time.perf_counter() - slot.started
+        slot.next_input = token
+        slot.job.emit(Token(token, text))
+        if token in self.eos or slot.stream.stopped:
+            self._finish(slot, "stop")
+        elif len(slot.generated) >= params.max_tokens:
+            self._finish(slot, "length")
+
+    def _finish(self, slot: _Slot, finish: str) -> None:
+        """Store the conversation (its cache has seen the prompt and all reply tokens but the last)."""
+        self.active.remove(slot)
+        job, lease, generated = slot.job, slot.lease, slot.generated
+        conv = lease.conversation
         self.store.checkin(conv, job.prompt, generated)
         key = "requests_cancelled" if finish == "cancelled" else "requests_served"
         self.counters[key] += 1
@@ -187,10 +296,18 @@ class ModelWorker:
         self.counters["prefilled_tokens"] += len(job.prompt) - lease.reused
         self.counters["completion_tokens"] += len(generated)
         info = {"conversation": conv.id, "matched": lease.matched, "restored": lease.restored,
-                "reused_tokens": lease.reused, "queue_s": round(started - job.submitted, 6),
-                "first_token_s": None if first_token_s is None else round(first_token_s, 6),
-                "total_s": round(time.perf_counter() - started, 6)}
-        job.emit(Done(finish, len(job.prompt), len(generated), stream.flush(), info))
+                "reused_tokens": lease.reused, "queue_s": round(slot.started - job.submitted, 6),
+                "first_token_s": None if slot.first_token_s is None else round(slot.first_token_s, 6),
+                "total_s": round(time.perf_counter() - slot.started, 6)}
+        job.emit(Done(finish, len(job.prompt), len(generated), slot.stream.flush(), info))
+
+    def _fail(self, slot: _Slot, exc: BaseException) -> None:
+        """The job failed: forget its conversation (its cache may be half-updated), tell its client."""
+        if slot in self.active:
+            self.active.remove(slot)
+        self.store.discard(slot.lease.conversation)
+        self.counters["requests_failed"] += 1
+        slot.job.emit(Failed(exc))
 
     def _step(self, ids: torch.Tensor, cache) -> torch.Tensor:
         """One forward pass on ``ids`` after what ``cache`` holds; the last position's logits."""

@@ -1,0 +1,251 @@
+"""Continuous batching in ``kvbound serve`` (tiny-llama, the real ``openai`` client on a live port):
+batched replies equal each request alone, exact policies equal ``full``, join/leave, failures,
+cancellation, streaming, parking; and :func:`kvbound.batching.decode_step` without a server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+from test_serve import MODEL, _play, _script, loaded, serving  # noqa: E402
+
+from kvbound import make_cache  # noqa: E402
+from kvbound.batching import batch_refusal, decode_step, padded_rows  # noqa: E402
+from kvbound.cli import main  # noqa: E402
+from kvbound.errors import KVBoundError  # noqa: E402
+from kvbound.generation import prefill  # noqa: E402
+from kvbound.serve import ServeConfig  # noqa: E402
+
+PROMPTS = [f"Request {i}: write about the number {3 * i + 1} and {'why ' * i}it matters." for i in range(6)]
+EXACT = [("full", None), ("offload", 6)]
+
+
+def _complete(live, prompt: str, max_tokens: int = 14, **kw) -> str:
+    out = live.client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
+                                         temperature=kw.pop("temperature", 0), **kw)
+    return out.choices[0].text
+
+
+def _together(live, prompts, **kw) -> list[str]:
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        return list(pool.map(lambda p: _complete(live, p, **kw), prompts))
+
+
+# --------------------------------------------------------------------------- without a server
+
+
+@pytest.mark.parametrize("policy,budget", [("full", None), ("offload", 6), ("h2o", 8), ("kivi", None)])
+def test_decode_step_rows_equal_each_sequence_alone(policy, budget):
+    model, _ = loaded()
+    prompts = [torch.arange(5 + 7 * i, 5 + 9 * i + 4)[None] % 200 for i in range(3)]  # ragged: 4, 6, 8 tokens
+
+    def run(groups):
+        caches = [make_cache(model, policy, budget) for _ in prompts]
+        for c, p in zip(caches, prompts):
+            prefill(model, p[:, :-1], c, 3)
+        tokens = [int(p[0, -1]) for p in prompts]
+        out = [[] for _ in prompts]
+        for _ in range(10):
+            for group in groups:
+                logits = decode_step(model, [caches[i] for i in group], [tokens[i] for i in group])
+                for i, row in zip(group, logits):
+                    tokens[i] = int(row.argmax())
+                    out[i].append(tokens[i])
+        return out
+
+    assert batch_refusal(make_cache(model, policy, budget)) is None
+    assert run([[0, 1, 2]]) == run([[0], [1], [2]])
+
+
+def test_padded_rows_and_what_runs_sequentially():
+    assert [padded_rows(n) for n in (1, 3, 4, 5, 9, 12, 13)] == [4, 4, 4, 8, 12, 12, 13]
+    assert [padded_rows(n, 1) for n in (1, 3, 5)] == [1, 3, 5]
+    model, _ = loaded()
+    assert "re-runs the model" in batch_refusal(make_cache(model, "kv-direct", 8))
+    assert "residuals" in batch_refusal(make_cache(model, "residual", 8)) or "layer input" in batch_refusal(
+        make_cache(model, "residual", 8))
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def test_batched_replies_equal_each_request_alone_and_exact_equals_full():
+    replies = {}
+    for policy, budget in EXACT:
+        with serving(policy=policy, budget=budget) as live:
+            together = _together(live, PROMPTS)
+            s = live.stats()
+            assert s["batching"]["mode"] == "batched" and s["batching"]["mean_decode_rows"] > 1.5
+        with serving(policy=policy, budget=budget) as live:
+            alone = [_complete(live, p) for p in PROMPTS]
+            assert live.stats()["batching"]["mean_decode_rows"] == 1
+        assert together == alone
+        replies[policy] = together
+    assert replies["offload"] == replies["full"]
+
+
+def test_join_and_leave_mid_batch():
+    with serving(policy="full", max_batch=3) as live:
+        alone = [_complete(live, p, max_tokens=n) for p, n in zip(PROMPTS, (30, 4, 12, 6, 20))]
+    with serving(policy="full", max_batch=3) as live:
+        got: dict[int, str] = {}
+
+        def ask(i: int, n: int) -> None:
+            got[i] = _complete(live, PROMPTS[i], max_tokens=n)
+
+        long = live.client.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=30, temperature=0,
+                                              stream=True)
+        parts, joined = [], []
+        for chunk in long:  # others join (and the short ones leave) while request 0 streams
+            parts.append(chunk.choices[0].text)
+            if len(parts) == 2:
+                for i, n in ((1, 4), (2, 12), (3, 6), (4, 20)):
+                    joined.append(threading.Thread(target=ask, args=(i, n)))
+                    joined[-1].start()
+        for t in joined:
+            t.join(60)
+        s = live.stats()
+    assert ["".join(parts)] + [got[i] for i in range(1, 5)] == alone
+    assert s["requests_served"] == 5 and 1 < s["batching"]["mean_decode_rows"] <= 3
+
+
+def test_streaming_and_seeded_sampling_under_batching():
+    kw = dict(max_tokens=12, temperature=0.9, top_p=0.9)
+    with serving(policy="full") as live:
+        alone = [_complete(live, p, seed=11 + i, **kw) for i, p in enumerate(PROMPTS[:4])]
+
+        def streamed(i: int) -> str:
+            chunks = live.client.completions.create(model=MODEL, prompt=PROMPTS[i], seed=11 + i, stream=True, **kw)
+            return "".join(c.choices[0].text for c in chunks)
+
+        with ThreadPoolExecutor(4) as pool:
+            assert list(pool.map(streamed, range(4))) == alone
+        assert live.stats()["batching"]["mean_decode_rows"] > 1
+
+
+def test_a_request_failing_inside_a_batched_step_fails_alone():
+    with serving(policy="full") as live:
+        alone = [_complete(live, p) for p in PROMPTS[:4]]
+        worker = live.engine.worker
+        take = worker._take
+
+        def failing(slot, logits):
+            if slot.job.prompt == live.engine.encode_prompt(PROMPTS[2]) and len(slot.generated) == 3:
+                raise RuntimeError("boom")
+            return take(slot, logits)
+
+        worker._take = failing
+
+        def ask(p: str):
+            try:
+                return _complete(live, p)
+            except openai.APIStatusError as exc:
+                return exc
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, PROMPTS[:4]))
+        worker._take = take
+        assert isinstance(got[2], openai.InternalServerError) and "boom" in str(got[2])
+        assert got[:2] + got[3:] == alone[:2] + alone[3:]
+        assert live.stats()["requests_failed"] == 1
+        assert _complete(live, PROMPTS[2]) == alone[2]  # the failed conversation was dropped, not corrupted
+
+
+def test_cancelling_one_stream_leaves_the_others():
+    with serving(policy="offload", budget=6) as live:
+        alone = [_complete(live, p, max_tokens=20) for p in PROMPTS[:3]]
+        done: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            done[i] = _complete(live, PROMPTS[i], max_tokens=20)
+
+        stream = live.client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=400,
+                                                temperature=0, stream=True)
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+        for i, _chunk in enumerate(stream):
+            if i == 0:
+                for t in threads:
+                    t.start()
+            if i == 4:
+                break
+        stream.close()
+        for t in threads:
+            t.join(60)
+        deadline = time.monotonic() + 20
+        while live.stats()["requests_cancelled"] < 1:
+            assert time.monotonic() < deadline, "the worker kept generating for a closed stream"
+            time.sleep(0.05)
+        assert [done[i] for i in range(3)] == alone
+        assert live.stats()["completion_tokens"] < 400 + 60
+
+
+def test_parking_and_restoring_under_batching():
+    script = _script(n_conv=4, turns=3)
+    per_conv: dict[int, list] = {}
+    for conv, text in script:
+        per_conv.setdefault(conv, []).append((conv, text))
+
+    def concurrently(live) -> dict[int, list[str]]:
+        with ThreadPoolExecutor(4) as pool:
+            return dict(zip(per_conv, pool.map(lambda c: _play(live, per_conv[c]), per_conv)))
+
+    for policy, budget in EXACT:
+        with serving(policy=policy, budget=budget) as live:
+            hot = {c: _play(live, turns) for c, turns in per_conv.items()}  # one conversation at a time
+        with serving(policy=policy, budget=budget, memory_budget=1) as live:
+            parked = concurrently(live)
+            s = live.stats()
+        assert parked == hot
+        assert s["restores"] >= 4 and s["parks"] >= 4 and s["batching"]["mean_decode_rows"] > 1
+
+
+def test_sequential_policies_say_so_and_keep_working():
+    with serving(policy="kv-direct", budget=8) as live:
+        together = _together(live, PROMPTS[:3])
+        s = live.stats()["batching"]
+        assert s["mode"] == "sequential" and "re-runs the model" in s["sequential_reason"]
+        assert s["mean_decode_rows"] == 1
+        assert together == [_complete(live, p) for p in PROMPTS[:3]]
+
+
+def test_overload_answers_429_with_a_batch_running():
+    with serving(policy="full", max_queue=1, max_batch=2) as live:
+        results: list = []
+
+        def ask(i: int) -> None:
+            try:
+                results.append(_complete(live, f"hi {i}", max_tokens=4))
+            except openai.APIStatusError as exc:
+                results.append(exc)
+
+        with live.engine.worker.lock:  # the worker admits at most max_batch jobs, then waits: one more queues
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 20
+            while sum(isinstance(r, Exception) for r in results) < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+        for t in threads:
+            t.join(30)
+        refused = [r for r in results if isinstance(r, Exception)]
+        assert len(results) == 6 and 3 <= len(refused) <= 5
+        assert all(r.status_code == 429 and r.body["code"] == "rate_limit_exceeded" for r in refused)
+
+
+def test_max_batch_must_be_a_whole_number_of_at_least_one(capsys):
+    for bad in (0, -2):
+        with pytest.raises(KVBoundError, match="max_batch"):
+            ServeConfig(model=MODEL, max_batch=bad)
+    assert main(["serve", "--model", MODEL, "--max-batch", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "max_batch" in err
+    assert main(["serve", "--model", MODEL, "--row-group", "0"]) == 2
+    assert "row_group" in capsys.readouterr().err
