@@ -249,3 +249,11 @@ def test_max_batch_must_be_a_whole_number_of_at_least_one(capsys):
     assert err.count("\n") == 1 and "max_batch" in err
     assert main(["serve", "--model", MODEL, "--row-group", "0"]) == 2
     assert "row_group" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("policy, budget, options", [("expected-attention", 8, {}), ("kvzip", 8, {}),
+                                                     ("think", None, {}), ("snapkv", 8, {"think": 0.5})])
+def test_policies_that_observe_the_attention_input_or_the_output_run_sequentially(policy, budget, options):
+    model, _ = loaded()
+    reason = batch_refusal(make_cache(model, policy, budget, **options))
+    assert reason is not None and "one sequence per pass" in reason

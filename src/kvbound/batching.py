@@ -52,9 +52,15 @@ def batch_refusal(cache: KVBoundCache) -> str | None:
     if spec.reruns_model:
         return f"policy {cache.policy_name!r} re-runs the model inside each step"
     cls = type(cache)
-    for hook in ("observe_input_ids", "observe_layer_input"):
+    for hook in ("observe_input_ids", "observe_layer_input", "observe_output"):
         if getattr(cls, hook) is not getattr(KVBoundCache, hook):
             return f"policy {cache.policy_name!r} observes each step's {hook[8:].replace('_', ' ')} (one sequence per pass)"
+    from .cache.evicting import EvictingCache, EvictingLayer
+
+    if isinstance(cache, EvictingCache):  # the attention input, which a batched pass does not hand to each row
+        if cls.observe_attention_input is not EvictingCache.observe_attention_input or any(
+                type(layer).observe_input is not EvictingLayer.observe_input for layer in cache.layers):
+            return f"policy {cache.policy_name!r} observes each step's attention input (one sequence per pass)"
     if not use_tiered_attention(cache.model):
         return (f"the model runs {cache.model.config._attn_implementation!r} attention, not kvbound's "
                 "(per-row attention needs it)")
@@ -83,6 +89,9 @@ class CacheBatch(Cache):
         pass
 
     def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        pass
+
+    def observe_output(self) -> None:
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
