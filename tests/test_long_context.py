@@ -22,9 +22,13 @@ BUDGETED = [name for name, spec in registered().items() if spec.needs_budget]
 PROMPT, BUDGET, NEW = 24, 6, 4
 
 
+# random-init tiny models have no retrieval heads above razor's default 2x-chance threshold
+TINY_OPTIONS = {"razor": {"threshold": 0.0, "sinks": 1, "recent": 2}}
+
+
 def _run(model, policy, ids, chunk, budget=BUDGET):
     spec = registered()[policy]
-    cache = make_cache(model, policy, budget if spec.needs_budget else None)
+    cache = make_cache(model, policy, budget if spec.needs_budget else None, **TINY_OPTIONS.get(policy, {}))
     try:
         return greedy(model, ids, cache, NEW, stop_at_eos=False, prefill_chunk=chunk)[0].tolist(), cache
     finally:
