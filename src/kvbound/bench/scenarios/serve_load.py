@@ -315,10 +315,10 @@ def render(data: dict[str, Any], out: Path) -> tuple[str, list[str]]:
     runs = [r for r in data["runs"] if r.get("status", "ok") == "ok"]
     load = [r for r in runs if r.get("mode", "load") == "load"]
     determinism = [r for r in runs if r.get("mode") == "determinism"]
-    lines = ["# kvbound serve: continuous batching under load", "", meta_section(data), ""]
+    lines = ["# kvbound serve: continuous batching (load, determinism)", "", meta_section(data)]
     plots = []
     if load:
-        lines += _load_table(load, data["meta"].get("options", {}))
+        lines += ["", *_load_table(load, data["meta"].get("options", {}))]
         if plot(load, out / "throughput.png"):
             plots.append("throughput.png")
             lines += ["", "![tokens/s and ITL p95 against concurrent clients](throughput.png)"]
@@ -328,5 +328,5 @@ def render(data: dict[str, Any], out: Path) -> tuple[str, list[str]]:
                       f"the request alone and at {DETERMINISM_CLIENTS} concurrent clients "
                       f"(load {d['loadavg_after'][0]:.1f})."]
     if not runs:
-        lines.append("Not finished.")
+        lines += ["", "Not finished."]
     return "\n".join(lines) + "\n", plots
