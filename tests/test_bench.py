@@ -550,6 +550,23 @@ def test_serve_parking_scenario(tmp_path):
 
 
 @pytest.mark.long
+def test_serve_load_scenario(tmp_path):
+    """Real server processes (tiny model): a load level per client count, then greedy determinism."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    common = ("--scenario", "serve-load", "--model", "tiny-llama", "--max-new-tokens", "3", "--threads", "1")
+    assert bench_cli.run(_args(tmp_path, *common, "--client-levels", "1,2", "--row-groups", "4")) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["clients"], r["row_group"], r["status"]) for r in data["runs"]] == [(1, 4, "ok"), (2, 4, "ok")]
+    assert data["runs"][1]["completion_tokens"] > 0 and (tmp_path / "out" / "throughput.png").exists()
+    det = tmp_path / "det"
+    assert bench_cli.run(_args(tmp_path, *common, "--mode", "determinism", "--replies", "4", "--row-groups", "4",
+                               "--out", str(det))) == 0
+    (run,) = json.loads((det / "results.json").read_text())["runs"]
+    assert run["differ"] == 0 and run["replies"] == 4 and "**0 / 4**" in (det / "report.md").read_text()
+
+
+@pytest.mark.long
 def test_cluster_scenario(tmp_path):
     """Ray Serve with 2 tiny replicas and a real Redis, one killed halfway: nothing lost, replies identical."""
     for module in ("ray", "redis", "openai", "uvicorn"):
