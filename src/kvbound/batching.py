@@ -52,7 +52,7 @@ def batch_refusal(cache: KVBoundCache) -> str | None:
     if spec.reruns_model:
         return f"policy {cache.policy_name!r} re-runs the model inside each step"
     cls = type(cache)
-    for hook in ("observe_input_ids", "observe_layer_input", "observe_output"):
+    for hook in ("observe_input_ids", "observe_layer_input"):
         if getattr(cls, hook) is not getattr(KVBoundCache, hook):
             return f"policy {cache.policy_name!r} observes each step's {hook[8:].replace('_', ' ')} (one sequence per pass)"
     if not use_tiered_attention(cache.model):
@@ -83,9 +83,6 @@ class CacheBatch(Cache):
         pass
 
     def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
-        pass
-
-    def observe_output(self) -> None:  # the base model's post-hook (kvzip's reconstruction; kvzip is refused above)
         pass
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
