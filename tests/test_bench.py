@@ -7,6 +7,7 @@ import functools
 import json
 import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -381,6 +382,18 @@ SYNTHETIC = {
          "loadavg": [1.5, 1.0, 1.0]}],
         options={"model": "tiny", "conversations": 4, "turns": 2, "max_tokens": 2, "replicas": 2, "clients": 2,
                  "threads": 1, "memory_budget": "1MiB", "throughput_conversations": 2}),
+    "serve-load": _synthetic("serve-load", [
+        {"status": "ok", "mode": "load", "model": "tiny", "policy": policy, "budget": budget, "row_group": 4,
+         "clients": clients, "requests": clients, "completion_tokens": 8 * clients, "wall_s": 1.0,
+         "tokens_per_s": 8.0 * clients * speedup, "itl_p50_s": 0.01, "itl_p95_s": 0.02, "ttft_p50_s": 0.1,
+         "ttft_p95_s": 0.2, "tpot_p50_s": 0.01, "tpot_p95_s": 0.02, "prompt_tokens_median": 40,
+         "loadavg_before": [1.0, 1.0, 1.0], "loadavg_after": [1.5, 1.0, 1.0],
+         "batching": {"mode": "batched", "mean_decode_rows": float(clients)}}
+        for policy, budget, speedup in (("full", None, 1.0), ("window", 32, 0.5)) for clients in (1, 4)] + [
+        {"status": "ok", "mode": "determinism", "model": "tiny", "policy": "full", "budget": None, "row_group": 1,
+         "replies": 10, "differ": 3, "max_tokens": 8, "loadavg_before": [1.0, 1.0, 1.0],
+         "loadavg_after": [2.5, 1.0, 1.0], "batching": {"mode": "batched"}, "examples": []}],
+        options={"mode": "load", "models": ["tiny"], "max_tokens": 8, "requests": 1, "max_batch": 8, "threads": 1}),
     "kernel-rows": _synthetic("kernel-rows", [
         {"tokens": 256, "rows_per_kv_head": 3, "status": "ok", "dequantize_ms": 2.0, "kernel_ms": 1.0,
          "kernel_over_dequantize": 0.5, "fp32_attention_ms": 0.5}], {"kernel": {"available": True, "max_rows": 12}}),
@@ -399,8 +412,12 @@ def test_renderers_on_synthetic_results(tmp_path, scenario):
     numbers = {"decode": "4.00×", "prefill": "0.75×", "recompute-error": "| yes |", "kernel-rows": "0.50",
                "quantization": "| `kivi:bits=4` | – | no | 10.500 | +5.00% | 0.25 | 0.250 | 50% | 2.00× |",
                "serve-parking": "budgeted / unbounded: 0.125×",
+               "serve-load": "| tiny | window 32 | 4 | 4 | 16.0 | 4.00× |",
                "cluster": "Speed-up, 2 replicas / 1: 1.60x"}
     assert numbers[scenario] in text
+    if scenario == "serve-load":
+        assert (d / "throughput.png").stat().st_size > 0 and "](throughput.png)" in text
+        assert "**3 / 10** greedy replies of 8 tokens differ" in text
     if scenario == "cluster":
         assert "Conversations lost: 1** of 4. First: APIError: 503" in text and "| r2 | 3 | 2 (1) | 256.0 MiB | 257.0 MiB" in text
 
@@ -413,6 +430,31 @@ def test_cluster_options_fail_before_anything_starts(tmp_path):
         with pytest.raises(KVBoundError, match=match):
             bench_cli.run(args)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--client-levels", "1,x"], "--client-levels must be comma-separated whole numbers"),
+    (["--row-groups", "0"], "--row-groups needs numbers >= 1"),
+    (["--requests", "0"], "--requests must be >= 1"),
+    (["--budgets", "0.5"], "one budget in tokens"),
+    (["--mode", "determinism", "--policies", "full,window"], "one model and one policy"),
+])
+def test_serve_load_options_fail_before_anything_starts(tmp_path, extra, match):
+    """Bad ``serve-load`` options are one-line errors before a server starts; good ones resolve."""
+    with pytest.raises(KVBoundError, match=match) as err:
+        bench_cli.run(_args(tmp_path, "--scenario", "serve-load", *extra))
+    assert "\n" not in str(err.value) and not (tmp_path / "out").exists()
+
+
+def test_serve_load_options_resolve():
+    from kvbound.bench.scenarios import serve_load
+
+    args = _args(Path("/nonexistent"), "--scenario", "serve-load", "--model", "a,b", "--policies", "full,window",
+                 "--client-levels", "1,8", "--row-groups", "4")
+    args.policy_list, args.budget_list, args.new_tokens = ["full", "window"], parse_budgets("32"), 32
+    opts = serve_load.options(args)
+    assert opts["models"] == ["a", "b"] and opts["policies"] == [["full", None], ["window", 32]]
+    assert opts["client_levels"] == [1, 8] and opts["row_groups"] == [4] and opts["threads"] == 1
 
 
 def test_report_all_writes_pages_plots_and_an_index(tmp_path):
@@ -505,6 +547,23 @@ def test_serve_parking_scenario(tmp_path):
     hot, parked = data["runs"]
     assert hot["label"] == "unbounded" and parked["stats"]["parks"] > 0
     assert data["extra"]["summary"]["identical_replies"] == data["extra"]["summary"]["replies"] == 4
+
+
+@pytest.mark.long
+def test_serve_load_scenario(tmp_path):
+    """Real server processes (tiny model): a load level per client count, then greedy determinism."""
+    pytest.importorskip("uvicorn")
+    pytest.importorskip("openai")
+    common = ("--scenario", "serve-load", "--model", "tiny-llama", "--max-new-tokens", "3", "--threads", "1")
+    assert bench_cli.run(_args(tmp_path, *common, "--client-levels", "1,2", "--row-groups", "4")) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [(r["clients"], r["row_group"], r["status"]) for r in data["runs"]] == [(1, 4, "ok"), (2, 4, "ok")]
+    assert data["runs"][1]["completion_tokens"] > 0 and (tmp_path / "out" / "throughput.png").exists()
+    det = tmp_path / "det"
+    assert bench_cli.run(_args(tmp_path, *common, "--mode", "determinism", "--replies", "4", "--row-groups", "4",
+                               "--out", str(det))) == 0
+    (run,) = json.loads((det / "results.json").read_text())["runs"]
+    assert run["differ"] == 0 and run["replies"] == 4 and "**0 / 4**" in (det / "report.md").read_text()
 
 
 @pytest.mark.long

@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"model name or path, or random:CONFIG.json for that architecture with random weights "
                              f"and a byte tokenizer (timing where no weights are available) (default: {DEFAULT_MODEL}); "
-                             "long: a comma-separated list")
+                             "long, serve-load: a comma-separated list")
     parser.add_argument("--policies", default=None,
                         help="comma-separated policies (default: every registered policy); a variant with options "
                              "is name:key=value,... (e.g. full,kivi:bits=2,group=32,offload:codec=int8)")
@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: float32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs; "
-                             "serve-parking, cluster: per server / replica, default 2, 1)")
+                             "serve-parking, serve-load, cluster: per server / replica, default 2, 1, 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output directory (default: {DEFAULT_OUT}; report: beside each results.json)")

@@ -26,6 +26,7 @@ SCENARIOS: dict[str, str] = {  # name (what results.json stores as "scenario") -
     "recompute-error": "recompute_error",
     "kernel-rows": "kernel_rows",
     "serve-parking": "serve_parking",
+    "serve-load": "serve_load",
     "allocation": "allocation",
     "cluster": "cluster",
     "ruler": "ruler",

@@ -110,8 +110,9 @@ def child(args) -> None:
 
     torch.set_num_threads(args.threads)
     model, tok = load(args.model)
-    config = ServeConfig(model=args.model, policy=args.policy, budget=args.budget,
-                         memory_budget=args.memory_budget, max_queue=4)
+    batching = {k: getattr(args, k) for k in ("max_batch", "row_group") if getattr(args, k, None) is not None}
+    config = ServeConfig(model=args.model, policy=args.policy, budget=args.budget, memory_budget=args.memory_budget,
+                         max_queue=args.max_queue or 4, **batching)
     app = create_app(config, model=model, tokenizer=tok)
     warm = make_cache(model, "full")  # one-time lazy initialisations (kernels, thread pools)
     prefill(model, torch.arange(100, 164)[None], warm, 32)
@@ -124,6 +125,8 @@ def child(args) -> None:
 
 
 def start_server(args, memory_budget: int | None, workdir: Path):
+    """A fresh ``kvbound serve`` child process for ``args`` (model, policy, budget, threads; optional
+    max_batch, row_group, max_queue): ``(process, base url, RSS baseline)`` once it answers."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -135,13 +138,16 @@ def start_server(args, memory_budget: int | None, workdir: Path):
         cmd += ["--budget", str(args.budget)]
     if memory_budget is not None:
         cmd += ["--memory-budget", str(memory_budget)]
+    for name in ("max_batch", "row_group", "max_queue"):
+        if getattr(args, name, None) is not None:
+            cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     proc = subprocess.Popen(cmd)
     import urllib.request
 
     deadline = time.monotonic() + 600
     while True:
         if proc.poll() is not None:
-            raise KVBoundError(f"serve-parking: the server exited with {proc.returncode}")
+            raise KVBoundError(f"the kvbound serve child process exited with {proc.returncode}")
         if ready.exists():
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
@@ -150,7 +156,7 @@ def start_server(args, memory_budget: int | None, workdir: Path):
                 pass
         if time.monotonic() > deadline:
             proc.kill()
-            raise KVBoundError("serve-parking: the server did not start within 600 s")
+            raise KVBoundError("the kvbound serve child process did not start within 600 s")
         time.sleep(0.5)
     baseline = json.loads(ready.read_text())
     ready.unlink()
@@ -305,7 +311,7 @@ def _child_main(argv: list[str] | None = None) -> None:
     p.add_argument("--child", action="store_true")
     for name in ("--model", "--policy", "--ready-file"):
         p.add_argument(name)
-    for name in ("--port", "--threads", "--budget", "--memory-budget"):
+    for name in ("--port", "--threads", "--budget", "--memory-budget", "--max-batch", "--row-group", "--max-queue"):
         p.add_argument(name, type=int)
     child(p.parse_args(argv))
 
