@@ -164,21 +164,23 @@ class ThinKMixin:
     def _keep(self, stored, positions, idx, valid=None) -> None:
         if self.is_sliding:
             return super()._keep(stored, positions, idx, valid)
-        # keys: every entry at full width, the pruned ones zero-filled; the base layer's selection keeps
-        # the chosen entries of the keys, values, positions and the policy's per-token state
-        self.keys, self.values, self.positions = stored[0], stored[1], positions
-        self._hold(idx, valid)
-        keys = self.keys
-        kept = keys.shape[-2]
+        keys = stored[0]  # every entry at full width, the pruned ones zero-filled
+        self.keys, self.values, self.positions = None, stored[1], positions
+        self._hold(idx, valid)  # the base selection for values, positions and the policy's per-token state
+        n = keys.shape[-2]
+        kept = n if idx is None else idx.shape[-1]
         n_old = kept - min(kept, self.think_window)
+        if idx is not None:
+            idx = idx.expand(keys.shape[0], keys.shape[1], kept)
         if n_old and self.channels is None:  # chosen once, from the observation window and the kept keys
             if self.think_queries is None:
                 raise RuntimeError(f"{self.cache.policy_name}: no observation queries for layer "
                                    f"{self.layer_idx}; the attention hooks did not run")
-            self.channels = choose_channels(self.think_queries, keys, self.cache.think)
+            self.channels = choose_channels(self.think_queries, keys if idx is None else _take(keys, idx), self.cache.think)
             self.think_queries = None
-        self.pruned_keys = _take(keys, None, n_old, self.channels) if n_old else None
-        recent = keys[:, :, n_old:]
+        # one gather each: the older kept keys at their kept channels only, the newest at full width
+        self.pruned_keys = _take(keys, idx, n_old, self.channels) if n_old else None
+        recent = keys[:, :, n_old:] if idx is None else _take(keys, idx[..., n_old:])
         self.keys = recent.clone() if recent._base is not None else recent  # fresh: the full-width copy is freed
         self.cache.account(self.layer_idx)
 

@@ -43,7 +43,7 @@ from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
 from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer, gather_tokens, keep_top
+from .evicting import EvictingCache, EvictingLayer, gather_tokens
 from .registry import register
 
 
@@ -158,7 +158,7 @@ class ExpectedAttentionLayer(EvictingLayer):
         if n <= self.capacity:
             self.logits = logits
             return None
-        idx = keep_top(expected_attention_scores(logits, values, positions, opts), self.capacity)
+        idx = self.keep(expected_attention_scores(logits, values, positions, opts))
         self.logits = gather_tokens(logits, idx.repeat_interleave(logits.shape[1] // idx.shape[1], dim=1))
         return idx
 

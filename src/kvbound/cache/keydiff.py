@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer, keep_top
+from .evicting import EvictingCache, EvictingLayer
 from .knorm import check_window
 from .registry import register
 
@@ -44,7 +44,7 @@ class KeyDiffLayer(EvictingLayer):
     def select(self, keys, positions, query, query_pos, mass=None):
         if keys.shape[-2] <= self.capacity:
             return None
-        return keep_top(keydiff_scores(keys), self.capacity, protect_last=self.cache.options.window)
+        return self.keep(keydiff_scores(keys), protect_last=self.cache.options.window)
 
 
 @register("keydiff", "lossy: KeyDiff (Park et al. 2025) -- keeps the keys least similar to the mean key; needs no query",

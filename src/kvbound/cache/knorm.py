@@ -23,7 +23,7 @@ import torch
 from ..errors import KVBoundError
 from .checks import check_int
 from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer, keep_top
+from .evicting import EvictingCache, EvictingLayer
 from .registry import register
 
 
@@ -41,7 +41,7 @@ class KnormLayer(EvictingLayer):
     def select(self, keys, positions, query, query_pos, mass=None):
         if keys.shape[-2] <= self.capacity:
             return None
-        return keep_top(knorm_scores(keys), self.capacity, protect_last=self.cache.options.window)
+        return self.keep(knorm_scores(keys), protect_last=self.cache.options.window)
 
 
 def check_window(opts: Any, budget: int, policy: str) -> None:
