@@ -257,3 +257,51 @@ def test_policies_that_observe_the_attention_input_or_the_output_run_sequentiall
     model, _ = loaded()
     reason = batch_refusal(make_cache(model, policy, budget, **options))
     assert reason is not None and "one sequence per pass" in reason
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3", "tiny-qwen2"])
+@pytest.mark.parametrize("policy,budget", [("full", None), ("offload", 6), ("snapkv", 8)])
+def test_packed_prompt_chunks_and_decode_rows_equal_each_alone(family, policy, budget):
+    """One pass mixing prompt chunks and decode rows: every segment as when it runs alone in a pass,
+    and (within float rounding) as the ordinary chunked prefill and decode."""
+    from kvbound.batching import packed_step
+    from kvbound.tiny import build_tiny
+
+    model = build_tiny(family)
+    prompts = [(torch.arange(11 + 9 * i) * (i + 3) % 200).tolist() for i in range(3)]  # 11, 20, 29 tokens
+
+    def run(together: bool) -> list[torch.Tensor]:
+        caches = [make_cache(model, policy, budget) for _ in prompts]
+        pending = {i: 0 for i in range(len(prompts))}  # tokens fed
+        nxt: dict[int, int] = {}
+        logits: list[list[torch.Tensor]] = [[] for _ in prompts]
+        for _ in range(12):
+            segs = []
+            for i, p in enumerate(prompts):
+                if i in nxt:
+                    segs.append((i, [nxt[i]]))
+                else:
+                    segs.append((i, p[pending[i]:pending[i] + 8]))  # 8-token prompt chunks
+            groups = [segs] if together else [[s] for s in segs]
+            for group in groups:
+                out = packed_step(model, [caches[i] for i, _ in group], [seg for _, seg in group])
+                for (i, seg), row in zip(group, out):
+                    if i not in nxt:
+                        pending[i] += len(seg)
+                        if pending[i] < len(prompts[i]):
+                            continue
+                    logits[i].append(row)
+                    nxt[i] = int(row.argmax())
+        return logits
+
+    together, alone = run(True), run(False)
+    assert [len(x) for x in together] == [len(x) for x in alone] and min(len(x) for x in alone) >= 8
+    for a, b in zip(together, alone):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
+    for i, p in enumerate(prompts):  # the ordinary path: the model on the same prompt chunks
+        cache = make_cache(model, policy, budget)
+        with torch.no_grad():
+            for a in range(0, len(p), 8):
+                ref = model(input_ids=torch.tensor([p[a:a + 8]]), attention_mask=torch.ones(1, min(len(p), a + 8)),
+                            past_key_values=cache, use_cache=True).logits[0, -1]
+        torch.testing.assert_close(ref, alone[i][0], atol=1e-4, rtol=1e-4)

@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 
 from . import attention
 from .cache.base import KVBoundCache
+from .errors import KVBoundError
 from .cache.hooks import use_tiered_attention
 from .cache.registry import get_policy
 
@@ -68,17 +69,21 @@ def batch_refusal(cache: KVBoundCache) -> str | None:
 
 
 class CacheBatch(Cache):
-    """``past_key_values`` for one batched decode step: row ``i`` is ``caches[i]`` (``None``: a padding row).
+    """``past_key_values`` for one packed step: the step's tokens are one row, ``[1, T]``, cut into
+    segments; segment ``i`` (``spans[i]`` tokens) belongs to ``caches[i]`` (``None``: padding).
 
-    Only for one new token per row. ``update`` returns its inputs unchanged; the rows' own K/V are
-    kept for :meth:`attend_rows`, which kvbound's attention function calls instead of attending."""
+    ``update`` hands each segment's new K/V to its own cache and returns its inputs unchanged; the
+    segments' own K/V are kept for :meth:`attend_rows`, which kvbound's attention function calls
+    instead of attending."""
 
-    def __init__(self, caches: Sequence[KVBoundCache | None]) -> None:
+    def __init__(self, caches: Sequence[KVBoundCache | None], spans: Sequence[int] | None = None) -> None:
         super().__init__(layers=[])
         self.caches = list(caches)
+        self.spans = [1] * len(self.caches) if spans is None else list(spans)
+        self.starts = [sum(self.spans[:i]) for i in range(len(self.spans))]
         self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, attention.TierStep | None]]] = {}
 
-    # transformers asks these of any cache; the rows' lengths differ, masks are not used
+    # transformers asks these of any cache; the segments' lengths differ, masks are not used
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
 
@@ -97,13 +102,13 @@ class CacheBatch(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict[str, Any] | None = None):
         rows = []
-        for i, cache in enumerate(self.caches):
-            k, v = key_states[i:i + 1], value_states[i:i + 1]
+        for cache, start, span in zip(self.caches, self.starts, self.spans):
+            k, v = key_states[:, :, start:start + span], value_states[:, :, start:start + span]
             step = None
             if cache is not None:
-                attention.push(cache)  # the row's layer sees its own cache active, as when it runs alone
+                attention.push(cache)  # the segment's layer sees its own cache active, as when it runs alone
                 try:
-                    k, v = cache.update(k, v, layer_idx, cache_kwargs)
+                    k, v = cache.update(k, v, layer_idx, _segment_kwargs(cache_kwargs, start, span))
                 finally:
                     attention.pop()
                 step = attention.take_step(cache.layers[layer_idx], k)
@@ -113,24 +118,87 @@ class CacheBatch(Cache):
 
     def attend_rows(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     **kwargs: Any):
-        """Attention of each row's query over its own cache's K/V (``[B, 1, heads, D]`` like ``sdpa``'s)."""
+        """Attention of each segment's queries over its own cache's K/V, causal within the segment
+        (``[1, T, heads, D]`` like ``sdpa``'s)."""
         rows = self._rows.pop(module.layer_idx)
         kwargs.pop("attention_mask", None)
-        outs = [attention.attend_step(module, query[i:i + 1], k, v, None, step, **kwargs)[0]
-                for i, (k, v, step) in enumerate(rows)]
-        return torch.cat(outs, dim=0), None
+        outs = []
+        for (k, v, step), start, span in zip(rows, self.starts, self.spans):
+            keys = k.shape[-2] + (0 if step is None else sum(attention.block_tokens(b) for b in step.blocks))
+            mask = _segment_mask(module, span, keys, k.device, step is None)
+            outs.append(attention.attend_step(module, query[:, :, start:start + span], k, v, mask, step, **kwargs)[0])
+        return torch.cat(outs, dim=1), None
+
+
+def _segment_kwargs(cache_kwargs: dict[str, Any] | None, start: int, span: int) -> dict[str, Any] | None:
+    """The per-token entries of ``cache_kwargs`` (RoPE ``cos``/``sin``, ``cache_position``) of one segment."""
+    if not cache_kwargs:
+        return cache_kwargs
+    out = dict(cache_kwargs)
+    for name in ("cos", "sin"):
+        if isinstance(out.get(name), torch.Tensor) and out[name].dim() >= 2:
+            out[name] = out[name][..., start:start + span, :]
+    if isinstance(out.get("cache_position"), torch.Tensor):
+        out["cache_position"] = out["cache_position"][start:start + span]
+    return out
+
+
+def _segment_mask(module: torch.nn.Module, t: int, n: int, device: torch.device, explicit: bool) -> torch.Tensor | None:
+    """Which of ``n`` keys (the segment's past, then its ``t`` new tokens) each of its ``t`` queries
+    sees: causal, bottom-right aligned, within the layer's sliding window if it has one. ``None`` when
+    nothing needs masking (one query, no window) or when kvbound's tiered attention builds the causal
+    part itself (``explicit`` False, no window)."""
+    window = getattr(module, "sliding_window", None)
+    if t == 1 and (window is None or n <= window):
+        return None
+    if window is None and not explicit:
+        return None
+    q = torch.arange(n - t, n, device=device)[:, None]
+    cols = torch.arange(n, device=device)[None, :]
+    visible = cols <= q
+    if window is not None:  # a sliding layer holds a contiguous suffix of positions
+        visible &= cols > q - window
+    return visible.view(1, 1, t, n)
 
 
 @torch.no_grad()
-def decode_step(model, caches: Sequence[KVBoundCache], tokens: Sequence[int], row_group: int = ROW_GROUP) -> torch.Tensor:
-    """Feed ``tokens[i]`` to ``caches[i]`` for every ``i`` in one forward pass; returns the next-token
-    logits, ``[len(caches), vocab]``. The batch is padded to :func:`padded_rows` rows."""
+def packed_step(model, caches: Sequence[KVBoundCache], segments: Sequence[Sequence[int]],
+                row_group: int = ROW_GROUP) -> torch.Tensor:
+    """Feed ``segments[i]`` (token ids: one for a decode step, several for a prompt chunk) to
+    ``caches[i]`` for every ``i`` in one forward pass over all their tokens; returns the logits after
+    each segment's last token, ``[len(caches), vocab]``.
+
+    Projections, MLPs and the LM head run over every token together; attention per segment against
+    its own cache. The tokens are padded to :func:`padded_rows` (and so are the LM head's rows), so a
+    segment's numbers do not depend on what else shares the pass."""
     n = len(caches)
-    m = padded_rows(n, row_group)
-    ids = torch.tensor([*tokens, *([0] * (m - n))], dtype=torch.long).view(m, 1)
-    positions = torch.tensor([*(c.get_seq_length() for c in caches), *([0] * (m - n))], dtype=torch.long).view(m, 1)
-    batch = CacheBatch([*caches, *([None] * (m - n))])
-    mask = torch.ones(m, 1, 1, 1, dtype=torch.bool)  # a 4-D mask is used as given: no mask is built (unused)
-    out = model(input_ids=ids, position_ids=positions, attention_mask=mask, past_key_values=batch, use_cache=True,
-                logits_to_keep=1)
-    return out.logits[:n, -1]
+    spans = [len(s) for s in segments]
+    if n == 0 or min(spans) < 1:
+        raise ValueError("packed_step needs at least one segment, each with at least one token")
+    if not use_tiered_attention(model):  # per-segment attention happens inside kvbound's attention function
+        raise KVBoundError(f"a packed step needs kvbound's attention: load the model with attn_implementation='sdpa' "
+                           f"(it runs {model.config._attn_implementation!r})")
+    total = sum(spans)
+    m = padded_rows(total, row_group)
+    ids, positions = [], []
+    for cache, seg in zip(caches, segments):
+        seen = cache.get_seq_length()
+        ids.extend(seg)
+        positions.extend(range(seen, seen + len(seg)))
+    pad = m - total
+    batch = CacheBatch([*caches, *([None] if pad else [])], [*spans, *([pad] if pad else [])])
+    ids.extend([0] * pad)
+    positions.extend(range(pad))
+    ends = [start + span - 1 for start, span in zip(batch.starts, spans)]
+    rows = padded_rows(n, row_group)
+    keep = torch.tensor(ends + [ends[-1]] * (rows - n), dtype=torch.long)
+    mask = torch.ones(1, 1, m, 1, dtype=torch.bool)  # a 4-D mask is used as given: no mask is built (unused)
+    out = model(input_ids=torch.tensor([ids], dtype=torch.long), position_ids=torch.tensor([positions], dtype=torch.long),
+                attention_mask=mask, past_key_values=batch, use_cache=True, logits_to_keep=keep)
+    return out.logits[0, :n]
+
+
+def decode_step(model, caches: Sequence[KVBoundCache], tokens: Sequence[int], row_group: int = ROW_GROUP) -> torch.Tensor:
+    """Feed ``tokens[i]`` to ``caches[i]`` for every ``i`` in one forward pass (:func:`packed_step`
+    with one-token segments); returns the next-token logits, ``[len(caches), vocab]``."""
+    return packed_step(model, caches, [[t] for t in tokens], row_group)

@@ -116,22 +116,36 @@ def kvzip_chunk_scores(query: torch.Tensor, sink_keys: torch.Tensor, chunk_keys:
 
     ``query`` ``[B, heads, r, D]`` (post-RoPE, one per repeat token); the softmax of each query runs
     over ``[sink_keys; chunk_keys; repeat_keys]`` (the repeat keys causally); the maximum is over the
-    queries and the query heads of each KV head. Queries go in blocks (float32 logits of at most
-    :data:`kvbound.attention.MASS_BLOCK_BYTES`)."""
-    keys = torch.cat([sink_keys, chunk_keys, repeat_keys], dim=-2)
-    b, heads, r, _ = query.shape
-    s, c, n = sink_keys.shape[-2], chunk_keys.shape[-2], keys.shape[-2]
-    out = torch.zeros(b, keys.shape[1], c, dtype=torch.float32, device=keys.device)
-    block = max(1, attention.MASS_BLOCK_BYTES // (4 * b * heads * n))
-    cols = torch.arange(n, device=keys.device)
+    queries and the query heads of each KV head.
+
+    Computed without the softmax matrix: each query's log-sum-exp over that subset comes from two
+    fused attention calls (:func:`kvbound.attention.block_attention`: sinks + chunk, and the repeat
+    keys causally), then ``max_i exp(logit_ij - lse_i) = exp(max_i (logit_ij - lse_i))`` needs only
+    the chunk's logits, in blocks of queries (float32, at most :data:`kvbound.attention.MASS_BLOCK_BYTES`)."""
+    b, heads, r, d = query.shape
+    kv_heads, c = chunk_keys.shape[1], chunk_keys.shape[-2]
+    groups = heads // kv_heads
+    out = torch.full((b, kv_heads, c), float("-inf"), dtype=torch.float32, device=chunk_keys.device)
+    if r == 0 or c == 0:
+        return out.clamp_(min=0.0)
+    context = torch.cat([sink_keys, chunk_keys], dim=-2)
+    causal = torch.ones(r, repeat_keys.shape[-2], dtype=torch.bool, device=query.device).tril_(
+        repeat_keys.shape[-2] - r).view(1, 1, r, -1)
+    _, lse_context = attention.block_attention(query, context, context, None, scaling, softcap)
+    _, lse_repeat = attention.block_attention(query, repeat_keys, repeat_keys, causal, scaling, softcap)
+    lse = torch.logaddexp(lse_context, lse_repeat)  # [B, heads, r]
+    keys_t = chunk_keys.float().transpose(-1, -2)
+    block = max(1, min(r, attention.MASS_BLOCK_BYTES // (4 * b * heads * c)))
+    buf = torch.empty(b * heads * block * c, dtype=torch.float32, device=chunk_keys.device)
     for start in range(0, r, block):
-        rows = torch.arange(start, min(r, start + block), device=keys.device)
-        visible = (cols[None, :] < s + c) | (cols[None, :] - (s + c) <= rows[:, None])  # [t, n]
-        logits = attention.masked_logits(query[:, :, start:start + len(rows)], keys, visible.view(1, 1, len(rows), n),
-                                         scaling, softcap)
-        probs = torch.softmax(logits, dim=-1)[..., s:s + c]  # [B, kv, groups, t, c]
-        out = torch.maximum(out, probs.amax(dim=(2, 3)))
-    return out
+        t = min(block, r - start)
+        q = query[:, :, start:start + t].float().reshape(b, kv_heads, groups * t, d)
+        logits = torch.matmul(q, keys_t, out=buf[:b * heads * t * c].view(b, kv_heads, groups * t, c)).mul_(scaling)
+        if softcap:
+            logits.div_(softcap).tanh_().mul_(softcap)
+        logits.sub_(lse[:, :, start:start + t].reshape(b, kv_heads, groups * t, 1))
+        torch.maximum(out, logits.amax(dim=2), out=out)
+    return out.exp_()
 
 
 class KVzipLayer(EvictingLayer):

@@ -5,12 +5,12 @@ at once (continuous batching): each cycle of the worker's loop
 
 1. admits waiting jobs (their conversations checked out of the store) while there is room,
 2. ends the jobs whose client went away (the conversation keeps the tokens generated so far),
-3. prefills prompts the caches have not seen, whole ``prefill_chunk`` chunks (each prompt's chunks
-   start at its own first unseen token, whatever else runs), until one chunk's worth of tokens
-   was fed this cycle -- so a long prompt delays the others' next token by about one chunk,
-4. runs the next decode step of every conversation whose prompt is in: all in one forward pass
-   (:func:`kvbound.batching.decode_step`), or one pass each when the policy cannot run batched
-   (:func:`kvbound.batching.batch_refusal`), and samples each one's token.
+3. runs one forward pass (:func:`kvbound.batching.packed_step`) over the next prompt chunks of
+   the jobs still prefilling (whole ``prefill_chunk`` chunks, oldest job first, each starting at its
+   prompt's first unseen token, until one chunk's worth of tokens is in -- so a long prompt delays
+   the others' next token by about one chunk) and the next decode step of every other job, and
+   samples a token for each job that finished its prompt or decoded. A policy that cannot share a
+   pass (:func:`kvbound.batching.batch_refusal`) prefills its prompts, then decodes, one job at a time.
 
 Each token goes out through the job's ``emit`` callback (called on the worker thread). A job that
 raises (sampling, detokenizing, its own cache) fails alone; a batched forward pass that raises
@@ -19,6 +19,7 @@ fails the jobs in that batch (their caches may be half-updated, so their convers
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -27,8 +28,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..batching import ROW_GROUP, decode_step, padded_rows
+from ..batching import ROW_GROUP, packed_step, padded_rows
 from ..generation import prefill
+from ..rss import returned_transients
 from .detok import TextStream
 from .sampling import SamplingParams, next_token
 from .store import ConversationStore, Lease
@@ -215,15 +217,54 @@ class ModelWorker:
         for slot in list(self.active):
             if slot.job.cancelled.is_set():
                 self._finish(slot, "cancelled")
-        self._prefill()
-        ready = [s for s in self.active if s.next_input is not None]
-        if not ready:
-            return
         if self.sequential_reason is None:
-            self._decode(ready)
-        else:
-            for slot in ready:
-                self._decode([slot])
+            self._packed()
+            return
+        self._prefill()
+        for slot in [s for s in self.active if s.next_input is not None]:
+            self._decode(slot)
+
+    def _packed(self) -> None:
+        """One forward pass for the cycle: prompt chunks (whole ``prefill_chunk`` chunks, oldest job
+        first, until a chunk's worth of tokens is in) and the next decode step of every other job
+        (:func:`kvbound.batching.packed_step`). A prompt's last chunk ends with its last token, whose
+        logits give the job's first reply token in the same pass."""
+        slots, segments, fed = [], [], 0
+        for slot in [s for s in self.active if s.next_input is None]:
+            if self.prefill_chunk is not None and fed >= self.prefill_chunk:
+                break
+            prompt, seen = slot.job.prompt, slot.cache.get_seq_length()
+            upto = len(prompt) if self.prefill_chunk is None else min(len(prompt), seen + self.prefill_chunk)
+            slots.append(slot)
+            segments.append(prompt[seen:upto])
+            fed += upto - seen
+        chunks = len(slots)
+        for slot in [s for s in self.active if s.next_input is not None]:
+            slots.append(slot)
+            segments.append([slot.next_input])
+        if not slots:
+            return
+        try:
+            with returned_transients() if chunks else contextlib.nullcontext():
+                logits = packed_step(self.model, [s.cache for s in slots], segments, self.row_group)
+        except Exception as exc:  # noqa: BLE001 -- the pass failed: its caches may be half-updated
+            for slot in slots:
+                self._fail(slot, exc)
+            return
+        tokens = sum(len(seg) for seg in segments)
+        self.counters["padding_rows"] += padded_rows(tokens, self.row_group) - tokens
+        if chunks:
+            self.counters["prefill_passes"] += 1
+        if len(slots) > chunks:
+            self.counters["decode_passes"] += 1
+            self.counters["decode_rows"] += len(slots) - chunks
+        for i, (slot, row) in enumerate(zip(slots, logits)):
+            if i < chunks and slot.cache.get_seq_length() < len(slot.job.prompt):
+                continue  # more of the prompt to come
+            try:
+                self._take(slot, row)
+            except Exception as exc:  # noqa: BLE001 -- this job fails alone
+                self._fail(slot, exc)
 
     def _prefill(self) -> None:
         """Whole prefill chunks, oldest job first, until a chunk's worth of tokens went in this cycle."""
@@ -249,26 +290,19 @@ class ModelWorker:
             slot.next_input = prompt[-1]
         return max(upto - seen, 1)
 
-    def _decode(self, slots: list[_Slot]) -> None:
-        """One decode step for ``slots`` (one forward pass), then each one's next token."""
+    def _decode(self, slot: _Slot) -> None:
+        """One decode step of one job whose policy runs sequentially, then its next token."""
         try:
-            if self.sequential_reason is None:
-                logits = decode_step(self.model, [s.cache for s in slots], [s.next_input for s in slots],
-                                     self.row_group)
-                self.counters["padding_rows"] += padded_rows(len(slots), self.row_group) - len(slots)
-            else:
-                logits = self._step(torch.tensor([[slots[0].next_input]]), slots[0].cache)[None]
-        except Exception as exc:  # noqa: BLE001 -- the pass failed: its caches may be half-updated
-            for slot in slots:
-                self._fail(slot, exc)
+            logits = self._step(torch.tensor([[slot.next_input]]), slot.cache)
+        except Exception as exc:  # noqa: BLE001 -- the pass failed: its cache may be half-updated
+            self._fail(slot, exc)
             return
         self.counters["decode_passes"] += 1
-        self.counters["decode_rows"] += len(slots)
-        for slot, row in zip(slots, logits):
-            try:
-                self._take(slot, row)
-            except Exception as exc:  # noqa: BLE001 -- this job fails alone
-                self._fail(slot, exc)
+        self.counters["decode_rows"] += 1
+        try:
+            self._take(slot, logits)
+        except Exception as exc:  # noqa: BLE001 -- this job fails alone
+            self._fail(slot, exc)
 
     def _take(self, slot: _Slot, logits: torch.Tensor) -> None:
         params = slot.job.params

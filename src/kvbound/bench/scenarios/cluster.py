@@ -10,8 +10,9 @@
    the ``openai`` client retries; its conversations continue on the other replicas. Counted:
    conversations lost (a turn that failed after the client's retries), replies that differ from the
    reference, peak RSS per replica against (RSS after loading + ``--memory-budget``);
-3. throughput (requests/s) of 1 replica and of ``--replicas`` replicas on the first
-   ``--throughput-conversations`` conversations, no kill.
+3. throughput (requests/s) of 1 replica and of ``--replicas`` replicas on
+   ``--throughput-conversations`` conversations, no kill: each client plays whole conversations (a
+   turn after the previous reply, no round barrier); the CPU seconds each replica used are recorded.
 
 Policy ``full``, greedy, ``--max-new-tokens`` a reply (default 8), ``--threads`` torch threads a
 replica (default 1). Needs the ``cluster`` extra (ray, redis) and ``redis-server``. Loads no model in
@@ -157,6 +158,20 @@ class Player:
                 list(pool.map(lambda c: self.turn(c, t, on_request), convs))
         return convs, time.perf_counter() - start
 
+    def play_each(self, openings_: list[list[dict]], turns: int, clients: int) -> tuple[list[dict], float]:
+        """Each client plays whole conversations, one turn after the other's reply (as chat users do):
+        no round barrier, so every client keeps a request in flight until the conversations run out."""
+        convs = [{"msgs": list(o), "replies": [], "lost": None} for o in openings_]
+
+        def play(conv: dict[str, Any]) -> None:
+            for t in range(turns):
+                self.turn(conv, t)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(play, convs))
+        return convs, time.perf_counter() - start
+
 
 def _get(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=120) as r:
@@ -200,6 +215,18 @@ def ray_cluster(config, replicas: int, threads: int, port: int) -> Iterator[str]
         serve.delete(APP_NAME)
 
 
+def replica_cpu(url: str) -> dict[str, float]:
+    """CPU seconds (user + system) each replica process has used so far, by replica id."""
+    import psutil
+
+    out = {}
+    for rid, r in _get(url + "/stats")["replicas"].items():
+        with contextlib.suppress(psutil.Error, KeyError, TypeError):
+            t = psutil.Process(r["pid"]).cpu_times()
+            out[rid] = t.user + t.system
+    return out
+
+
 def kill_one_replica(url: str) -> str:
     import ray
 
@@ -238,15 +265,19 @@ def run(ctx: Context) -> None:
             if s.throughput_conversations:
                 import redis
 
-                sub = convs[:s.throughput_conversations]
+                sub = openings(s.throughput_conversations)
                 n_req = len(sub) * s.turns
                 for n in sorted({1, s.replicas}):
                     redis.Redis.from_url(redis_url).flushall()  # every run starts with an empty store
                     with ray_cluster(config, n, s.threads, port) as url:
-                        _, secs = Player(url, s.model, s.max_tokens, 8).play_all(sub, s.turns, s.clients)
+                        cpu0 = replica_cpu(url)
+                        played, secs = Player(url, s.model, s.max_tokens, 8).play_each(sub, s.turns, s.clients)
+                        cpu = {r: replica_cpu(url).get(r, 0.0) - c for r, c in cpu0.items()}
                     ctx.save_run({"status": "ok", "kind": "throughput", "replicas": n, "requests": n_req,
-                                  "seconds": secs, "requests_per_s": n_req / secs, "loadavg": _loadavg()})
-                    print(f"{n} replica(s): {n_req / secs:.2f} requests/s", file=sys.stderr)
+                                  "seconds": secs, "requests_per_s": n_req / secs, "loadavg": _loadavg(),
+                                  "lost": sum(1 for c in played if c["lost"]),
+                                  "replica_cpu_s": {r: round(v, 2) for r, v in cpu.items()}})
+                    print(f"{n} replica(s): {n_req / secs:.2f} requests/s, replica CPU s {cpu}", file=sys.stderr)
         finally:
             serve.shutdown()
             ray.shutdown()
