@@ -204,6 +204,20 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     return out, lse
 
 
+def causal_lse(query: torch.Tensor, keys: torch.Tensor, scaling: float, softcap: float | None = None) -> torch.Tensor:
+    """Log-sum-exp ``[B, H, T]`` (float32) of each of ``T`` queries over ``T`` keys of the same
+    positions, causally (query ``i`` sees keys ``0..i``; GQA as :func:`block_attention`). On CPU
+    without softcapping: the fused flash kernel's own causal mode, no mask tensor."""
+    t = query.shape[-2]
+    if keys.shape[-2] != t:
+        raise ValueError(f"causal_lse needs as many keys as queries, got {keys.shape[-2]} and {t}")
+    if query.device.type == "cpu" and not softcap and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, keys, keys, 0.0, True, scale=scaling)[1].float()
+    visible = torch.ones(t, t, dtype=torch.bool, device=query.device).tril_().view(1, 1, t, t)
+    return block_attention(query, keys, keys, visible, scaling, softcap)[1]
+
+
 def _biased_attention(query, keys, values, visible, scaling, softcap, bias):
     """:func:`block_attention` with a per-KV-head additive ``bias`` ``[B, kv_heads, n]``: one fused
     call with a per-head float mask (CPU flash kernel), or the explicit softmax (softcapping, GPU)."""

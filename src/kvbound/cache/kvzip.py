@@ -119,9 +119,10 @@ def kvzip_chunk_scores(query: torch.Tensor, sink_keys: torch.Tensor, chunk_keys:
     queries and the query heads of each KV head.
 
     Computed without the softmax matrix: each query's log-sum-exp over that subset comes from two
-    fused attention calls (:func:`kvbound.attention.block_attention`: sinks + chunk, and the repeat
-    keys causally), then ``max_i exp(logit_ij - lse_i) = exp(max_i (logit_ij - lse_i))`` needs only
-    the chunk's logits, in blocks of queries (float32, at most :data:`kvbound.attention.MASS_BLOCK_BYTES`)."""
+    fused attention calls (:func:`kvbound.attention.block_attention` over sinks + chunk,
+    :func:`kvbound.attention.causal_lse` over the repeat keys), then
+    ``max_i exp(logit_ij - lse_i) = exp(max_i (logit_ij - lse_i))`` needs only the chunk's logits, in
+    blocks of queries (float32, at most :data:`kvbound.attention.MASS_BLOCK_BYTES`)."""
     b, heads, r, d = query.shape
     kv_heads, c = chunk_keys.shape[1], chunk_keys.shape[-2]
     groups = heads // kv_heads
@@ -129,10 +130,8 @@ def kvzip_chunk_scores(query: torch.Tensor, sink_keys: torch.Tensor, chunk_keys:
     if r == 0 or c == 0:
         return out.clamp_(min=0.0)
     context = torch.cat([sink_keys, chunk_keys], dim=-2)
-    causal = torch.ones(r, repeat_keys.shape[-2], dtype=torch.bool, device=query.device).tril_(
-        repeat_keys.shape[-2] - r).view(1, 1, r, -1)
     _, lse_context = attention.block_attention(query, context, context, None, scaling, softcap)
-    _, lse_repeat = attention.block_attention(query, repeat_keys, repeat_keys, causal, scaling, softcap)
+    lse_repeat = attention.causal_lse(query, repeat_keys, scaling, softcap)
     lse = torch.logaddexp(lse_context, lse_repeat)  # [B, heads, r]
     keys_t = chunk_keys.float().transpose(-1, -2)
     block = max(1, min(r, attention.MASS_BLOCK_BYTES // (4 * b * heads * c)))

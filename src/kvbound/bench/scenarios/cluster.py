@@ -358,11 +358,17 @@ def render(data: dict[str, Any], out: Path) -> tuple[str, list[str]]:
                      f"{e['peak_over_load_plus_budget']:.3f} |")
     tp = sorted((r for r in runs if r.get("kind") == "throughput"), key=lambda r: r["replicas"])
     if tp:
-        lines += ["", f"Throughput on the first {tp[0]['requests'] // a.turns} conversations ({tp[0]['requests']} "
-                      "requests), no kill, same settings:", "",
-                  "| replicas | seconds | requests/s | load average after |", "|---|---|---|---|"]
+        whole = "replica_cpu_s" in tp[0]  # newer runs: clients play whole conversations, replica CPU recorded
+        how = ("each client plays whole conversations, a turn after the previous reply" if whole
+               else "turns played round by round")
+        lines += ["", f"Throughput on {tp[0]['requests'] // a.turns} conversations ({tp[0]['requests']} requests), "
+                      f"no kill, same settings ({how}):", "",
+                  "| replicas | seconds | requests/s | CPU s per replica (busy share) | load average after |",
+                  "|---|---|---|---|---|"]
         for r in tp:
-            lines.append(f"| {r['replicas']} | {r['seconds']:.1f} | {r['requests_per_s']:.2f} | "
+            cpu = r.get("replica_cpu_s") or {}
+            busy = ", ".join(f"{v:.1f} ({v / r['seconds']:.0%})" for v in cpu.values()) or "not recorded"
+            lines.append(f"| {r['replicas']} | {r['seconds']:.1f} | {r['requests_per_s']:.2f} | {busy} | "
                          f"{' '.join(str(x) for x in r['loadavg'])} |")
         if len(tp) > 1:
             lines += ["", f"- **Speed-up, {tp[-1]['replicas']} replicas / 1: "
