@@ -148,7 +148,7 @@ def test_ragged_heads_attend_like_masked_full_kv(name):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm", "keydiff"])
 def test_ada_holds_heads_x_budget_while_decoding(policy):
     model = tiny("tiny-mha")
     cache = kvbound.make_cache(model, policy, 10, allocation="ada")
@@ -306,3 +306,27 @@ def test_razor_with_codec_and_beams(kv_home):
     cache = kvbound.make_cache(model, "razor", 16, threshold=0.0, fraction=0.34)
     out = model.generate(prompt_ids(30), past_key_values=cache, max_new_tokens=4, num_beams=2, do_sample=False)
     assert out.shape[-1] == 34
+
+
+def test_keydiff_anchor_of_a_ragged_head_is_its_own_keys_mean():
+    from kvbound.cache.keydiff import keydiff_scores
+
+    keys = torch.randn(1, 2, 6, 8)
+    valid = torch.tensor([[[True] * 6, [True] * 3 + [False] * 3]])
+    padded = keys.clone()
+    padded[0, 1, 3:] = 0.0
+    got = keydiff_scores(padded, valid)
+    torch.testing.assert_close(got[0, 0], keydiff_scores(keys[:, :1])[0, 0])
+    torch.testing.assert_close(got[0, 1, :3], keydiff_scores(keys[:, 1:2, :3])[0, 0])
+
+
+@pytest.mark.parametrize("policy", ["knorm", "keydiff"])
+@pytest.mark.parametrize("allocation", ["pyramid", "ada"])
+def test_query_free_scorers_take_every_allocation_at_the_same_total(policy, allocation):
+    model = tiny("tiny-llama")
+    totals = {}
+    for alloc in ("uniform", allocation):
+        cache = kvbound.make_cache(model, policy, 24, allocation=alloc)
+        run_greedy(model, prompt_ids(40), cache, 6)
+        totals[alloc] = sum(map(sum, cache.memory_report()["kept_tokens"]))
+    assert totals[allocation] == totals["uniform"] == len(cache.layers) * 2 * 24

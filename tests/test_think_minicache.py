@@ -148,12 +148,12 @@ def test_think_bytes_are_the_tensors_held_chunked_and_decoding(name, policy):
     assert chosen is not None and cache.get_seq_length() == 58
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o"])
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "knorm", "keydiff"])
 def test_think_prunes_the_kept_keys_of_a_scorer(policy):
     """A prompt in one pass: the scorer keeps the same tokens as without ThinK, and ThinK keeps the
     naive channels of those kept keys (the older ones pruned, the newest ``window`` at full width)."""
     model, ids, budget = tiny("tiny-llama"), prompt_ids(60), 40
-    extra = {"window": 4} if policy == "snapkv" else {"recent": 8}
+    extra = {"snapkv": {"window": 4}, "h2o": {"recent": 8}}.get(policy, {"window": 4})
     plain = kvbound.make_cache(model, policy, budget, **extra)
     forward(model, plain, ids)
     thin = kvbound.make_cache(model, policy, budget, think=0.5, **extra)

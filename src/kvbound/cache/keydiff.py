@@ -22,21 +22,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer
+from .evicting import EvictingCache, EvictingLayer, ScoredOptions
 from .knorm import check_window
 from .registry import register
 
 
 @dataclass
-class KeyDiffOptions(CodecOptions):
+class KeyDiffOptions(ScoredOptions):
     window: int = 0  # newest tokens always kept (the paper keeps none)
 
 
-def keydiff_scores(keys: torch.Tensor) -> torch.Tensor:
-    """``-cos(k_i, mean_j k_j/||k_j||)`` per KV head: ``[B, kv_heads, n, D]`` -> ``[B, kv_heads, n]`` float32."""
+def keydiff_scores(keys: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """``-cos(k_i, mean_j k_j/||k_j||)`` per KV head: ``[B, kv_heads, n, D]`` -> ``[B, kv_heads, n]`` float32.
+    ``valid`` ``[B, kv_heads, n]`` (ragged heads): the anchor is the mean over each head's own keys only."""
     keys = keys.float()
-    anchor = F.normalize(keys, dim=-1).mean(dim=-2, keepdim=True)
+    normed = F.normalize(keys, dim=-1)
+    if valid is None:
+        anchor = normed.mean(dim=-2, keepdim=True)
+    else:
+        weight = valid.unsqueeze(-1).to(normed.dtype)
+        anchor = (normed * weight).sum(dim=-2, keepdim=True) / weight.sum(dim=-2, keepdim=True).clamp(min=1)
     return -F.cosine_similarity(keys, anchor, dim=-1)
 
 
@@ -44,7 +49,7 @@ class KeyDiffLayer(EvictingLayer):
     def select(self, keys, positions, query, query_pos, mass=None):
         if keys.shape[-2] <= self.capacity:
             return None
-        return self.keep(keydiff_scores(keys), protect_last=self.cache.options.window)
+        return self.keep(keydiff_scores(keys, self._valid), protect_last=self.cache.options.window)
 
 
 @register("keydiff", "lossy: KeyDiff (Park et al. 2025) -- keeps the keys least similar to the mean key; needs no query",

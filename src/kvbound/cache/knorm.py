@@ -22,13 +22,12 @@ import torch
 
 from ..errors import KVBoundError
 from .checks import check_int
-from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer
+from .evicting import EvictingCache, EvictingLayer, ScoredOptions
 from .registry import register
 
 
 @dataclass
-class KnormOptions(CodecOptions):
+class KnormOptions(ScoredOptions):
     window: int = 0  # newest tokens always kept (the paper keeps none)
 
 
