@@ -180,3 +180,18 @@ def test_compress_at_ratio_zero_answers_as_full(tmp_path):
     runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
     full = next(r["answer_tokens"] for r in runs if r["policy"] == "full")
     assert len(runs) == 5 and all(r["answer_tokens"] == full for r in runs)
+
+
+def test_policy_variants_with_options_run_at_the_same_bytes(tmp_path):
+    """``snapkv:allocation=ada`` in the leaderboard: its own per-head budgets, the same K/V bytes as
+    uniform ``snapkv`` at every ratio (both protocols share the variant syntax)."""
+    args = _args(tmp_path, "--protocol", "compress", "--model", "tiny-llama", "--lengths", "500",
+                 "--tasks", "niah_single_1", "--ratios", "0.5,0.875", "--samples", "1",
+                 "--policies", "full,snapkv,snapkv:allocation=ada", "--max-new-tokens", "3", "--prefill-chunk", "64")
+    assert bench_cli.run(args, model_and_tokenizer=(tiny("tiny-llama"), TOK)) == 0
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert all(r["status"] == "ok" for r in runs)
+    held = {(r["policy"], r["ratio"]): r["held_kv_bytes"] for r in runs if r["ratio"] is not None}
+    assert set(held) == {(p, q) for p in ("snapkv", "snapkv:allocation=ada") for q in (0.5, 0.875)}
+    for q in (0.5, 0.875):
+        assert held[("snapkv:allocation=ada", q)] == held[("snapkv", q)] > 0

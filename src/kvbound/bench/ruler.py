@@ -38,7 +38,7 @@ from ..generation import max_positions, prefill
 from ..generation import greedy
 from ..quality import ruler_tasks as rt
 from ..rss import current_rss_bytes, peak_rss_bytes, reset_peak_rss
-from .runner import REFERENCE, Bench, _failure, _memory, positive_ints
+from .runner import REFERENCE, Bench, _failure, _memory, policy_name, policy_options, positive_ints, spec
 
 PROTOCOLS = ("compress", "bounded")
 DEFAULT_RATIOS = "0.25,0.5,0.75,0.875"
@@ -94,11 +94,10 @@ def _tasks(text: str | None, quick: bool) -> list[str]:
 
 def check_policies(policies: list[str], protocol: str) -> None:
     """Refuse a lossy policy that cannot compress a prefilled context under ``compress``."""
-    specs = registered()
     if protocol != "compress":
         return
     for p in policies:
-        if not specs[p].exact and not issubclass(specs[p].build, EvictingCache):
+        if not spec(p).exact and not issubclass(spec(p).build, EvictingCache):
             raise KVBoundError(f"policy {p!r} cannot run --protocol compress (it does not evict tokens from a "
                                "prefilled context); it supports --protocol bounded")
 
@@ -165,7 +164,7 @@ def _record(bench: Bench, sample: rt.RulerSample, protocol: str, policy: str, ra
 
 def _bounded(bench: Bench, sample: rt.RulerSample, policy: str, keep: int | None):
     def run():
-        cache = make_cache(bench.model, policy, keep)
+        cache = make_cache(bench.model, policy_name(policy), keep, **policy_options(policy))
         prefill(bench.model, torch.tensor([sample.context_ids], device=bench.device), cache, bench.prefill_chunk)
         held = cache.bytes_by_tier().get("hot_kv", 0)
         return (cache, *_answer(bench, sample, cache), held)
@@ -175,7 +174,7 @@ def _bounded(bench: Bench, sample: rt.RulerSample, policy: str, keep: int | None
 
 def _compressed(bench: Bench, sample: rt.RulerSample, policy: str, keep: int, context: ContextRecorder):
     def run():
-        cache = make_cache(bench.model, policy, keep)
+        cache = make_cache(bench.model, policy_name(policy), keep, **policy_options(policy))
         cache.compress(context, keep)
         held = cache.bytes_by_tier().get("hot_kv", 0)
         return (cache, *_answer(bench, sample, cache), held)
@@ -202,10 +201,9 @@ def _exact_checks(bench: Bench, sample: rt.RulerSample, protocol: str, exact: li
 
 def run(bench: Bench, opts: dict[str, Any]) -> None:
     """Every sample x policy x ratio of ``opts`` (see :func:`options`)."""
-    specs = registered()
     policies = opts["policies"]
-    lossy = [p for p in policies if not specs[p].exact]
-    exact = [p for p in policies if specs[p].exact and p != REFERENCE]
+    lossy = [p for p in policies if not spec(p).exact]
+    exact = [p for p in policies if spec(p).exact and p != REFERENCE]
     ratios, protocol = opts["ratios"], opts["protocol"]
     samples = [s for n in opts["lengths"] for s in rt.make_samples(bench.tokenizer, opts["tasks"], n, opts["samples"],
                                                                  bench.seed)]

@@ -288,13 +288,14 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         (:func:`kvbound.cache.allocation.choose`) decides how many each head keeps. The newest
         ``protect_last`` entries are always kept (at most the layer's capacity of them)."""
         opts = self.cache.options
-        protect = min(protect_last, self.capacity)
+        # a compressed context holds everything that follows: keep every held entry
+        capacity = scores.shape[-1] if self.capacity == self.UNBOUNDED else self.capacity
+        protect = min(protect_last, capacity)
         if self.cache.allocation == "cake":
             self.rank = scores.expand(scores.shape[0], self.cache.kv_heads, scores.shape[-1]).clone()
             if protect:
                 self.rank[..., -protect:] = float("inf")
-        return choose(scores, self.capacity, self.cache.allocation, getattr(opts, "ada_floor", 0.0), self._valid,
-                      protect)
+        return choose(scores, capacity, self.cache.allocation, getattr(opts, "ada_floor", 0.0), self._valid, protect)
 
     def policy_tiers(self) -> dict[str, int]:
         """Bytes of policy state besides K/V (scores, stored votes)."""
