@@ -264,9 +264,9 @@ def test_snapkv_keeps_what_the_window_attends_to():
     layer.update(k10, k10)
     assert layer.positions[0].tolist() == [[7, 8, 9, 10]] * 2
     # the stored votes: token 9's query as cast at prefill (on 7; none on 10, which came later),
-    # token 10's (on 8); 2 query heads per KV head; columns follow the kept tokens 7, 8, 9, 10
-    expect = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
-    torch.testing.assert_close(layer.votes[0], expect.expand(2, 2, 4), atol=1e-5, rtol=0)
+    # token 10's (on 8); 2 query heads per KV head; rows follow the kept tokens 7, 8, 9, 10
+    expect = torch.tensor([[2.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]).T
+    torch.testing.assert_close(layer.votes[0], expect.expand(2, 4, 2), atol=1e-5, rtol=0)
 
 
 def snapkv_reference_check(layer, held, pos, probs, records, window, budget, kernel):
@@ -296,9 +296,9 @@ def snapkv_reference_check(layer, held, pos, probs, records, window, budget, ker
         lowest_kept = min(p for p, k in zip(pooled, older) if k in chosen)
         highest_dropped = max(p for p, k in zip(pooled, older) if k not in chosen)
         assert lowest_kept >= highest_dropped - 1e-5  # a top-(budget - window), ties either way
-        # the stored rows: the newest `window` queries' own votes, columns aligned with the kept tokens
+        # the stored votes (rows = the kept tokens) of the newest `window` queries
         expect = torch.tensor([[records[kv, q].get(k, 0.0) for k in kept] for q in voters])
-        torch.testing.assert_close(layer.votes[0, kv], expect, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.votes[0, kv].T, expect, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])

@@ -166,24 +166,31 @@ def head_counts(scores: torch.Tensor, capacity: int, floor: float) -> torch.Tens
     total = torch.clamp(held.sum(-1), max=h * capacity)  # [B]
     flat = scores.reshape(b, h * n)
     k = min(h * capacity, h * n)
-    top = flat.topk(k, dim=-1)
-    rank_ok = torch.arange(k, device=scores.device)[None, :] < total[:, None]
     n_h = torch.zeros(b, h, dtype=torch.float64, device=scores.device)
-    n_h.scatter_add_(1, top.indices // n, rank_ok.to(torch.float64))
+    if 2 * k <= h * n:  # few kept: the top k, counted per head while their rank is within the total
+        top = flat.topk(k, dim=-1)
+        rank_ok = torch.arange(k, device=scores.device)[None, :] < total[:, None]
+        n_h.scatter_add_(1, top.indices // n, rank_ok.to(torch.float64))
+    else:  # few dropped (a decoding step): the bottom h*n - k, the padding (-inf) among them
+        drop = h * n - k
+        n_h += n
+        if drop:
+            bottom = flat.topk(drop, dim=-1, largest=False)
+            n_h.scatter_add_(1, bottom.indices // n, torch.full((b, drop), -1.0, dtype=torch.float64,
+                                                                   device=scores.device))
+        short = (k - total).clamp(min=0)  # fewer held than k: the lowest of the rest go too (padding)
+        if bool((short > 0).any()):
+            n_h = torch.minimum(n_h, held.to(torch.float64))
     want = (1 - floor) * n_h + floor * total.to(torch.float64)[:, None] / h
     counts = torch.minimum(want.floor().long(), held)
-    # hand out the rounding remainder, largest fraction first, to heads that still hold more
+    # hand out the rounding remainder (at most h - 1), largest fraction first, to heads that still hold more
     rest = total - counts.sum(-1)
     if bool((rest > 0).any()):
         frac = (want - want.floor()).masked_fill(counts >= held, -1.0)
-        for _ in range(h):
-            if not bool((rest > 0).any()):
-                break
-            best = frac.argmax(-1)  # [B]
-            add = (rest > 0) & (frac.gather(1, best[:, None]).squeeze(1) > -1.0)
-            counts.scatter_add_(1, best[:, None], add.long()[:, None])
-            frac.scatter_(1, best[:, None], -1.0)
-            rest = rest - add.long()
+        order = frac.argsort(dim=-1, descending=True, stable=True)
+        place = torch.empty_like(order).scatter_(-1, order, torch.arange(h, device=scores.device).expand_as(order))
+        counts += ((place < rest[:, None]) & (frac > -1.0)).long()
+        rest = total - counts.sum(-1)
         if bool((rest > 0).any()):  # heads at their cap: the others take what is left, in order
             room = held - counts
             for j in range(h):

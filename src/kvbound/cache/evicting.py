@@ -185,17 +185,27 @@ def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 BIG_POSITION = 2 ** 62  # position of a ragged head's padding entries: no query ever sees them
 
 
-def pack(x: torch.Tensor, mask: torch.Tensor, dim: int = 2) -> torch.Tensor:
+def mask_index(mask: torch.Tensor) -> torch.Tensor:
+    """The flat positions of ``mask``'s True entries, row-major (what :func:`pack` and :func:`unpack`
+    take, computed once for all the per-token tensors of a layer)."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def pack(x: torch.Tensor, mask: torch.Tensor, dim: int = 2, index: torch.Tensor | None = None) -> torch.Tensor:
     """The entries of ``x`` (tokens on ``dim``) that ``mask`` ``[B, H, n]`` keeps, packed head after
-    head: ``[kept, *rest]`` (a new tensor; nothing padded)."""
-    return x.movedim(dim, 2)[mask]
+    head: ``[kept, *rest]`` (a new tensor; nothing padded). ``index``: :func:`mask_index` of ``mask``."""
+    y = x.movedim(dim, 2)
+    index = mask_index(mask) if index is None else index
+    return y.reshape(-1, *y.shape[3:]).index_select(0, index)
 
 
-def unpack(flat: torch.Tensor, mask: torch.Tensor, dim: int = 2, fill: float = 0) -> torch.Tensor:
+def unpack(flat: torch.Tensor, mask: torch.Tensor, dim: int = 2, fill: float = 0,
+           index: torch.Tensor | None = None) -> torch.Tensor:
     """Inverse of :func:`pack`: a padded tensor with tokens on ``dim``, ``fill`` where ``mask`` is False."""
-    out = flat.new_full((*mask.shape, *flat.shape[1:]), fill)
-    out[mask] = flat
-    return out.movedim(2, dim)
+    index = mask_index(mask) if index is None else index
+    out = flat.new_full((mask.numel(), *flat.shape[1:]), fill)
+    out.index_copy_(0, index, flat)
+    return out.view(*mask.shape, *flat.shape[1:]).movedim(2, dim)
 
 
 def lengths_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -342,10 +352,11 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         if self.lengths is None:
             return None
         valid = lengths_mask(self.lengths, self.width)
+        index = mask_index(valid)
         for name, dim in self._state_dims().items():
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, unpack(value, valid, dim, BIG_POSITION if name == "positions" else 0))
+                setattr(self, name, unpack(value, valid, dim, BIG_POSITION if name == "positions" else 0, index))
         self.lengths = None
         return valid
 
@@ -356,10 +367,11 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         if sel is None and valid is not None:
             sel = Kept(valid, valid.sum(-1))
         if isinstance(sel, Kept):
+            index = mask_index(sel.mask)
             for name, dim in self._state_dims().items():
                 value = getattr(self, name)
                 if value is not None:
-                    setattr(self, name, pack(value, sel.mask, dim))
+                    setattr(self, name, pack(value, sel.mask, dim, index))
             self.lengths = sel.counts
             self.width = int(sel.counts.max()) if sel.counts.numel() else 0
         elif sel is not None:

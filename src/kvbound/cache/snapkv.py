@@ -56,12 +56,13 @@ def snapkv_scores(votes: torch.Tensor, protect: int, kernel: int) -> torch.Tenso
 
 
 class SnapKVLayer(EvictingLayer):
-    token_state = {"votes": 3}
+    token_state = {"votes": 2}
     per_query_mass = True
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        # [B, kv_heads, <= window, held]: the newest queries' own attention, columns aligned with the held keys
+        # [B, kv_heads, held, <= window]: the newest queries' own attention, rows aligned with the held keys
+        # (tokens on dim 2, like the K/V, so ragged heads pack them without a transpose)
         self.votes: torch.Tensor | None = None
 
     def query_rows(self, new: int) -> int:
@@ -78,15 +79,15 @@ class SnapKVLayer(EvictingLayer):
         if mass is None:  # no tiered attention: the step's rows are scored here
             mass = attention_mass(query, query_pos, keys, positions, self.scaling(), self.cache.softcap,
                                   per_query=True)
-        mass = mass[..., -window:, :]  # cake may have asked for more rows than the window
-        ring, n = mass, keys.shape[-2]  # [B, kv_heads, rows, n]
-        keep_old = window - mass.shape[-2]
+        mass = mass[..., -window:, :].transpose(-1, -2)  # [B, kv_heads, n, rows]; cake may ask for more rows
+        ring, n = mass, keys.shape[-2]
+        keep_old = window - mass.shape[-1]
         if self.votes is not None and keep_old > 0:
-            old = self.votes[..., -keep_old:, :]  # the step's new keys come after these queries: no votes
-            ring = torch.cat([F.pad(old, (0, n - old.shape[-1])), mass], dim=-2)
-        self.votes = ring  # the base gathers the kept columns
+            old = self.votes[..., -keep_old:]  # the step's new keys come after these queries: no votes
+            ring = torch.cat([F.pad(old, (0, 0, 0, n - old.shape[-2])), mass], dim=-1)
+        self.votes = ring.contiguous()  # the base gathers the kept rows
         protect = min(window, self.capacity)
-        return self.keep(snapkv_scores(ring.sum(dim=-2), protect, self.cache.options.kernel), protect_last=protect)
+        return self.keep(snapkv_scores(self.votes.sum(dim=-1), protect, self.cache.options.kernel), protect_last=protect)
 
 
 @register("snapkv", "lossy: SnapKV (Li et al. 2024) -- the last `window` queries vote (max-pooled) for tokens to keep",
