@@ -89,12 +89,15 @@ def test_too_short_and_unknown_task():
 # --------------------------------------------------------------------------- the compress API
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "streaming"])
+@pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "streaming", "keydiff", "knorm", "expected-attention",
+                                    "kvzip"])
 def test_compress_equals_one_prefill_step_of_the_policy(policy):
     """Compressing the recorded context (prefilled in 4 chunks) keeps what the policy keeps after a
-    one-pass prefill of the same context at budget ``keep``; afterwards nothing more is evicted."""
+    one-pass prefill of the same context at budget ``keep`` (expected-attention: statistics of every
+    context token's attention input; kvzip: one reconstruction of the whole context); afterwards
+    nothing more is evicted."""
     model, ids, keep = tiny("tiny-llama"), prompt_ids(80), 24
-    context = ContextRecorder(model)
+    context = ContextRecorder(model, inputs=policy == "expected-attention")
     ref = kvbound.make_cache(model, policy, keep)
     with torch.no_grad():
         kvbound.generation.prefill(model, ids, context, 20)
@@ -117,6 +120,23 @@ def test_compress_refuses_missing_queries():
         kvbound.generation.prefill(model, prompt_ids(60), context, 20)
     with pytest.raises(KVBoundError, match="snapkv cannot compress .* last 4 tokens: it scores with 32"):
         kvbound.make_cache(model, "snapkv", 16).compress(context, 16)
+    with pytest.raises(KVBoundError, match="expected-attention compresses a prefilled context from its attention inputs"):
+        kvbound.make_cache(model, "expected-attention", 16).compress(context, 16)
+
+
+def test_kvzip_scores_the_context_once_for_every_ratio():
+    model = tiny("tiny-llama")
+    context = ContextRecorder(model)
+    with torch.no_grad():
+        kvbound.generation.prefill(model, prompt_ids(60), context, 20)
+    first = kvbound.make_cache(model, "kvzip", 30)
+    first.compress(context, 30)
+    scores = context.shared["kvzip"]
+    second = kvbound.make_cache(model, "kvzip", 10)
+    second.compress(context, 10)
+    assert context.shared["kvzip"] is scores and second.reconstructed_tokens == 0 < first.reconstructed_tokens
+    for a, b in zip(first.layers, second.layers):  # the 10 best are among the 30 best
+        assert set(b.positions[0, 0].tolist()) <= set(a.positions[0, 0].tolist())
 
 
 # --------------------------------------------------------------------------- the scenario

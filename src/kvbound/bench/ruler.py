@@ -216,7 +216,8 @@ def run(bench: Bench, opts: dict[str, Any]) -> None:
         min_keep = keep_for(max(ratios), n_ctx)
         bar.set_postfix_str(f"{sample.task} #{sample.index} at {sample.length}")
         if protocol == "compress":
-            context = ContextRecorder(bench.model)
+            # expected-attention's statistics need every context token's attention input (kept only then)
+            context = ContextRecorder(bench.model, inputs=any(policy_name(p) == "expected-attention" for p in lossy))
             start = time.perf_counter()
             prefill(bench.model, torch.tensor([sample.context_ids], device=bench.device), context, bench.prefill_chunk)
             prefills.append({"task": sample.task, "sample": sample.index, "length": sample.length,

@@ -9,7 +9,13 @@ attention hands each step's probabilities over, as for ``h2o``), each layer keep
 * the post-RoPE queries of the newest ``window`` tokens (``snapkv``'s observation window, ``tova``'s
   last query), ``[B, heads, window, D]``;
 * the attention mass each key received from every context query, summed over queries and the
-  query heads of its KV head, ``[B, kv_heads, n]`` (``h2o``'s accumulated score).
+  query heads of its KV head, ``[B, kv_heads, n]`` (``h2o``'s accumulated score);
+* with ``inputs=True``, every context token's attention input (the normed hidden state the
+  layer's projections read), ``[B, n, hidden]`` (``expected-attention``'s query statistics).
+
+The cache also keeps the context's token ids (``kvzip`` reconstructs the context from them) and a
+``shared`` dict where a policy leaves what every ratio can reuse (``kvzip``'s scores: one
+reconstruction per context, not one per ratio).
 
 :meth:`kvbound.cache.evicting.EvictingCache.compress` then builds each policy's compressed copy
 from :meth:`ContextRecorder.recorded`. Not a registered policy: a tool of the bench.
@@ -35,7 +41,7 @@ class ContextOptions(CodecOptions):
 class RecordingLayer(EvictingLayer):
     """Keeps everything; records the newest ``window`` queries and the summed attention mass."""
 
-    batch_state = (*EvictingLayer.batch_state, "mass", "queries")
+    batch_state = (*EvictingLayer.batch_state, "mass", "queries", "inputs")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -43,15 +49,21 @@ class RecordingLayer(EvictingLayer):
             self.capacity = self.UNBOUNDED
         self.mass: torch.Tensor | None = None  # [B, kv_heads, held]
         self.queries: torch.Tensor | None = None  # [B, heads, <= window, D]
+        self.inputs: torch.Tensor | None = None  # [B, n, hidden] with the recorder's inputs=True
 
     def query_rows(self, new: int) -> int:
         return new
 
     def policy_tiers(self) -> dict[str, int]:
-        return {"mass": nbytes(self.mass), "queries": nbytes(self.queries)}
+        return {"mass": nbytes(self.mass), "queries": nbytes(self.queries), "inputs": nbytes(self.inputs)}
 
     def reset_policy(self) -> None:
-        self.mass = self.queries = None
+        self.mass = self.queries = self.inputs = None
+
+    def observe_input(self, hidden_states: torch.Tensor, kwargs: dict) -> None:
+        if self.cache.record_inputs:
+            rows = hidden_states.detach().clone()
+            self.inputs = rows if self.inputs is None else torch.cat([self.inputs, rows], dim=1)
 
     def select(self, keys, positions, query, query_pos, mass=None):
         from .evicting import attention_mass
@@ -72,8 +84,18 @@ class ContextRecorder(EvictingCache):
     layer_cls = RecordingLayer
     policy_name = "context-recorder"
 
-    def __init__(self, model, window: int = 64) -> None:
+    def __init__(self, model, window: int = 64, inputs: bool = False) -> None:
+        self.record_inputs = inputs
         super().__init__(model, RecordingLayer.UNBOUNDED, ContextOptions(window=window))
+        self.ids: torch.Tensor | None = None  # [B, n] the context's token ids
+        self.shared: dict[str, Any] = {}  # what a policy computed once for this context (see the module docstring)
+
+    def observe_input_ids(self, input_ids: torch.Tensor | None) -> None:
+        if input_ids is not None:
+            self.ids = input_ids if self.ids is None else torch.cat([self.ids, input_ids.to(self.ids.device)], dim=1)
+
+    def extra_tiers(self) -> dict[str, int]:
+        return {"token_ids": nbytes(self.ids)}
 
     exact = True  # holds every token: attention is the full cache's
     reruns_model = False
@@ -86,3 +108,8 @@ class ContextRecorder(EvictingCache):
     def tokens(self) -> int:
         """How many context tokens were prefilled."""
         return self.layers[0].seen
+
+    def attention_inputs(self) -> list[torch.Tensor | None]:
+        """Per layer: every context token's attention input ``[B, n, hidden]`` (``None`` on sliding
+        layers, or for every layer unless the recorder was made with ``inputs=True``)."""
+        return [layer.inputs for layer in self.layers]

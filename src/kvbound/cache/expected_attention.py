@@ -118,6 +118,7 @@ class ExpectedAttentionLayer(EvictingLayer):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.reset_policy()
+        self.context_inputs = None  # compress(): the prefilled context's attention inputs (ContextRecorder)
 
     def reset_policy(self) -> None:
         self.logits = None  # [B, heads, held] float32: each held key's expected logit per query head (NaN: later)
@@ -142,6 +143,8 @@ class ExpectedAttentionLayer(EvictingLayer):
     def select(self, keys, positions, query, query_pos, mass=None, values=None):
         opts = self.cache.options
         step, self.pending_hidden = self.pending_hidden, None
+        if step is None:
+            step, self.context_inputs = self.context_inputs, None
         if step is None:
             raise RuntimeError(f"expected-attention: no attention input for layer {self.layer_idx}; "
                                "the attention hooks did not run (call the model with this cache)")
@@ -183,6 +186,22 @@ class ExpectedAttentionCache(EvictingCache):
         if budget <= opts.sinks:
             raise KVBoundError(f"expected-attention needs budget > sinks, got budget {budget} and sinks {opts.sinks}")
         super().__init__(model, budget, opts)
+
+    def compress(self, context, keep: int) -> None:
+        """kvpress's protocol (:meth:`EvictingCache.compress`): the statistics come from every context
+        token's attention input, as in a one-pass prefill (the recorder must keep them: ``inputs=True``)."""
+        inputs = context.attention_inputs()
+        for layer, rows in zip(self.layers, inputs):
+            if not layer.is_sliding and rows is None:
+                raise KVBoundError("expected-attention compresses a prefilled context from its attention inputs: "
+                                   "record them (ContextRecorder(model, inputs=True))")
+        for layer, rows in zip(self.layers, inputs):
+            layer.context_inputs = rows  # select() takes them (reset() in the layer's compress keeps them)
+        try:
+            super().compress(context, keep)
+        finally:
+            for layer in self.layers:
+                layer.context_inputs = None
 
     def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
         super().observe_attention_input(layer_idx, hidden_states, kwargs)

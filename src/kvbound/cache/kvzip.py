@@ -187,6 +187,24 @@ class KVzipLayer(EvictingLayer):
         self.scores = gather_tokens(self.scores, idx)
         return idx
 
+    def hold_context(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
+        """Hold all of a prefilled context, not scored yet (NaN scores)."""
+        self.compress(keys, values, keys.shape[-2], seen=seen)
+        self.scores = torch.full(self.positions.shape, float("nan"), device=keys.device)
+
+    def compress_scored(self, keys: torch.Tensor, values: torch.Tensor, keep: int, scores: torch.Tensor | None,
+                        seen: int) -> None:
+        """kvpress's protocol: hold the context ``keys``/``values`` (its newest ``n`` of ``seen`` tokens)
+        scored by ``scores`` ``[B, kv_heads, n]`` (one reconstruction of the whole context, shared by
+        every ratio), the best ``keep`` per KV head; then everything that follows."""
+        if self.is_sliding or scores is None:
+            return self.compress(keys, values, keep, seen=seen)
+        self.hold_context(keys, values, seen)
+        self.scores = scores.clone()
+        self.capacity = keep
+        self.evict_scored()
+        self.capacity = self.UNBOUNDED
+
     def evict_scored(self) -> None:
         """After the reconstruction: keep ``capacity`` tokens per KV head."""
         if self.held() > self.capacity:
@@ -277,6 +295,31 @@ class KVzipCache(EvictingCache):
                 layer.evict_scored()
         if self.ids is not None and full:  # keep the ids of the unscored tokens and the few before them
             self.ids = self.ids[:, -(full[0].unscored() + LEAD_TOKENS):].clone()
+
+    # -- compressing a context prefilled elsewhere (kvpress's protocol) ---------------------------
+    def compress(self, context, keep: int) -> None:
+        """Score the context once by reconstruction (this cache holding all of it), leave the scores in
+        ``context.shared`` for the other ratios, keep the ``keep`` best per KV head."""
+        scores = context.shared.get("kvzip")
+        seen = context.tokens()
+        recorded = context.recorded()
+        if scores is None:
+            if context.ids is None or context.ids.shape[1] < seen:
+                raise KVBoundError("kvzip reconstructs the context from its token ids; prefill the context "
+                                   "recorder with input_ids")
+            self.reset()
+            for layer, (keys, values, _, _) in zip(self.layers, recorded):
+                layer.hold_context(keys, values, seen)
+            self.ids = context.ids
+            self.reconstruct(seen)
+            scores = [None if layer.is_sliding else layer.scores.clone() for layer in self.layers]
+            context.shared["kvzip"] = scores
+            done = self.reconstructed_tokens
+            self.reset()
+            self.reconstructed_tokens = done
+        for layer, (keys, values, _, _), layer_scores in zip(self.layers, recorded, scores):
+            layer.compress_scored(keys, values, keep, layer_scores, seen)
+        self.ids = None
 
     # -- reconstruction ------------------------------------------------------------------------
     @torch.no_grad()
