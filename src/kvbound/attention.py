@@ -345,6 +345,11 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """Exact softmax over the union of blocks from per-block ``(out, lse)`` (log-sum-exp weights)."""
     if len(parts) == 1:
         return parts[0][0]
+    if len(parts) == 2:  # the common case (offloaded blocks + the hot window): weights are sigmoids
+        (o1, l1), (o2, l2) = parts
+        w1 = torch.sigmoid(l1 - l2).nan_to_num_(0.0).unsqueeze(-1)  # both -inf (no key seen): 0
+        w2 = torch.sigmoid(l2 - l1).nan_to_num_(0.0).unsqueeze(-1)
+        return (w1 * o1.float() + w2 * o2.float()).to(o1.dtype)
     lses = torch.stack([lse for _, lse in parts])  # [P, B, H, T]
     total = torch.logsumexp(lses, dim=0)
     weights = torch.exp(lses - total).nan_to_num(0.0).unsqueeze(-1)  # [P, B, H, T, 1]
