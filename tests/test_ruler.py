@@ -179,6 +179,7 @@ def test_protocols_end_to_end(tmp_path, protocol):
     (["--ratios", "0.5,1"], r"--ratios must be fractions in \[0, 1\)"),
     (["--ratios", "-0.1"], r"--ratios must be fractions in \[0, 1\)"),
     (["--policies", "kivi"], r"policy 'kivi' cannot run --protocol compress .* it supports --protocol bounded"),
+    (["--policies", "razor"], r"policy 'razor' cannot run --protocol compress .* it supports --protocol bounded"),
     (["--samples", "0"], r"--samples must be >= 1"),
 ])
 def test_bad_input(tmp_path, extra, message):

@@ -50,7 +50,7 @@ QUICK_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey
 def default_policies() -> list[str]:
     """``full`` and every registered eviction policy (those that can run both protocols)."""
     return [REFERENCE] + [p for p, spec in registered().items()
-                          if not spec.exact and issubclass(spec.build, EvictingCache)]
+                          if not spec.exact and issubclass(spec.build, EvictingCache) and spec.build.compresses]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,7 +97,8 @@ def check_policies(policies: list[str], protocol: str) -> None:
     if protocol != "compress":
         return
     for p in policies:
-        if not spec(p).exact and not issubclass(spec(p).build, EvictingCache):
+        build = spec(p).build
+        if not spec(p).exact and not (issubclass(build, EvictingCache) and build.compresses):
             raise KVBoundError(f"policy {p!r} cannot run --protocol compress (it does not evict tokens from a "
                                "prefilled context); it supports --protocol bounded")
 

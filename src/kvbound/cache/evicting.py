@@ -586,6 +586,7 @@ class EvictingCache(KVBoundCache):
 
     layer_cls: type[EvictingLayer] = EvictingLayer
     ragged_heads = False  # whether heads may hold different numbers of tokens (needs kvbound's attention)
+    compresses = True  # whether compress() (kvpress's protocol) is supported
 
     def __init__(self, model: "PreTrainedModel", budget: int, options: Any) -> None:
         self.options = options
@@ -664,6 +665,9 @@ class EvictingCache(KVBoundCache):
     def compress(self, context: "ContextRecorder", keep: int) -> None:
         """Take the context ``context`` recorded (see :meth:`EvictingLayer.compress`), each layer
         compressed to ``keep`` tokens; the question and the answer then go in uncompressed."""
+        if not self.compresses:
+            raise KVBoundError(f"{self.policy_name} cannot compress a prefilled context; it supports the "
+                               "bounded protocol (its budget held from the first prefill chunk)")
         seen = context.tokens()
         for layer, (keys, values, query, mass) in zip(self.layers, context.recorded()):
             layer.compress(keys, values, keep, query, mass, seen)

@@ -138,6 +138,7 @@ class RazorLayer(EvictingLayer):
 class RazorCache(EvictingCache):
     layer_cls = RazorLayer
     ragged_heads = True
+    compresses = False  # its compensation merge rewrites a step's K/V in update(); not written for compress()
 
     def __init__(self, model, budget: int, **options: Any) -> None:
         opts = self.parse_options(options)
