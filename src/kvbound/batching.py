@@ -1,16 +1,18 @@
-"""One decode step for many conversations in one forward pass, each with its own kvbound cache.
+"""One forward pass for many conversations' next steps, each with its own kvbound cache.
 
-Every row of the batch is one conversation's next token. The model runs its embeddings,
-projections, MLPs and LM head over all rows together -- on a CPU decoding a small model is bound
-by reading the weights, and a batch reads them once for every row. Attention is per row: the
+:func:`packed_step` lays the step's tokens out as one row, cut into segments: one token for a
+conversation that decodes, a prompt chunk for one that prefills. The model runs its embeddings,
+projections, MLPs and LM head over all tokens together -- on a CPU decoding a small model is bound
+by reading the weights, and a pass reads them once for every token. Attention is per segment: the
 model is handed a :class:`CacheBatch` as ``past_key_values``; its per-layer :meth:`CacheBatch.update`
-splits the rows and calls each conversation's own layer ``update`` (with that cache active, so an
-exact policy hands over its recalled blocks and a scored policy its scoring callback, exactly as
-when the conversation runs alone), and kvbound's attention function (:mod:`kvbound.attention`)
-then attends each row to what its own layer returned (:meth:`CacheBatch.attend_rows`) -- ragged
-lengths, no padding of K/V, no mask. Position ids are per row.
+cuts the step's K/V into segments and calls each conversation's own layer ``update`` (with that
+cache active, so an exact policy hands over its recalled blocks and a scored policy its scoring
+callback, exactly as when the conversation runs alone), and kvbound's attention function
+(:mod:`kvbound.attention`) then attends each segment to what its own layer returned
+(:meth:`CacheBatch.attend_rows`), causally within the segment -- ragged lengths, no padding of
+K/V. Position ids are per token. :func:`decode_step` is the case of one token per conversation.
 
-Batch invariance (:func:`padded_rows`): a row's projections round differently in a matmul of one
+Batch invariance (:func:`padded_rows`): a token's projections round differently in a matmul of one
 row than in one of several (measured on this machine's MKL: M = 1, 2, 3 each differ from M = 16;
 every M >= 4 that is a multiple of 4, and every M >= 12, gives the same bits per row at 1 and 2
 threads). With ``row_group`` 4 the batch is padded with dummy rows to such a size, so a greedy
@@ -23,6 +25,7 @@ models whose attention does not go through kvbound's attention function.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Sequence
 
 import torch
@@ -80,7 +83,7 @@ class CacheBatch(Cache):
         super().__init__(layers=[])
         self.caches = list(caches)
         self.spans = [1] * len(self.caches) if spans is None else list(spans)
-        self.starts = [sum(self.spans[:i]) for i in range(len(self.spans))]
+        self.starts = [0, *itertools.accumulate(self.spans)][:-1]
         self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, attention.TierStep | None]]] = {}
 
     # transformers asks these of any cache; the segments' lengths differ, masks are not used
@@ -124,8 +127,7 @@ class CacheBatch(Cache):
         kwargs.pop("attention_mask", None)
         outs = []
         for (k, v, step), start, span in zip(rows, self.starts, self.spans):
-            keys = k.shape[-2] + (0 if step is None else sum(attention.block_tokens(b) for b in step.blocks))
-            mask = _segment_mask(module, span, keys, k.device, step is None)
+            mask = _segment_mask(module, span, k, step)
             outs.append(attention.attend_step(module, query[:, :, start:start + span], k, v, mask, step, **kwargs)[0])
         return torch.cat(outs, dim=1), None
 
@@ -143,16 +145,19 @@ def _segment_kwargs(cache_kwargs: dict[str, Any] | None, start: int, span: int) 
     return out
 
 
-def _segment_mask(module: torch.nn.Module, t: int, n: int, device: torch.device, explicit: bool) -> torch.Tensor | None:
-    """Which of ``n`` keys (the segment's past, then its ``t`` new tokens) each of its ``t`` queries
-    sees: causal, bottom-right aligned, within the layer's sliding window if it has one. ``None`` when
-    nothing needs masking (one query, no window) or when kvbound's tiered attention builds the causal
-    part itself (``explicit`` False, no window)."""
+def _segment_mask(module: torch.nn.Module, t: int, new_keys: torch.Tensor,
+                  step: attention.TierStep | None) -> torch.Tensor | None:
+    """Which of a segment's keys (its ``step``'s recalled blocks, then ``new_keys``: its past and its
+    ``t`` new tokens) each of its ``t`` queries sees: causal, bottom-right aligned, within the layer's
+    sliding window if it has one. ``None`` when nothing needs masking (one query, no window) or when
+    kvbound's tiered attention builds the causal part itself (a ``step``, no window)."""
     window = getattr(module, "sliding_window", None)
-    if t == 1 and (window is None or n <= window):
+    if window is None and (t == 1 or step is not None):  # the decode rows' common case: nothing to count
         return None
-    if window is None and not explicit:
+    n = new_keys.shape[-2] + (0 if step is None else sum(attention.block_tokens(b) for b in step.blocks))
+    if t == 1 and n <= window:
         return None
+    device = new_keys.device
     q = torch.arange(n - t, n, device=device)[:, None]
     cols = torch.arange(n, device=device)[None, :]
     visible = cols <= q
