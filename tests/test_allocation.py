@@ -330,3 +330,20 @@ def test_query_free_scorers_take_every_allocation_at_the_same_total(policy, allo
         run_greedy(model, prompt_ids(40), cache, 6)
         totals[alloc] = sum(map(sum, cache.memory_report()["kept_tokens"]))
     assert totals[allocation] == totals["uniform"] == len(cache.layers) * 2 * 24
+
+
+def test_allocation_page_medians_over_rounds():
+    """--rounds: the page's medians table takes each variant's median and divides by the first's."""
+    from kvbound.bench.scenarios.allocation import _medians
+
+    def run(variant, rss, cpu):
+        return {"status": "ok", "tokens": 100, "budget_arg": 8, "budget": 8, "variant": variant,
+                "hot_kv_bytes": 1000, "rss_added_bytes": rss * 2**20, "cpu_seconds_per_token": cpu,
+                "prefill_cpu_seconds": 1.0}
+
+    runs = [run("snapkv", 10, 0.1), run("razor", 30, 0.2), run("snapkv", 12, 0.1),
+            run("razor", 11, 0.12), run("snapkv", 50, 0.3), run("razor", 13, 0.11)]
+    text = "\n".join(_medians(runs))
+    assert "| 100 | 8 | snapkv | 3 | 1,000 | 1.000 | 12.0 MiB | 1.000 | 0.1 | 1.000 | 1 | 1.000 |" in text
+    assert "| 100 | 8 | razor | 3 | 1,000 | 1.000 | 13.0 MiB | 1.083 | 0.12 | 1.200 | 1 | 1.000 |" in text
+    assert _medians(runs[:2]) == []  # one round: no medians table

@@ -228,7 +228,7 @@ def _biased_attention(query, keys, values, visible, scaling, softcap, bias):
         # the per-head mask is [B, H, rows, n]: a block of query rows at a time bounds it (a 1024-token
         # prefill chunk over 2.5k keys would otherwise allocate ~90 MB for it)
         rows = max(1, MASS_BLOCK_BYTES // (query.element_size() * b * heads * max(n, 1)))
-        outs, lses = [], []
+        outs, lses, blind = [], [], []
         for start in range(0, t, rows):
             stop = min(t, start + rows)
             if visible is not None:
@@ -239,19 +239,17 @@ def _biased_attention(query, keys, values, visible, scaling, softcap, bias):
                 query[:, :, start:stop], keys, values, 0.0, False, attn_mask=mask, scale=scaling)
             outs.append(o)
             lses.append(l)
+            # rows that see no key (padding everywhere, masked), from this block's mask: never a
+            # [B, H, T, n] mask for the whole step
+            blind.append(torch.isneginf(mask).all(-1))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         lse = (lses[0] if len(lses) == 1 else torch.cat(lses, dim=2)).float()
-    else:
-        out, lse = _explicit(query, keys, values, visible, scaling, softcap, bias)
-    # rows that see no key (padding everywhere, masked): zeros and lse = -inf, as block_attention's
-    seen = torch.isfinite(bias).unsqueeze(2).repeat_interleave(heads // kv_heads, dim=1)  # [B, H, 1, n]
-    if visible is not None:
-        seen = seen & visible
-    none = ~seen.any(-1)
-    if bool(none.any()):
-        lse = lse.masked_fill(none, float("-inf"))
-        out = out.masked_fill(none.unsqueeze(-1), 0.0)
-    return out, lse
+        none = blind[0] if len(blind) == 1 else torch.cat(blind, dim=2)  # [B, H, T]
+        if bool(none.any()):  # zeros and lse = -inf, as block_attention's
+            lse = lse.masked_fill(none, float("-inf"))
+            out = out.masked_fill(none.unsqueeze(-1), 0.0)
+        return out, lse
+    return _explicit(query, keys, values, visible, scaling, softcap, bias)  # all -inf rows: zeros, lse = -inf
 
 
 def _explicit(query, keys, values, visible, scaling, softcap, bias=None):

@@ -208,6 +208,18 @@ def unpack(flat: torch.Tensor, mask: torch.Tensor, dim: int = 2, fill: float = 0
     return out.view(*mask.shape, *flat.shape[1:]).movedim(2, dim)
 
 
+def unpack_joined(flat: torch.Tensor, mask: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """:func:`unpack` of packed K/V ``flat`` ``[kept, D]`` into ``[B, H, width + t, D]`` (``mask``
+    ``[B, H, width + t]``, False on the last ``t``), zeros on padding, with ``new`` ``[B, H, t, D]``
+    written in the last ``t`` slots: the step's concatenation of past and new in one buffer."""
+    b, h, n = mask.shape
+    t = new.shape[-2]
+    out = flat.new_zeros((b, h, n, flat.shape[-1]))
+    out.view(-1, flat.shape[-1]).index_copy_(0, mask_index(mask), flat)
+    out[:, :, n - t:] = new
+    return out
+
+
 def lengths_mask(lengths: torch.Tensor, width: int) -> torch.Tensor:
     """``[B, H, width]`` bool: entry ``j`` of head ``(b, h)`` is held (``j < lengths[b, h]``)."""
     return torch.arange(width, device=lengths.device) < lengths.unsqueeze(-1)
@@ -346,19 +358,34 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
     def _state_dims(self) -> dict[str, int]:
         return {"keys": 2, "values": 2, "positions": 2, "rank": 2, **self.token_state}
 
-    def _unpad(self) -> torch.Tensor | None:
+    def _unpad(self, new_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
         """Ragged heads: replace every packed per-token tensor by its padded ``[B, H, width, ...]``
-        form for this step and return the held mask ``[B, H, width]`` (``None``: not ragged)."""
+        form for this step and return the held mask ``[B, H, width]`` (``None``: not ragged).
+
+        With ``new_kv`` (the step's K/V; plain float K/V only) the keys and values are unpacked
+        straight into the step's concatenation ``[B, H, width + new, D]`` (what :meth:`with_new`
+        returns): one padded copy of the past instead of two at the step's peak."""
         if self.lengths is None:
             return None
         valid = lengths_mask(self.lengths, self.width)
         index = mask_index(valid)
         for name, dim in self._state_dims().items():
             value = getattr(self, name)
-            if value is not None:
-                setattr(self, name, unpack(value, valid, dim, BIG_POSITION if name == "positions" else 0, index))
+            if value is None:
+                continue
+            if new_kv is not None and name in ("keys", "values"):
+                fresh = new_kv[0] if name == "keys" else new_kv[1]
+                joined = F.pad(valid, (0, fresh.shape[-2]), value=False)
+                setattr(self, name, unpack_joined(value, joined, fresh))
+                continue
+            setattr(self, name, unpack(value, valid, dim, BIG_POSITION if name == "positions" else 0, index))
         self.lengths = None
         return valid
+
+    def _joins_on_unpad(self) -> bool:
+        """Whether a ragged step may unpack K/V straight into the step's concatenation: plain K/V
+        (no codec) and the base class's :meth:`with_new`."""
+        return self.cache.codec is None and type(self).with_new is EvictingLayer.with_new
 
     def _hold(self, sel: "torch.Tensor | Kept | None", valid: torch.Tensor | None) -> None:
         """Keep the entries ``sel`` of every per-token tensor (now aligned with the step's keys)."""
@@ -432,8 +459,9 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.pending_step = None  # a hand-over an interrupted pass never used
         b, h, new = key_states.shape[0], key_states.shape[1], key_states.shape[-2]
         step_pos = torch.arange(self.seen, self.seen + new, device=key_states.device)
-        valid_past = self._unpad()
-        keys, values = self.with_new(key_states, value_states)
+        join = self.lengths is not None and self._joins_on_unpad()
+        valid_past = self._unpad((key_states, value_states) if join else None)
+        keys, values = (self.keys, self.values) if join else self.with_new(key_states, value_states)
         stored = self._stored(key_states, value_states, keys, values)
         positions = torch.cat([self.positions, step_pos.expand(b, h, new)], dim=-1)
         valid = None if valid_past is None else F.pad(valid_past, (0, new), value=True)

@@ -5,7 +5,10 @@ Each variant is a policy with options in the bench's variant syntax (``snapkv``,
 fresh process (:func:`kvbound.bench.long.spawn`: the haystack prompt with its needle, RSS of the
 process, decode time per token, the bytes held, the tokens each KV head kept), at every
 ``--lengths`` x ``--budgets`` (a fraction in (0, 1] is that share of the prompt).
-``--perplexity-tokens N`` also measures the perplexity of each variant over the first N tokens of the
+``--rounds N`` runs every variant N times, round after round (so a drift in the box's load
+touches every variant alike), and the page adds the median of each measure and its ratio: the RSS a
+process adds moves by several MiB between identical runs (the allocator's heap), so a ratio of one
+run each is noise at the 10% level. ``--perplexity-tokens N`` also measures the perplexity of each variant over the first N tokens of the
 built-in corpus (in the bench process). The page shows ratios against the first variant of each
 length and budget, and one heatmap per run (layer x KV head, tokens kept).
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from statistics import median
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +34,20 @@ SUMMARY = "per-layer / per-head budgets (uniform, pyramid, ada, cake, razor) at 
 def add_arguments(group) -> None:
     group.add_argument("--perplexity-tokens", type=int, default=0, metavar="N",
                        help="allocation: also the perplexity of each variant over N corpus tokens (default: 0 = no)")
+    group.add_argument("--rounds", type=int, default=1, metavar="N",
+                       help="allocation: run every variant N times, round after round; the page adds medians (default: 1)")
 
 
 def options(args) -> dict[str, Any]:
     if args.perplexity_tokens < 0:
         raise KVBoundError(f"--perplexity-tokens must be >= 0, got {args.perplexity_tokens}")
+    if args.rounds < 1:
+        raise KVBoundError(f"--rounds must be >= 1, got {args.rounds}")
     lengths = positive_ints(args.lengths, "lengths") if args.lengths else [7500]
     return {"model": args.model, "variants": args.policy_list, "lengths": lengths,
             "budgets": [b.value for b in args.budget_list], "new_tokens": args.new_tokens or 16,
-            "prefill_chunk": args.prefill_chunk, "threads": args.threads, "perplexity_tokens": args.perplexity_tokens}
+            "prefill_chunk": args.prefill_chunk, "threads": args.threads, "perplexity_tokens": args.perplexity_tokens,
+            "rounds": args.rounds}
 
 
 def run(ctx: Context) -> None:
@@ -48,19 +57,22 @@ def run(ctx: Context) -> None:
     for tokens in o["lengths"]:
         for b in o["budgets"]:
             budget = int(b * tokens) if b <= 1 else int(b)
-            for variant in o["variants"]:
-                policy = policy_name(variant)
-                job = LongJob(o["model"], policy, tokens, None if policy == "full" else budget, o["new_tokens"],
-                              o["prefill_chunk"], o["threads"], policy_options(variant))
-                load_before = os.getloadavg()[0]
-                record = spawn(job, getattr(ctx.args, "timeout", 3600))
-                record.update(variant=variant, budget_arg=b, loadavg_before=load_before, loadavg_after=os.getloadavg()[0])
-                record.pop("token_ids", None)
-                if record.get("kept_tokens") and policy != "full":
-                    name = f"heatmap-{variant.replace(':', '_').replace('=', '-').replace(',', '_')}-{tokens}-{budget}.png"
-                    heatmap(record["kept_tokens"], out / name, f"{variant}, {tokens} tokens, budget {budget}")
-                    record["heatmap"] = name
-                ctx.save_run(record)
+            for round_ in range(o.get("rounds", 1)):
+                for variant in o["variants"]:
+                    policy = policy_name(variant)
+                    job = LongJob(o["model"], policy, tokens, None if policy == "full" else budget, o["new_tokens"],
+                                  o["prefill_chunk"], o["threads"], policy_options(variant))
+                    load_before = os.getloadavg()[0]
+                    record = spawn(job, getattr(ctx.args, "timeout", 3600))
+                    record.update(variant=variant, budget_arg=b, round=round_, loadavg_before=load_before,
+                                  loadavg_after=os.getloadavg()[0])
+                    record.pop("token_ids", None)
+                    if record.get("kept_tokens") and policy != "full" and round_ == 0:
+                        name = (f"heatmap-{variant.replace(':', '_').replace('=', '-').replace(',', '_')}"
+                                f"-{tokens}-{budget}.png")
+                        heatmap(record["kept_tokens"], out / name, f"{variant}, {tokens} tokens, budget {budget}")
+                        record["heatmap"] = name
+                    ctx.save_run(record)
     if o["perplexity_tokens"]:
         variants = [v for v in o["variants"] if policy_name(v) != "full"]
         budgets = [b for b in o["budgets"] if b > 1]
@@ -113,6 +125,37 @@ def _perplexity(model_name: str, variants: list[str], budgets: list[float], toke
     return out
 
 
+MEDIAN_KEYS = (("hot_kv_bytes", "hot K/V bytes"), ("rss_added_bytes", "RSS added"),
+               ("cpu_seconds_per_token", "decode CPU s/token"), ("prefill_cpu_seconds", "prefill CPU s"))
+
+
+def _medians(runs: list[dict[str, Any]]) -> list[str]:
+    """With several rounds: the median of each measure per variant, and its ratio to the first
+    variant's median at the same length and budget."""
+    groups: dict[tuple[Any, Any], dict[str, list[dict[str, Any]]]] = {}
+    for r in runs:
+        if r.get("status") == "ok":
+            groups.setdefault((r.get("tokens"), r.get("budget_arg")), {}).setdefault(r["variant"], []).append(r)
+    if not any(len(v) > 1 for g in groups.values() for v in g.values()):
+        return []
+    head = " | ".join(f"{label} | × first" for _, label in MEDIAN_KEYS)
+    lines = ["", "## Medians over rounds", "",
+             "Each measure's median over the rounds, and its ratio to the first variant's median.", "",
+             f"| tokens | budget | variant | runs | {head} |", "|---|---|---|---|" + "---|---|" * len(MEDIAN_KEYS)]
+    for (tokens, budget), by_variant in groups.items():
+        ref = None
+        for variant, rs in by_variant.items():
+            med = {k: median(r[k] for r in rs) for k, _ in MEDIAN_KEYS}
+            ref = ref or med
+            cells = []
+            for k, _ in MEDIAN_KEYS:
+                value = f"{med[k] / 2**20:.1f} MiB" if k == "rss_added_bytes" else (
+                    f"{med[k]:,.0f}" if k == "hot_kv_bytes" else f"{med[k]:.4g}")
+                cells.append(f"{value} | {med[k] / ref[k]:.3f}" if ref[k] else f"{value} | —")
+            lines.append(f"| {tokens} | {rs[0].get('budget')} | {variant} | {len(rs)} | {' | '.join(cells)} |")
+    return lines
+
+
 def render(data: dict[str, Any], out: Path) -> tuple[str, list[str]]:
     """One row per run, ratios against the first variant at the same length and budget; the heatmaps."""
     runs = data.get("runs", [])
@@ -143,6 +186,7 @@ def render(data: dict[str, Any], out: Path) -> tuple[str, list[str]]:
         if r.get("kept_tokens") and r.get("heatmap"):
             heatmap(r["kept_tokens"], out / r["heatmap"], f"{r['variant']}, {r['tokens']} tokens, budget {r.get('budget')}")
             plots.append(r["heatmap"])
+    lines += _medians(runs)
     ppl = data.get("extra", {}).get("perplexity") or data["meta"].get("perplexity")
     if ppl:
         lines += ["", "## Perplexity (built-in corpus)", "", "| budget | variant | tokens | perplexity | hot K/V bytes |",
