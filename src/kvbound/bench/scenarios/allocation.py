@@ -34,8 +34,6 @@ SUMMARY = "per-layer / per-head budgets (uniform, pyramid, ada, cake, razor) at 
 def add_arguments(group) -> None:
     group.add_argument("--perplexity-tokens", type=int, default=0, metavar="N",
                        help="allocation: also the perplexity of each variant over N corpus tokens (default: 0 = no)")
-    group.add_argument("--rounds", type=int, default=1, metavar="N",
-                       help="allocation: run every variant N times, round after round; the page adds medians (default: 1)")
 
 
 def options(args) -> dict[str, Any]:

@@ -23,7 +23,6 @@ SUMMARY = "one-shot vs chunked prefill of full (how the default prefill chunk wa
 def add_arguments(group) -> None:
     group.add_argument("--chunks", default=DEFAULT_CHUNKS,
                        help=f"prefill: prompt tokens per forward pass to compare, 0 = one shot (default: {DEFAULT_CHUNKS})")
-    group.add_argument("--rounds", type=int, default=1, help="prefill: rounds over every chunk (default: 1)")
 
 
 def options(args) -> dict[str, Any]:
