@@ -6,6 +6,7 @@ import torch
 import kvbound
 from kvbound import attention
 from kvbound.cache import offload
+from kvbound.cache.hot_window import HotWindowLayer
 from kvbound.generation import prefill
 
 from conftest import prompt_ids, run_greedy, tiny
@@ -32,13 +33,32 @@ def greedy_chunked(model, ids, cache, n, chunk):
 
 @pytest.mark.parametrize("policy", ["offload", "kv-direct"])
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
-def test_exact_policies_hand_blocks_to_attention(name, policy, count_tiered):
+def test_exact_policies_hand_blocks_to_attention(name, policy, count_tiered, monkeypatch):
+    monkeypatch.setattr(HotWindowLayer, "SMALL_RECALL", 0)  # every recalled span goes as blocks
     model = tiny(name)
     ids = prompt_ids(18)
     ref = run_greedy(model, ids, kvbound.make_cache(model, "full"), 8)
     cache = kvbound.make_cache(model, policy, 4)
     assert model.config._attn_implementation == "kvbound"
     assert greedy_chunked(model, ids, cache, 8, 5) == ref
+    assert any(blocks for blocks, _ in count_tiered)
+    cache.close()
+
+
+def test_short_recalled_spans_are_concatenated_and_exact(count_tiered, monkeypatch):
+    """Up to SMALL_RECALL recalled tokens (offload's store views) go in front of the hot K/V (one
+    attention call, no merge); past it, as blocks. Both stay token-identical to full."""
+    model = tiny("tiny-llama")
+    ids = prompt_ids(18)
+    ref = run_greedy(model, ids, kvbound.make_cache(model, "full"), 8)
+    monkeypatch.setattr(HotWindowLayer, "SMALL_RECALL", 10)
+    decided = []
+    real = HotWindowLayer._small_recall
+    monkeypatch.setattr(HotWindowLayer, "_small_recall", lambda self, blocks: decided.append(real(self, blocks))
+                        or decided[-1])
+    cache = kvbound.make_cache(model, "offload", 4)
+    assert greedy_chunked(model, ids, cache, 8, 5) == ref
+    assert True in decided and False in decided  # short spans concatenated, longer ones (up to 22) as blocks
     assert any(blocks for blocks, _ in count_tiered)
     cache.close()
 

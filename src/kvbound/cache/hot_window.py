@@ -63,6 +63,16 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         for this cache, K/V like ``like``), so they may be :class:`~kvbound.attention.LazyBlock`s."""
         return attention.active_cache() is self.cache and like.dtype in attention.TIERED_DTYPES
 
+    SMALL_RECALL = 256  # recalled tokens up to which one concatenation beats a second attention call + merge
+
+    def _small_recall(self, blocks: list) -> bool:
+        """Whether the recalled span is short enough to concatenate in front of the hot + new K/V
+        (one attention call instead of one per tier and a merge: short conversations in a server,
+        where a step's per-row overhead counts; the copy is at most :attr:`SMALL_RECALL` tokens)."""
+        if not all(isinstance(b, tuple) for b in blocks):  # lazily decoded blocks: attended one by one
+            return False
+        return sum(k.shape[-2] for k, _ in blocks) <= self.SMALL_RECALL
+
     def handover_bytes(self, recalled: int, like: torch.Tensor) -> int:
         """Bytes ``update`` builds for attention besides ``recalled`` bytes of recalled K/V: the
         hot + new concatenation, and a concatenated copy of everything without tiered attention."""
@@ -162,7 +172,7 @@ class HotWindowLayer(PolicyLayer, DynamicLayer):
         self.values = values[..., n_spill:, :].clone()
         self.seen += new
         self.cache.account(self.layer_idx)
-        if blocks and self.attends_tiered(keys):
+        if blocks and self.attends_tiered(keys) and not self._small_recall(blocks):
             self.pending_step = attention.TierStep(keys, blocks, release=self.release_blocks)
         elif blocks:
             keys = torch.cat([*(k for k, _ in blocks), keys], dim=-2)

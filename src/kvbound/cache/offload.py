@@ -9,7 +9,10 @@ Stores (option ``store``):
 
 * ``file`` (default on CPU): one append-only file per layer inside a private temp folder per
   cache (``dir`` picks its parent), reserved a segment at a time (``fallocate``: a full disk fails
-  on the write, with a clear error). Writes are ``pwrite``s, one per KV head. The folder is
+  on the reservation, with a clear error). With ``read=mmap`` a write is one copy into the segment's
+  shared mapping (its pages leave the process after the layer's step, like the pages attention
+  read); with ``read=pread``, or on a filesystem without ``fallocate`` (where a write to a mapping
+  past a full disk would be a SIGBUS), one ``pwrite`` per KV head. The folder is
   deleted by :meth:`OffloadCache.close`, on garbage collection and at interpreter exit (Ctrl-C
   included; a ``kill -9`` cannot be caught).
 * ``host`` (default on GPU): pinned host memory, copied back to the GPU per layer.
@@ -158,9 +161,8 @@ class _Store:
         first = start if self.ring is None else max(start, end - self.ring)
         if first < end:
             cut = first - start
-            kv = torch.stack([keys[..., cut:, :], values[..., cut:, :]])  # [2, B, H, n, D]
             for seg, idx, off, n in self.chunks(first, end):
-                self._put(seg, idx, kv[..., off:off + n, :])
+                self._put(seg, idx, keys[..., cut + off:cut + off + n, :], values[..., cut + off:cut + off + n, :])
 
     def blocks(self, start: int, end: int, like: torch.Tensor, overwrite_until: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """K/V of tokens ``start .. end`` as ``[B, H, n, D]`` blocks in position order.
@@ -229,7 +231,8 @@ class _Store:
     def close(self) -> None:
         """Let go of the backing memory (files are removed by the cache's finalizer)."""
 
-    def _put(self, seg: int, idx: int, kv: torch.Tensor) -> None:
+    def _put(self, seg: int, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``keys``/``values`` ``[B, H, n, D]`` at slots ``idx .. idx + n`` of segment ``seg``."""
         raise NotImplementedError
 
     def _read(self, chunks, n: int, like: torch.Tensor, copy: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -262,6 +265,7 @@ class _FileStore(_Store):
         self.read_mode = read
         self.maps: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}
         self.touched: set[int] = set()
+        self.sparse = False  # the file is not preallocated (no fallocate on this filesystem)
 
     def _open(self) -> int:
         if self.cache.closed:
@@ -287,6 +291,7 @@ class _FileStore(_Store):
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise _disk_error(exc, self.cache.folder, size - self.allocated) from None
             os.ftruncate(self.fd, size)  # filesystem without fallocate: sparse file
+            self.sparse = True  # writes go through pwrite, where a full disk is an error, not SIGBUS
         self.allocated = size
 
     def allocated_bytes(self) -> int:
@@ -305,16 +310,25 @@ class _FileStore(_Store):
                 pass
         self.fd = None
         self.allocated = 0
+        self.sparse = False
 
     def _row_offset(self, seg: int, kv: int, b: int, h: int, idx: int) -> int:
         bsz, heads, d = self.shape
         row = ((kv * bsz + b) * heads + h) * self.seg + idx
         return seg * self._seg_bytes() + row * d * self.dtype.itemsize
 
-    def _put(self, seg: int, idx: int, kv: torch.Tensor) -> None:
+    def _put(self, seg: int, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         fd = self._open()
         self._reserve((seg + 1) * self._seg_bytes())
-        kv = kv.to("cpu").contiguous()  # a model on a GPU: records go through host memory
+        if self.read_mode == "mmap" and not self.sparse:
+            # one copy each into the segment's shared mapping instead of a pwrite per head: the space
+            # is reserved (fallocate), so the write cannot hit a full disk; the dirty pages leave the
+            # process at the next release() (the data stays in the page cache, then the file)
+            view = self._mapped(seg)[..., idx:idx + keys.shape[-2], :]
+            view[0].copy_(keys)
+            view[1].copy_(values)
+            return
+        kv = torch.stack([keys, values]).to("cpu")  # [2, B, H, n, D]; a model on a GPU: through host memory
         try:
             for (k, b, h), rows in _runs(kv):
                 raw = memoryview(rows.view(torch.uint8).numpy()).cast("B")
@@ -367,8 +381,8 @@ class _HostStore(_Store):
         super().__init__(ring, 1 << 62)
         self.host: torch.Tensor | None = None  # [2, B, H, capacity, D]
 
-    def _put(self, seg: int, idx: int, kv: torch.Tensor) -> None:
-        need = idx + kv.shape[-2]
+    def _put(self, seg: int, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        need = idx + keys.shape[-2]
         cap = 0 if self.host is None else self.host.shape[-2]
         if need > cap:
             cap = self.ring if self.ring is not None else max(need, 2 * cap, 64)
@@ -377,7 +391,8 @@ class _HostStore(_Store):
             if self.host is not None:
                 grown[..., :self.host.shape[-2], :].copy_(self.host)
             self.host = grown
-        self.host[..., idx:need, :].copy_(kv)
+        self.host[0, ..., idx:need, :].copy_(keys)
+        self.host[1, ..., idx:need, :].copy_(values)
 
     def allocated_bytes(self) -> int:
         return 0 if self.host is None else nbytes(self.host)
@@ -445,8 +460,10 @@ class OffloadLayer(HotWindowLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         out = super().update(key_states, value_states, *args, **kwargs)
-        if self.layer_idx == self.cache.num_layers - 1 and self.pending_step is None:
-            self.cache.release_readback()  # the pass is over (else: once attention read the blocks)
+        if self.pending_step is None:  # no blocks for attention to read later: drop what the step mapped
+            self.store.release()
+            if self.layer_idx == self.cache.num_layers - 1:
+                self.cache.release_readback()  # the pass is over (else: once attention read the blocks)
         return out
 
     def map_spilled(self, fn) -> None:
