@@ -216,3 +216,41 @@ def test_policy_variants_with_options_run_at_the_same_bytes(tmp_path):
     assert set(held) == {(p, q) for p in ("snapkv", "snapkv:allocation=ada") for q in (0.5, 0.875)}
     for q in (0.5, 0.875):
         assert held[("snapkv:allocation=ada", q)] == held[("snapkv", q)] > 0
+
+
+def test_batched_answers_equal_answers_alone(tmp_path):
+    """--answers batched (the compress default) gives every cell the answer it gets alone; the
+    batched records say how many rows shared the passes."""
+    common = ["--model", "tiny-llama", "--lengths", "500", "--tasks", "niah_single_1,vt", "--ratios", "0.5,0.875",
+              "--samples", "1", "--policies", "full,snapkv,h2o,streaming,keydiff,knorm,expected-attention",
+              "--max-new-tokens", "5", "--prefill-chunk", "64"]
+    answers = {}
+    for mode in ("batched", "alone"):
+        args = _args(tmp_path / mode, *common, "--answers", mode)
+        assert bench_cli.run(args, model_and_tokenizer=(tiny("tiny-llama"), TOK)) == 0
+        data = json.loads((tmp_path / mode / "out" / "results.json").read_text())
+        assert all(r["status"] == "ok" for r in data["runs"])
+        answers[mode] = {(r["task"], r["policy"], r["ratio"]): r["answer_tokens"] for r in data["runs"]}
+        rows = [r.get("answered_with") for r in data["runs"] if r["ratio"] is not None]
+        if mode == "batched":
+            assert max(rows) > 1 and data["extra"]["answer_batches"]
+            assert "Answer batches: " in (tmp_path / mode / "out" / "report.md").read_text()
+        else:
+            assert not any(rows) and "answer_batches" not in data["extra"]
+    assert answers["batched"] == answers["alone"]
+
+
+def test_greedy_rows_stop_at_eos_and_refuse_empty_prompts():
+    from kvbound.batching import greedy_rows
+
+    model = tiny("tiny-llama")
+    caches = [kvbound.make_cache(model, "full") for _ in range(2)]
+    ids = prompt_ids(12)[0].tolist()
+    free = greedy_rows(model, caches, [ids, ids[:7]], [6, 6])
+    eos = free[0][2]
+    caches = [kvbound.make_cache(model, "full") for _ in range(2)]
+    stopped = greedy_rows(model, caches, [ids, ids[:7]], [6, 6], eos=[eos])
+    assert stopped[0] == free[0][:free[0].index(eos) + 1]
+    assert stopped[1] == (free[1][:free[1].index(eos) + 1] if eos in free[1] else free[1])
+    with pytest.raises(ValueError, match="at least one prompt token"):
+        greedy_rows(model, [kvbound.make_cache(model, "full")], [[]], [3])

@@ -225,6 +225,9 @@ def _biased_attention(query, keys, values, visible, scaling, softcap, bias):
     kv_heads, n = keys.shape[1], keys.shape[-2]
     if query.device.type == "cpu" and not softcap and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
         head_bias = bias.to(query.dtype).repeat_interleave(heads // kv_heads, dim=1).unsqueeze(2)  # [B, H, 1, n]
+        past = n - t
+        if visible is None or (t > 1 and 0 < past and _past_then_causal(visible, past) and not bool(bias[..., past:].any())):
+            return _biased_split(query, keys, values, head_bias, 0 if visible is None else past, scaling)
         # the per-head mask is [B, H, rows, n]: a block of query rows at a time bounds it (a 1024-token
         # prefill chunk over 2.5k keys would otherwise allocate ~90 MB for it)
         rows = max(1, MASS_BLOCK_BYTES // (query.element_size() * b * heads * max(n, 1)))
@@ -250,6 +253,42 @@ def _biased_attention(query, keys, values, visible, scaling, softcap, bias):
             out = out.masked_fill(none.unsqueeze(-1), 0.0)
         return out, lse
     return _explicit(query, keys, values, visible, scaling, softcap, bias)  # all -inf rows: zeros, lse = -inf
+
+
+def _past_then_causal(visible: torch.Tensor, past: int) -> bool:
+    """Whether ``visible`` ``[B or 1, 1, T, past + T]`` shows every query all ``past`` keys and the
+    step's own keys causally (a prefill chunk after a held past)."""
+    t = visible.shape[-2]
+    if not bool(visible[..., :past].all()):
+        return False
+    return bool((visible[..., past:] == torch.ones(t, t, dtype=torch.bool, device=visible.device).tril_()).all())
+
+
+def _biased_split(query, keys, values, head_bias, past, scaling):
+    """Biased attention without a per-row mask: every query sees the first ``past`` keys under
+    ``head_bias`` (one broadcast ``[B, H, 1, past]`` mask for all rows), and the step's own keys
+    causally (the flash kernel's causal mode; their bias is zero), merged exactly by log-sum-exp.
+    ``past`` 0: every key visible to every query, one call."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if past == 0:
+        out, lse = flash(query, keys, values, 0.0, False, attn_mask=head_bias, scale=scaling)[:2]
+        parts = [(out, lse.float(), head_bias)]
+    else:
+        out_a, lse_a = flash(query, keys[..., :past, :], values[..., :past, :], 0.0, False,
+                             attn_mask=head_bias[..., :past], scale=scaling)[:2]
+        out_b, lse_b = flash(query, keys[..., past:, :], values[..., past:, :], 0.0, True, scale=scaling)[:2]
+        parts = [(out_a, lse_a.float(), head_bias[..., :past]), (out_b, lse_b.float(), None)]
+    fixed = []
+    for out, lse, bias in parts:  # a head whose keys here are all padding sees nothing: zeros, lse = -inf
+        if bias is not None:
+            blind = torch.isneginf(bias).all(-1)  # [B, H, 1]
+            if bool(blind.any()):
+                lse = lse.masked_fill(blind, float("-inf"))
+                out = out.masked_fill(blind.unsqueeze(-1), 0.0)
+        fixed.append((out, lse))
+    if len(fixed) == 1:
+        return fixed[0]
+    return merge(fixed), torch.logaddexp(fixed[0][1], fixed[1][1])
 
 
 def _explicit(query, keys, values, visible, scaling, softcap, bias=None):

@@ -207,3 +207,34 @@ def decode_step(model, caches: Sequence[KVBoundCache], tokens: Sequence[int], ro
     """Feed ``tokens[i]`` to ``caches[i]`` for every ``i`` in one forward pass (:func:`packed_step`
     with one-token segments); returns the next-token logits, ``[len(caches), vocab]``."""
     return packed_step(model, caches, [[t] for t in tokens], row_group)
+
+
+@torch.no_grad()
+def greedy_rows(model, caches: Sequence[KVBoundCache], prompts: Sequence[Sequence[int]],
+                max_new_tokens: Sequence[int], eos: Sequence[int] = (), row_group: int = ROW_GROUP) -> list[list[int]]:
+    """Greedy replies of several sequences, each continuing its own cache, decoded together: every
+    step is one :func:`packed_step` over the rows still going (the first carries each row's whole
+    ``prompt``, the tokens its cache has not seen). A row stops after ``max_new_tokens[i]`` tokens or
+    after an ``eos`` token (kept in its reply, as ``generate`` keeps it). Returns each row's new tokens.
+
+    Every cache must be batchable (:func:`batch_refusal`); with ``row_group`` > 1 each reply is the
+    one its sequence gets alone in a packed step (see the module docstring)."""
+    if not (len(caches) == len(prompts) == len(max_new_tokens)):
+        raise ValueError("greedy_rows needs one prompt and one max_new_tokens per cache")
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("greedy_rows needs at least one prompt token per row (the token its reply follows)")
+    stop = set(eos)
+    replies: list[list[int]] = [[] for _ in caches]
+    going = [i for i, n in enumerate(max_new_tokens) if n > 0]
+    segments = {i: list(prompts[i]) for i in going}
+    while going:
+        logits = packed_step(model, [caches[i] for i in going], [segments[i] for i in going], row_group)
+        nxt = logits.argmax(-1).tolist()
+        still = []
+        for i, token in zip(going, nxt):
+            replies[i].append(token)
+            segments[i] = [token]
+            if token not in stop and len(replies[i]) < max_new_tokens[i]:
+                still.append(i)
+        going = still
+    return replies

@@ -44,6 +44,8 @@ PROTOCOLS = ("compress", "bounded")
 DEFAULT_RATIOS = "0.25,0.5,0.75,0.875"
 DEFAULT_LENGTHS = "4096"
 DEFAULT_SAMPLES = 6  # per task: 11 tasks x 6 = 66 samples
+ANSWER_MODES = ("batched", "alone")
+ANSWER_ROWS = 16  # compressed copies answering in one packed pass (more add compute, not weight reads)
 QUICK_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "vt")
 
 
@@ -68,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_RATIOS})")
     g.add_argument("--samples", type=int, default=None, metavar="N",
                    help=f"ruler: samples per task (default: {DEFAULT_SAMPLES}; --quick: 1)")
+    g.add_argument("--answers", choices=ANSWER_MODES, default="batched",
+                   help="ruler (compress): batched = every compressed copy of a sample answers in shared forward "
+                        f"passes, up to {ANSWER_ROWS} rows (kvbound.batching; a policy that cannot batch answers "
+                        "alone); alone = one answer at a time, each with its own peak RSS (default: batched)")
     g.add_argument("--quick", action="store_true",
                    help=f"ruler: {len(QUICK_TASKS)} tasks, 1 sample each")
 
@@ -121,7 +127,8 @@ def options(args: argparse.Namespace, policies: list[str], model=None) -> dict[s
                                    f"tokens); use at most {limit - longest}")
     return {"protocol": args.protocol, "tasks": tasks, "lengths": lengths, "ratios": _ratios(args.ratios),
             "samples": args.samples or (1 if args.quick else DEFAULT_SAMPLES), "policies": policies,
-            "prefill_chunk": args.prefill_chunk, "quick": args.quick, "max_new_tokens": args.max_new_tokens}
+            "prefill_chunk": args.prefill_chunk, "quick": args.quick, "max_new_tokens": args.max_new_tokens,
+            "answers": getattr(args, "answers", "batched")}
 
 
 def keep_for(ratio: float, context_tokens: int) -> int:
@@ -183,6 +190,102 @@ def _compressed(bench: Bench, sample: rt.RulerSample, policy: str, keep: int, co
     return run
 
 
+def _batched_answers(bench: Bench, sample: rt.RulerSample, protocol: str, cells: list[tuple[str, float]],
+                     context: ContextRecorder, bar) -> None:
+    """Compress one copy of ``context`` per ``(policy, ratio)`` cell, then answer the question with
+    every copy that can share a forward pass (:func:`kvbound.batching.greedy_rows`, up to
+    :data:`ANSWER_ROWS` at a time); the others answer alone. A batched record's ``rss_added_bytes``
+    and ``compress_seconds`` are its compression's own; its ``seconds`` add its share of the batch's
+    answer time, and ``peak_rss_bytes`` is left out (the batch's peak is in ``answer_batches``)."""
+    from ..batching import batch_refusal, greedy_rows
+
+    eos = bench.model.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ready = []
+    for policy, ratio in cells:
+        keep = keep_for(ratio, len(sample.context_ids))
+        record = _compressed_cell(bench, sample, protocol, policy, ratio, keep, context)
+        if record is None:
+            bar.update(1)
+            continue
+        cache = record.pop("_cache")
+        if batch_refusal(cache) is None:
+            ready.append((record, cache))
+        else:  # answers alone, its RSS measured as in --answers alone
+            record["answered_with"] = 1
+            _finish(bench, sample, record, cache, lambda c=cache: _answer(bench, sample, c))
+            bar.update(1)
+    ids = sample.input_ids[0].tolist()
+    for start in range(0, len(ready), ANSWER_ROWS):
+        group = ready[start:start + ANSWER_ROWS]
+        reset_peak_rss()
+        rss0, t0 = current_rss_bytes(), time.perf_counter()
+        try:
+            replies = greedy_rows(bench.model, [c for _, c in group], [ids[c.get_seq_length():] for _, c in group],
+                                  [sample.max_new_tokens] * len(group), eos)
+        except (KVBoundError, RuntimeError, ValueError) as exc:
+            for record, cache in group:
+                record["status"], record["reason"] = _failure(exc)
+                cache.close()
+                bench.save_run(record)
+            bar.update(len(group))
+            continue
+        seconds = time.perf_counter() - t0
+        batches = bench.results.data["extra"].setdefault("answer_batches", [])
+        batches.append({"task": sample.task, "sample": sample.index, "length": sample.length, "rows": len(group),
+                        "seconds": round(seconds, 3), "peak_rss_bytes": peak_rss_bytes(),
+                        "rss_added_bytes": max(0, peak_rss_bytes() - rss0)})
+        for (record, cache), tokens in zip(group, replies):
+            record["answered_with"] = len(group)
+            record["seconds"] = round(record["compress_seconds"] + seconds / len(group), 3)
+            _finish(bench, sample, record, cache, lambda t=tokens: (t, bench.tokenizer.decode(t, skip_special_tokens=True)))
+        bar.update(len(group))
+
+
+def _compressed_cell(bench: Bench, sample: rt.RulerSample, protocol: str, policy: str, ratio: float, keep: int,
+                     context: ContextRecorder) -> dict[str, Any] | None:
+    """A record for one cell with its compressed cache under ``"_cache"`` (``None``: it failed, saved)."""
+    record: dict[str, Any] = {"protocol": protocol, "task": sample.task, "length": sample.length,
+                              "sample": sample.index, "policy": policy, "ratio": ratio, "keep": keep,
+                              "context_tokens": len(sample.context_ids), "tokens": sample.tokens,
+                              "references": list(sample.references)}
+    reset_peak_rss()
+    rss0, start = current_rss_bytes(), time.perf_counter()
+    try:
+        cache = make_cache(bench.model, policy_name(policy), keep, **policy_options(policy))
+        cache.compress(context, keep)
+    except (KVBoundError, RuntimeError, ValueError) as exc:
+        record["status"], record["reason"] = _failure(exc)
+        bench.save_run(record)
+        return None
+    record.update(compress_seconds=round(time.perf_counter() - start, 3), rss_added_bytes=max(0, peak_rss_bytes() - rss0),
+                  held_kv_bytes=cache.bytes_by_tier().get("hot_kv", 0), _cache=cache)
+    return record
+
+
+def _finish(bench: Bench, sample: rt.RulerSample, record: dict[str, Any], cache, answer) -> None:
+    """Score ``answer() -> (tokens, text)`` into ``record`` (timed and RSS-watched when it answers alone), save it."""
+    alone = record.get("answered_with") == 1
+    if alone:
+        reset_peak_rss()
+        rss0, start = current_rss_bytes(), time.perf_counter()
+    try:
+        tokens, text = answer()
+    except (KVBoundError, RuntimeError, ValueError) as exc:
+        record["status"], record["reason"] = _failure(exc)
+        cache.close()
+        bench.save_run(record)
+        return
+    if alone:
+        record.update(seconds=round(record["compress_seconds"] + time.perf_counter() - start, 3),
+                      peak_rss_bytes=peak_rss_bytes(),
+                      rss_added_bytes=max(record["rss_added_bytes"], peak_rss_bytes() - rss0))
+    record.update(status="ok", answer=text, answer_tokens=tokens, score=rt.score(text, sample.references),
+                  **_memory(cache))
+    cache.close()
+    bench.save_run(record)
+
+
 def _exact_checks(bench: Bench, sample: rt.RulerSample, protocol: str, exact: list[str], keep: int,
                   full_tokens: list[int] | None) -> None:
     """Each exact policy once, bounded at ``keep``, against a bounded ``full`` (``full_tokens`` or a fresh run)."""
@@ -224,8 +327,11 @@ def run(bench: Bench, opts: dict[str, Any]) -> None:
             prefills.append({"task": sample.task, "sample": sample.index, "length": sample.length,
                              "context_tokens": n_ctx, "seconds": round(time.perf_counter() - start, 3)})
             bench.results.set_extra("shared_prefills", prefills)
-            for policy in lossy:
-                for ratio in ratios:
+            cells = [(policy, ratio) for policy in lossy for ratio in ratios]
+            if opts.get("answers", "batched") == "batched":
+                _batched_answers(bench, sample, protocol, cells, context, bar)
+            else:
+                for policy, ratio in cells:
                     keep = keep_for(ratio, n_ctx)
                     _record(bench, sample, protocol, policy, ratio, keep, _compressed(bench, sample, policy, keep, context))
                     bar.update(1)

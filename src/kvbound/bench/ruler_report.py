@@ -57,8 +57,12 @@ def ruler_md(data: dict[str, Any], plots: list[str]) -> str:
     mem: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in _ok(data["runs"]):
         mem[(r["policy"], r["ratio"])].append(r)
+    def most(rs: list[dict[str, Any]], key: str) -> str:  # batched answers have no peak of their own
+        values = [x[key] for x in rs if x.get(key) is not None]
+        return f"{max(values) / 2**20:.0f}" if values else "–"
+
     memory = [[f"`{p}`", "–" if ratio is None else f"{ratio:g}", f"{mean(x['held_kv_bytes'] for x in rs) / 2**20:.1f}",
-               f"{max(x['peak_rss_bytes'] for x in rs) / 2**20:.0f}", f"{max(x['rss_added_bytes'] for x in rs) / 2**20:.0f}",
+               most(rs, "peak_rss_bytes"), most(rs, "rss_added_bytes"),
                _fmt(mean(x["seconds"] for x in rs), 1), len(rs)]
               for (p, ratio), rs in sorted(mem.items(), key=lambda kv: (kv[0][0] != REFERENCE, kv[0][0], kv[0][1] or 0))]
 
@@ -95,7 +99,11 @@ def ruler_md(data: dict[str, Any], plots: list[str]) -> str:
         "## Memory and time per run (mean over samples)",
         "",
         "`held KV` is the K/V the policy held after the context (compress: after compression); `peak RSS` the "
-        "process's peak during the run (model weights included), `added` its rise above the run's start.",
+        "process's peak during the run (model weights included), `added` its rise above the run's start. "
+        "With batched answers (`--answers batched`, the default under compress) the compressed copies of a "
+        "sample answer together in packed forward passes: a run's `added` is then its compression's own, its "
+        "`seconds` its compression plus its share of the batch, and its peak is the batch's (listed below)." +
+        _batches(data),
         "",
         _table(["method", "ratio", "held KV MiB", "peak RSS MiB", "added MiB", "seconds", "runs"], memory),
         exact_md,
@@ -104,6 +112,15 @@ def ruler_md(data: dict[str, Any], plots: list[str]) -> str:
         _meta_section(data),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _batches(data: dict[str, Any]) -> str:
+    batches = data.get("extra", {}).get("answer_batches") or []
+    if not batches:
+        return ""
+    return (f" Answer batches: {len(batches)}, mean {mean(b['rows'] for b in batches):.1f} rows, "
+            f"mean {mean(b['seconds'] for b in batches):.1f} s, peak RSS up to "
+            f"{max(b['peak_rss_bytes'] for b in batches) / 2**20:.0f} MiB.")
 
 
 def ruler_plots(data: dict[str, Any], out: Path) -> list[str]:
