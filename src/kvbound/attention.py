@@ -288,7 +288,14 @@ def _biased_split(query, keys, values, head_bias, past, scaling):
         fixed.append((out, lse))
     if len(fixed) == 1:
         return fixed[0]
-    return merge(fixed), torch.logaddexp(fixed[0][1], fixed[1][1])
+    (out_a, lse_a), (out_b, lse_b) = fixed
+    lse = torch.logaddexp(lse_a, lse_b)
+    if out_a.dtype != torch.float32:
+        return merge(fixed), lse
+    # merge in place (both outputs are this call's own): no [B, H, T, D] temporaries
+    out_a.mul_(torch.exp(lse_a - lse).nan_to_num_(0.0).unsqueeze(-1))
+    out_a.add_(out_b.mul_(torch.exp(lse_b - lse).nan_to_num_(0.0).unsqueeze(-1)))
+    return out_a, lse
 
 
 def _explicit(query, keys, values, visible, scaling, softcap, bias=None):
