@@ -141,8 +141,7 @@ def test_full_disk_during_chunked_prefill(tmp_path, monkeypatch, call):
     import kvbound.cache.offload as offload
 
     model = tiny("tiny-llama")
-    # pwrite: the pread store's writes (the mmap store copies into its reserved mapping instead)
-    cache = make_cache(model, "offload", 8, dir=str(tmp_path), read="pread" if call == "pwrite" else "mmap")
+    cache = make_cache(model, "offload", 8, dir=str(tmp_path))
     assert len(_offload_dirs(tmp_path)) == 1
 
     def full(*args, **kwargs):
@@ -162,7 +161,7 @@ def test_cli_full_disk_leaves_no_temp_folder(tmp_path, monkeypatch, capsys):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(offload.os, "posix_fallocate", full)
+    monkeypatch.setattr(offload.os, "pwrite", full)
     code = main(["generate", "--model", "tiny-llama", "--prompt", "x" * 60, "--policy", "offload", "--budget", "8",
                  "--prefill-chunk", "16", "--max-new-tokens", "2", "--option", f"dir={tmp_path}"])
     err = capsys.readouterr().err.strip().splitlines()

@@ -140,38 +140,6 @@ def test_unwritable_dir_is_a_clear_error(tmp_path):
         kvbound.make_cache(tiny("tiny-llama"), "offload", budget=2, dir=str(tmp_path / "missing"))
 
 
-def test_without_fallocate_writes_go_through_pwrite(monkeypatch):
-    """A filesystem without fallocate gets a sparse file; the mmap store then writes with pwrite
-    (a write into a mapping past a full disk would be a SIGBUS, not an error) and stays exact."""
-    def unsupported(*args):
-        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
-
-    writes = []
-    real = os.pwrite
-    monkeypatch.setattr(os, "posix_fallocate", unsupported)
-    monkeypatch.setattr(os, "pwrite", lambda *a: writes.append(1) or real(*a))
-    model = tiny("tiny-llama")
-    ids = prompt_ids(20)
-    ref = run_greedy(model, ids, kvbound.make_cache(model, "full"), 6)
-    cache = kvbound.make_cache(model, "offload", budget=3)
-    assert run_greedy(model, ids, cache, 6) == ref
-    assert cache.layers[0].store.sparse and writes
-    cache.close()
-
-
-def test_mmap_store_writes_through_its_mapping_and_drops_the_pages(monkeypatch):
-    """With fallocate the mmap store copies records into the segment's mapping (no pwrite), and
-    after every layer's step no written page stays mapped in the process."""
-    monkeypatch.setattr(os, "pwrite", lambda *a: pytest.fail("pwrite on a preallocated mmap store"))
-    model = tiny("tiny-llama")
-    ids = prompt_ids(20)
-    ref = run_greedy(model, ids, kvbound.make_cache(model, "full"), 6)
-    cache = kvbound.make_cache(model, "offload", budget=3)
-    assert run_greedy(model, ids, cache, 6) == ref
-    assert all(not layer.store.touched and not layer.store.sparse for layer in cache.layers)
-    cache.close()
-
-
 def test_full_disk_is_a_clear_error(monkeypatch):
     def no_space(*args):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -9,10 +9,8 @@ Stores (option ``store``):
 
 * ``file`` (default on CPU): one append-only file per layer inside a private temp folder per
   cache (``dir`` picks its parent), reserved a segment at a time (``fallocate``: a full disk fails
-  on the reservation, with a clear error). With ``read=mmap`` a write is one copy into the segment's
-  shared mapping (its pages leave the process after the layer's step, like the pages attention
-  read); with ``read=pread``, or on a filesystem without ``fallocate`` (where a write to a mapping
-  past a full disk would be a SIGBUS), one ``pwrite`` per KV head. The folder is
+  on the write, with a clear error). Writes are ``pwrite``s, one per KV head (copies into the shared
+  mapping were tried: see docs/batching.md). The folder is
   deleted by :meth:`OffloadCache.close`, on garbage collection and at interpreter exit (Ctrl-C
   included; a ``kill -9`` cannot be caught).
 * ``host`` (default on GPU): pinned host memory, copied back to the GPU per layer.
@@ -265,7 +263,6 @@ class _FileStore(_Store):
         self.read_mode = read
         self.maps: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}
         self.touched: set[int] = set()
-        self.sparse = False  # the file is not preallocated (no fallocate on this filesystem)
 
     def _open(self) -> int:
         if self.cache.closed:
@@ -291,7 +288,6 @@ class _FileStore(_Store):
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                 raise _disk_error(exc, self.cache.folder, size - self.allocated) from None
             os.ftruncate(self.fd, size)  # filesystem without fallocate: sparse file
-            self.sparse = True  # writes go through pwrite, where a full disk is an error, not SIGBUS
         self.allocated = size
 
     def allocated_bytes(self) -> int:
@@ -310,7 +306,6 @@ class _FileStore(_Store):
                 pass
         self.fd = None
         self.allocated = 0
-        self.sparse = False
 
     def _row_offset(self, seg: int, kv: int, b: int, h: int, idx: int) -> int:
         bsz, heads, d = self.shape
@@ -320,14 +315,6 @@ class _FileStore(_Store):
     def _put(self, seg: int, idx: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         fd = self._open()
         self._reserve((seg + 1) * self._seg_bytes())
-        if self.read_mode == "mmap" and not self.sparse:
-            # one copy each into the segment's shared mapping instead of a pwrite per head: the space
-            # is reserved (fallocate), so the write cannot hit a full disk; the dirty pages leave the
-            # process at the next release() (the data stays in the page cache, then the file)
-            view = self._mapped(seg)[..., idx:idx + keys.shape[-2], :]
-            view[0].copy_(keys)
-            view[1].copy_(values)
-            return
         kv = torch.stack([keys, values]).to("cpu")  # [2, B, H, n, D]; a model on a GPU: through host memory
         try:
             for (k, b, h), rows in _runs(kv):
