@@ -259,6 +259,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.width = 0  # ragged heads: the longest head's tokens
         self.rank: torch.Tensor | None = None  # cake: the scores of the held tokens (earlier layers shrink by them)
         self._valid: torch.Tensor | None = None  # within a ragged step: [B, H, n] held entries of the padded keys
+        self.compressed = False  # compress() ran: the layer holds the compressed context and everything after
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -352,6 +353,7 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.seen = 0
         self.positions = self.pending_query = self.pending_step = self.lengths = self.rank = self._valid = None
         self.width = 0
+        self.compressed = False
         self.reset_policy()
 
     # -- per-token state: K/V, positions, the policy's own --------------------------------------
@@ -439,6 +441,8 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.cache.account(self.layer_idx)
 
     def _rows(self, new: int) -> int:
+        if self.compressed:  # nothing is selected any more: no scores needed
+            return 0
         rows = self.query_rows(new)
         if self.cache.allocation == "cake" and new > 1:
             rows = max(rows, min(self.cache.options.cake_window, new))
@@ -505,8 +509,11 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
                                    "the attention hooks did not run (call the model with this cache)")
             self._valid = valid
             try:
-                self._measure(keys, positions, query, query_pos)
-                idx = self.select(keys, positions, query, query_pos, **self._values_arg(values))
+                if self.compressed:  # holds everything after the compressed context
+                    idx = None
+                else:
+                    self._measure(keys, positions, query, query_pos)
+                    idx = self.select(keys, positions, query, query_pos, **self._values_arg(values))
             finally:
                 self._valid = None
         self._keep(stored, positions, idx, valid)
@@ -699,6 +706,15 @@ class EvictingCache(KVBoundCache):
         seen = context.tokens()
         for layer, (keys, values, query, mass) in zip(self.layers, context.recorded()):
             layer.compress(keys, values, keep, query, mass, seen)
+        self.finish_compress()
+
+    def finish_compress(self) -> None:
+        """After :meth:`compress`: nothing is evicted any more, so no layer scores or keeps per-token
+        policy state (and the cache's observation hooks have nothing to do: it can share packed passes)."""
+        for layer in self.layers:
+            layer.compressed = True
+            for name in (*layer.token_state, "rank"):
+                setattr(layer, name, None)
 
     def observe_attention_input(self, layer_idx: int, hidden_states: torch.Tensor, kwargs: dict) -> None:
         layer = self.layers[layer_idx]

@@ -320,6 +320,7 @@ class KVzipCache(EvictingCache):
         for layer, (keys, values, _, _), layer_scores in zip(self.layers, recorded, scores):
             layer.compress_scored(keys, values, keep, layer_scores, seen)
         self.ids = None
+        self.finish_compress()
 
     # -- reconstruction ------------------------------------------------------------------------
     @torch.no_grad()
