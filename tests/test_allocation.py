@@ -148,7 +148,7 @@ def test_ragged_heads_attend_like_masked_full_kv(name):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm", "keydiff"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm", "keydiff", "expected-attention"])
 def test_ada_holds_heads_x_budget_while_decoding(policy):
     model = tiny("tiny-mha")
     cache = kvbound.make_cache(model, policy, 10, allocation="ada")
@@ -320,7 +320,7 @@ def test_keydiff_anchor_of_a_ragged_head_is_its_own_keys_mean():
     torch.testing.assert_close(got[0, 1, :3], keydiff_scores(keys[:, 1:2, :3])[0, 0])
 
 
-@pytest.mark.parametrize("policy", ["knorm", "keydiff"])
+@pytest.mark.parametrize("policy", ["knorm", "keydiff", "expected-attention"])
 @pytest.mark.parametrize("allocation", ["pyramid", "ada"])
 def test_query_free_scorers_take_every_allocation_at_the_same_total(policy, allocation):
     model = tiny("tiny-llama")

@@ -50,9 +50,11 @@ QUICK_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey
 
 
 def default_policies() -> list[str]:
-    """``full`` and every registered eviction policy (those that can run both protocols)."""
+    """``full`` and every registered eviction policy that takes a token budget (those that can run
+    both protocols; ``think`` alone keeps every token)."""
     return [REFERENCE] + [p for p, spec in registered().items()
-                          if not spec.exact and issubclass(spec.build, EvictingCache) and spec.build.compresses]
+                          if not spec.exact and spec.needs_budget and issubclass(spec.build, EvictingCache)
+                          and spec.build.compresses]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -43,12 +43,12 @@ from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
 from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer, gather_tokens
+from .evicting import EvictingCache, EvictingLayer, ScoredOptions
 from .registry import register
 
 
 @dataclass
-class ExpectedAttentionOptions(CodecOptions):
+class ExpectedAttentionOptions(ScoredOptions):
     n_future: int = 512  # future positions RoPE is averaged over (T)
     sinks: int = 4  # first tokens always kept and left out of the statistics and the softmax
     buffer: int = 64  # decoding: attention inputs of the newest tokens the statistics come from
@@ -113,7 +113,19 @@ def expected_attention_scores(logits: torch.Tensor, values: torch.Tensor, positi
 
 class ExpectedAttentionLayer(EvictingLayer):
     select_values = True
-    batch_state = (*EvictingLayer.batch_state, "logits", "hidden")
+    batch_state = (*EvictingLayer.batch_state, "hidden")
+    token_state = {"kv_logits": 2}  # [B, kv_heads, held, groups]: tokens on dim 2, gathered / packed with the keys
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        """``[B, heads, held]`` float32: each held key's expected logit per query head (NaN: scored later)."""
+        t = self.kv_logits
+        return None if t is None else t.transpose(2, 3).reshape(t.shape[0], -1, t.shape[2])
+
+    @logits.setter
+    def logits(self, value: torch.Tensor | None) -> None:
+        kv = self.cache.kv_heads if value is not None else 0
+        self.kv_logits = None if value is None else value.view(value.shape[0], kv, -1, value.shape[-1]).transpose(2, 3)
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
@@ -121,13 +133,13 @@ class ExpectedAttentionLayer(EvictingLayer):
         self.context_inputs = None  # compress(): the prefilled context's attention inputs (ContextRecorder)
 
     def reset_policy(self) -> None:
-        self.logits = None  # [B, heads, held] float32: each held key's expected logit per query head (NaN: later)
+        self.kv_logits = None  # see logits
         self.hidden = None  # [B, <= buffer, hidden]: newest attention inputs (decoding statistics)
         self.since = 0  # steps since the last scoring
         self.pending_hidden = None  # this step's attention input (pre-hook)
 
     def policy_tiers(self) -> dict[str, int]:
-        return {"scores": nbytes(self.logits), "hidden": nbytes(self.hidden)}
+        return {"scores": nbytes(self.kv_logits), "hidden": nbytes(self.hidden)}
 
     def score_all(self, keys: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, heads, n]`` of ``keys`` under the statistics of the attention inputs ``rows``
@@ -148,22 +160,22 @@ class ExpectedAttentionLayer(EvictingLayer):
         if step is None:
             raise RuntimeError(f"expected-attention: no attention input for layer {self.layer_idx}; "
                                "the attention hooks did not run (call the model with this cache)")
-        n = keys.shape[-2]
-        old = 0 if self.logits is None else self.logits.shape[-1]
+        b, kv, n = keys.shape[0], keys.shape[1], keys.shape[-2]
+        held = self.kv_logits
+        old = 0 if held is None else held.shape[2]
         new = n - old
         rows = step if self.hidden is None else torch.cat([self.hidden, step], dim=1)
         self.hidden = rows[:, -opts.buffer:].clone()
         self.since += 1
-        if new > 1 or self.logits is None or self.since >= opts.refresh:
-            logits = self.score_all(keys, rows[:, -max(new, opts.buffer):])
+        if new > 1 or held is None or self.since >= opts.refresh:
+            self.logits = self.score_all(keys, rows[:, -max(new, opts.buffer):])  # [B, heads, n]
         else:  # decoding between scorings: the new key waits, unscored
-            logits = torch.cat([self.logits, self.logits.new_full((*self.logits.shape[:2], new), float("nan"))], -1)
-        if n <= self.capacity:
-            self.logits = logits
+            self.kv_logits = torch.cat([held, held.new_full((b, kv, new, held.shape[-1]), float("nan"))], 2)
+        # kv_logits is aligned with keys: the base class keeps the selected entries with them
+        if n <= self.capacity and self._valid is None:
             return None
-        idx = self.keep(expected_attention_scores(logits, values, positions, opts))
-        self.logits = gather_tokens(logits, idx.repeat_interleave(logits.shape[1] // idx.shape[1], dim=1))
-        return idx
+        per_head = self.logits  # [B, heads, n]
+        return self.keep(expected_attention_scores(per_head, values, positions, opts))
 
 
 @register("expected-attention",
