@@ -43,12 +43,13 @@ from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
 from .codec import CodecOptions
-from .evicting import EvictingCache, EvictingLayer, ScoredOptions
+from .allocation import AllocationOptions
+from .evicting import EvictingCache, EvictingLayer
 from .registry import register
 
 
 @dataclass
-class ExpectedAttentionOptions(ScoredOptions):
+class ExpectedAttentionOptions(AllocationOptions):  # a codec and an allocation; no think
     n_future: int = 512  # future positions RoPE is averaged over (T)
     sinks: int = 4  # first tokens always kept and left out of the statistics and the softmax
     buffer: int = 64  # decoding: attention inputs of the newest tokens the statistics come from
