@@ -46,8 +46,9 @@ def test_cli_serve_replicas_answers_like_a_single_server(tmp_path):
             deadline = time.time() + 240
             while True:
                 assert proc.poll() is None, proc.stdout.read()[-3000:]
-                try:
-                    if _get(url + "/health").get("status") == "ok":
+                try:  # /health is "ok" as soon as one replica serves: wait for both
+                    health = _get(url + "/health")
+                    if health.get("status") == "ok" and len(health.get("replicas", {})) == 2:
                         break
                 except OSError:
                     pass
