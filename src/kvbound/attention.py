@@ -288,14 +288,7 @@ def _biased_split(query, keys, values, head_bias, past, scaling):
         fixed.append((out, lse))
     if len(fixed) == 1:
         return fixed[0]
-    (out_a, lse_a), (out_b, lse_b) = fixed
-    lse = torch.logaddexp(lse_a, lse_b)
-    if out_a.dtype != torch.float32:
-        return merge(fixed), lse
-    # merge in place (both outputs are this call's own): no [B, H, T, D] temporaries
-    out_a.mul_(torch.exp(lse_a - lse).nan_to_num_(0.0).unsqueeze(-1))
-    out_a.add_(out_b.mul_(torch.exp(lse_b - lse).nan_to_num_(0.0).unsqueeze(-1)))
-    return out_a, lse
+    return merge(fixed, inplace=True), torch.logaddexp(fixed[0][1], fixed[1][1])  # both outputs are this call's own
 
 
 def _explicit(query, keys, values, visible, scaling, softcap, bias=None):
@@ -385,14 +378,17 @@ def mass_from_lse(query: torch.Tensor, keys: torch.Tensor,
     return out
 
 
-def merge(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """Exact softmax over the union of blocks from per-block ``(out, lse)`` (log-sum-exp weights)."""
+def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], inplace: bool = False) -> torch.Tensor:
+    """Exact softmax over the union of blocks from per-block ``(out, lse)`` (log-sum-exp weights).
+    ``inplace``: two float32 outputs the caller owns are merged into the first (no temporaries)."""
     if len(parts) == 1:
         return parts[0][0]
     if len(parts) == 2:  # the common case (offloaded blocks + the hot window): weights are sigmoids
         (o1, l1), (o2, l2) = parts
         w1 = torch.sigmoid(l1 - l2).nan_to_num_(0.0).unsqueeze(-1)  # both -inf (no key seen): 0
         w2 = torch.sigmoid(l2 - l1).nan_to_num_(0.0).unsqueeze(-1)
+        if inplace and o1.dtype == o2.dtype == torch.float32:
+            return o1.mul_(w1).add_(o2.mul_(w2))
         return (w1 * o1.float() + w2 * o2.float()).to(o1.dtype)
     lses = torch.stack([lse for _, lse in parts])  # [P, B, H, T]
     total = torch.logsumexp(lses, dim=0)

@@ -58,15 +58,12 @@ def batch_refusal(cache: KVBoundCache) -> str | None:
     cls = type(cache)
     from .cache.evicting import EvictingCache, EvictingLayer
 
-    if isinstance(cache, EvictingCache) and all(getattr(layer, "compressed", False) for layer in cache.layers):
-        # a compressed context (kvpress's protocol) selects nothing any more: its observation hooks are idle
-        return None if use_tiered_attention(cache.model) else (
-            f"the model runs {cache.model.config._attn_implementation!r} attention, not kvbound's "
-            "(per-row attention needs it)")
+    # a compressed context (kvpress's protocol) selects nothing any more: its observation hooks are idle
+    compressed = isinstance(cache, EvictingCache) and all(getattr(layer, "compressed", False) for layer in cache.layers)
     for hook in ("observe_input_ids", "observe_layer_input", "observe_output"):
-        if getattr(cls, hook) is not getattr(KVBoundCache, hook):
+        if not compressed and getattr(cls, hook) is not getattr(KVBoundCache, hook):
             return f"policy {cache.policy_name!r} observes each step's {hook[8:].replace('_', ' ')} (one sequence per pass)"
-    if isinstance(cache, EvictingCache):  # the attention input, which a batched pass does not hand to each row
+    if isinstance(cache, EvictingCache) and not compressed:  # the attention input, which a batched pass does not hand to each row
         if cls.observe_attention_input is not EvictingCache.observe_attention_input or any(
                 type(layer).observe_input is not EvictingLayer.observe_input for layer in cache.layers):
             return f"policy {cache.policy_name!r} observes each step's attention input (one sequence per pass)"

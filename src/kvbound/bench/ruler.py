@@ -151,10 +151,7 @@ def _answer(bench: Bench, sample: rt.RulerSample, cache) -> tuple[list[int], str
 def _record(bench: Bench, sample: rt.RulerSample, protocol: str, policy: str, ratio: float | None,
             keep: int | None, run, **extra: Any) -> dict[str, Any]:
     """Run ``run() -> (cache, tokens, answer)`` with RSS watched; save and return its record."""
-    record: dict[str, Any] = {"protocol": protocol, "task": sample.task, "length": sample.length,
-                              "sample": sample.index, "policy": policy, "ratio": ratio, "keep": keep,
-                              "context_tokens": len(sample.context_ids), "tokens": sample.tokens,
-                              "references": list(sample.references), **extra}
+    record = {**_base_record(sample, protocol, policy, ratio, keep), **extra}
     reset_peak_rss()
     rss0, start = current_rss_bytes(), time.perf_counter()
     try:
@@ -163,12 +160,9 @@ def _record(bench: Bench, sample: rt.RulerSample, protocol: str, policy: str, ra
         record["status"], record["reason"] = _failure(exc)
         bench.save_run(record)
         return record
-    record.update(status="ok", answer=answer, answer_tokens=tokens,
-                  score=rt.score(answer, sample.references), seconds=round(time.perf_counter() - start, 3),
-                  peak_rss_bytes=peak_rss_bytes(), rss_added_bytes=max(0, peak_rss_bytes() - rss0),
-                  held_kv_bytes=held, **_memory(cache))
-    cache.close()
-    bench.save_run(record)
+    record.update(seconds=round(time.perf_counter() - start, 3), peak_rss_bytes=peak_rss_bytes(),
+                  rss_added_bytes=max(0, peak_rss_bytes() - rss0), held_kv_bytes=held)
+    _save_answer(bench, sample, record, cache, tokens, answer)
     return record
 
 
@@ -247,10 +241,7 @@ def _batched_answers(bench: Bench, sample: rt.RulerSample, protocol: str, cells:
 def _compressed_cell(bench: Bench, sample: rt.RulerSample, protocol: str, policy: str, ratio: float, keep: int,
                      context: ContextRecorder) -> dict[str, Any] | None:
     """A record for one cell with its compressed cache under ``"_cache"`` (``None``: it failed, saved)."""
-    record: dict[str, Any] = {"protocol": protocol, "task": sample.task, "length": sample.length,
-                              "sample": sample.index, "policy": policy, "ratio": ratio, "keep": keep,
-                              "context_tokens": len(sample.context_ids), "tokens": sample.tokens,
-                              "references": list(sample.references)}
+    record = _base_record(sample, protocol, policy, ratio, keep)
     reset_peak_rss()
     rss0, start = current_rss_bytes(), time.perf_counter()
     try:
@@ -282,6 +273,20 @@ def _finish(bench: Bench, sample: rt.RulerSample, record: dict[str, Any], cache,
         record.update(seconds=round(record["compress_seconds"] + time.perf_counter() - start, 3),
                       peak_rss_bytes=peak_rss_bytes(),
                       rss_added_bytes=max(record["rss_added_bytes"], peak_rss_bytes() - rss0))
+    _save_answer(bench, sample, record, cache, tokens, text)
+
+
+def _base_record(sample: rt.RulerSample, protocol: str, policy: str, ratio: float | None,
+                 keep: int | None) -> dict[str, Any]:
+    """The fields every run record of ``sample`` starts with."""
+    return {"protocol": protocol, "task": sample.task, "length": sample.length, "sample": sample.index,
+            "policy": policy, "ratio": ratio, "keep": keep, "context_tokens": len(sample.context_ids),
+            "tokens": sample.tokens, "references": list(sample.references)}
+
+
+def _save_answer(bench: Bench, sample: rt.RulerSample, record: dict[str, Any], cache, tokens: list[int],
+                 text: str) -> None:
+    """Score the answer into ``record``, add the cache's memory, close the cache and save the record."""
     record.update(status="ok", answer=text, answer_tokens=tokens, score=rt.score(text, sample.references),
                   **_memory(cache))
     cache.close()
