@@ -148,7 +148,7 @@ def test_ragged_heads_attend_like_masked_full_kv(name):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm", "keydiff", "expected-attention"])
+@pytest.mark.parametrize("policy", ["h2o", "tova", "snapkv", "knorm", "keydiff", "expected-attention", "kvzip"])
 def test_ada_holds_heads_x_budget_while_decoding(policy):
     model = tiny("tiny-mha")
     cache = kvbound.make_cache(model, policy, 10, allocation="ada")
@@ -320,7 +320,7 @@ def test_keydiff_anchor_of_a_ragged_head_is_its_own_keys_mean():
     torch.testing.assert_close(got[0, 1, :3], keydiff_scores(keys[:, 1:2, :3])[0, 0])
 
 
-@pytest.mark.parametrize("policy", ["knorm", "keydiff", "expected-attention"])
+@pytest.mark.parametrize("policy", ["knorm", "keydiff", "expected-attention", "kvzip"])
 @pytest.mark.parametrize("allocation", ["pyramid", "ada"])
 def test_query_free_scorers_take_every_allocation_at_the_same_total(policy, allocation):
     model = tiny("tiny-llama")
@@ -330,6 +330,54 @@ def test_query_free_scorers_take_every_allocation_at_the_same_total(policy, allo
         run_greedy(model, prompt_ids(40), cache, 6)
         totals[alloc] = sum(map(sum, cache.memory_report()["kept_tokens"]))
     assert totals[allocation] == totals["uniform"] == len(cache.layers) * 2 * 24
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_kvzip_reconstructs_the_unscored_tail_of_ragged_heads(name):
+    """kvzip with ada: after a ragged eviction, the next overflowing chunk's reconstruction scores exactly
+    each head's new tokens (its held entries at the chunk's positions), the repeat pass attends only what
+    each head holds, and the layer ends ragged at heads x budget."""
+    import kvbound.cache.kvzip as kvzip
+
+    model, budget = tiny(name), 10
+    cache = kvbound.make_cache(model, "kvzip", budget, allocation="ada", chunk=6)
+    model(prompt_ids(24, seed=3), past_key_values=cache, use_cache=True)
+    ragged = [i for i, layer in enumerate(cache.layers) if layer.lengths is not None]
+    assert ragged, "the selection should be ragged"
+    seen = []
+    real = kvzip.kvzip_chunk_scores
+
+    def spy(query, sink_keys, chunk_keys, repeat_keys, scaling, softcap=None):
+        out = real(query, sink_keys, chunk_keys, repeat_keys, scaling, softcap)
+        seen.append((chunk_keys.clone(), out.clone()))
+        return out
+
+    new_keys = {}
+    update = kvzip.KVzipLayer.update
+
+    def keep_new(layer, key_states, value_states, *args, **kwargs):
+        if layer.cache.scoring is None and not layer.is_sliding:
+            new_keys[layer.layer_idx] = key_states.clone()
+        return update(layer, key_states, value_states, *args, **kwargs)
+
+    kvzip.kvzip_chunk_scores, kvzip.KVzipLayer.update = spy, keep_new
+    try:
+        model(prompt_ids(9, seed=5), past_key_values=cache, use_cache=True)  # 9 new: chunks of 6 and 3
+    finally:
+        kvzip.kvzip_chunk_scores, kvzip.KVzipLayer.update = real, update
+    assert cache.memory_report()["reconstructed_tokens"] > 0
+    for layer, counts in zip(cache.layers, cache.memory_report()["kept_tokens"]):
+        if not layer.is_sliding:
+            assert sum(counts) == len(counts) * budget
+            assert not bool(layer.scores.isnan().any())  # every held token scored
+    # per chunk and full layer (in layer order), every head's keys of positions [24, 30), then [30, 33)
+    assert len(seen) == 2 * len(cache.full_layers)
+    for k, (chunk_keys, out) in enumerate(seen):
+        i = cache.full_layers[k % len(cache.full_layers)]
+        a, b = (0, 6) if k < len(cache.full_layers) else (6, 9)
+        torch.testing.assert_close(chunk_keys, new_keys[i][..., a:b, :])
+        assert bool(torch.isfinite(out).all()) and bool((out >= 0).all()) and bool((out <= 1).all())
 
 
 def test_allocation_page_medians_over_rounds():

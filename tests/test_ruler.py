@@ -222,7 +222,7 @@ def test_batched_answers_equal_answers_alone(tmp_path):
     """--answers batched (the compress default) gives every cell the answer it gets alone; the
     batched records say how many rows shared the passes."""
     common = ["--model", "tiny-llama", "--lengths", "500", "--tasks", "niah_single_1,vt", "--ratios", "0.5,0.875",
-              "--samples", "1", "--policies", "full,snapkv,h2o,streaming,keydiff,knorm,expected-attention,kvzip",
+              "--samples", "1", "--policies", "full,snapkv,h2o,streaming,keydiff,knorm,expected-attention,kvzip,kvzip:allocation=ada",
               "--max-new-tokens", "5", "--prefill-chunk", "64"]
     answers = {}
     for mode in ("batched", "alone"):
@@ -231,6 +231,10 @@ def test_batched_answers_equal_answers_alone(tmp_path):
         data = json.loads((tmp_path / mode / "out" / "results.json").read_text())
         assert all(r["status"] == "ok" for r in data["runs"])
         answers[mode] = {(r["task"], r["policy"], r["ratio"]): r["answer_tokens"] for r in data["runs"]}
+        held = {(r["task"], r["policy"], r["ratio"]): r["held_kv_bytes"] for r in data["runs"] if r["ratio"]}
+        for task, policy, ratio in held:  # kvzip's ragged ada heads hold what its uniform heads hold
+            if policy == "kvzip":
+                assert held[(task, "kvzip:allocation=ada", ratio)] == held[(task, policy, ratio)] > 0
         rows = [r.get("answered_with") for r in data["runs"] if r["ratio"] is not None]
         if mode == "batched":  # every compressed copy batches, even a policy whose hooks observe its inputs
             assert min(rows) > 1 and data["extra"]["answer_batches"]

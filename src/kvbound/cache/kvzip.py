@@ -20,10 +20,11 @@ one chunk per pass, the score's logits in blocks of queries.
 
 When. A forward pass of several tokens (a prompt, a prefill chunk, a new turn) that leaves a
 layer above the budget is followed, once every layer has run (:meth:`observe_output`), by the
-reconstruction of every held token not scored yet, then each layer keeps its ``budget`` best
-tokens per KV head (uniform per-head budgets, kvpress's ``layerwise`` variant with per-head top-k;
-the paper's default global bottom-k over layers x heads needs ragged storage). The ``sinks`` first
-tokens are always kept. So the hot K/V reach ``budget`` + one pass's tokens between the pass and
+reconstruction of every held token not scored yet, then each layer keeps its best tokens as the
+``allocation`` option spreads the budget (:mod:`kvbound.cache.allocation`): ``uniform`` is
+kvpress's ``layerwise`` variant, ``budget`` per KV head; ``ada`` ranks the scores of all KV heads
+of a layer together (ragged heads: the paper's non-uniform head budgets, within each layer);
+``pyramid`` and ``cake`` spread the budget over layers. The ``sinks`` first tokens are always kept. So the hot K/V reach ``budget`` + one pass's tokens between the pass and
 its reconstruction (``peak_hot_kv_bytes`` shows it); prefill in chunks to bound it. Cost: about one
 more prefill of the scored tokens (the paper: 2-3x a prefill). A prefill within the budget scores
 nothing.
@@ -56,8 +57,11 @@ from .. import attention
 from ..errors import KVBoundError
 from .base import nbytes
 from .checks import check_int
-from .codec import CodecOptions, decode_kv
-from .evicting import EvictingCache, EvictingLayer, gather_tokens, keep_top
+import torch.nn.functional as F
+
+from .allocation import AllocationOptions
+from .codec import decode_kv
+from .evicting import EvictingCache, EvictingLayer, gather_tokens
 from .registry import register
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -67,7 +71,7 @@ PLAIN_SUFFIX = "\n"
 
 
 @dataclass
-class KVzipOptions(CodecOptions):
+class KVzipOptions(AllocationOptions):  # a codec and an allocation; no think
     chunk: int = 2048  # tokens reconstructed per forward pass
     sinks: int = 4  # first tokens always kept (and attended to in every chunk's score)
     tokenizer: Any = None  # Python API: the model's tokenizer (default: the model folder's)
@@ -148,11 +152,12 @@ def kvzip_chunk_scores(query: torch.Tensor, sink_keys: torch.Tensor, chunk_keys:
 
 
 class KVzipLayer(EvictingLayer):
-    batch_state = (*EvictingLayer.batch_state, "scores")
+    # [B, kv_heads, held] float32 (NaN = not scored yet): gathered, and packed for ragged heads, with the keys
+    token_state = {"scores": 2}
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.scores: torch.Tensor | None = None  # [B, kv_heads, held] float32; NaN = not scored yet
+        self.scores: torch.Tensor | None = None
 
     def policy_tiers(self) -> dict[str, int]:
         return {"scores": nbytes(self.scores)}
@@ -161,8 +166,11 @@ class KVzipLayer(EvictingLayer):
         self.scores = None
 
     def unscored(self) -> int:
-        """Held tokens not scored yet (a contiguous suffix, the same for every head)."""
-        return 0 if self.scores is None else int(self.scores[0, 0].isnan().sum())
+        """Held tokens not scored yet (a suffix of every head; counted on the first head)."""
+        if self.scores is None:
+            return 0
+        first = self.scores[:int(self.lengths[0, 0])] if self.lengths is not None else self.scores[0, 0]
+        return int(first.isnan().sum())
 
     def ranking(self, positions: torch.Tensor) -> torch.Tensor:
         """What eviction ranks the held ``scores`` at ``positions`` by: the scores (in [0, 1]); unscored
@@ -180,12 +188,7 @@ class KVzipLayer(EvictingLayer):
         if n - old > 1:  # several tokens: scored by reconstruction once every layer holds them
             self.cache.overflowed = True
             return None
-        return self.evict(positions)  # decoding: the scores stay; evict the lowest
-
-    def evict(self, positions: torch.Tensor) -> torch.Tensor:
-        idx = keep_top(self.ranking(positions), self.capacity)
-        self.scores = gather_tokens(self.scores, idx)
-        return idx
+        return self.keep(self.ranking(positions))  # decoding: the scores stay; evict the lowest
 
     def hold_context(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
         """Hold all of a prefilled context, not scored yet (NaN scores)."""
@@ -206,32 +209,46 @@ class KVzipLayer(EvictingLayer):
         self.capacity = self.UNBOUNDED
 
     def evict_scored(self) -> None:
-        """After the reconstruction: keep ``capacity`` tokens per KV head."""
-        if self.held() > self.capacity:
-            self._keep((self.keys, self.values), self.positions, self.evict(self.positions))
+        """After the reconstruction: keep the allocation's tokens (``capacity`` per KV head in the mean)."""
+        valid = self._unpad()
+        self._valid = valid
+        try:
+            kept = self.keep(self.ranking(self.positions))
+        finally:
+            self._valid = None
+        self._keep((self.keys, self.values), self.positions, kept, valid)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         span = self.cache.scoring
         if span is None:
             return super().update(key_states, value_states, *args, **kwargs)
         # a reconstruction pass: attention sees held + repeat K/V; nothing is stored
+        valid = self._unpad()  # ragged heads: padded for the pass, packed again at its end
         held_k, held_v = decode_kv(self.cache.codec, self.keys, self.values, key_states.dtype)
         keys, values = torch.cat([held_k, key_states], dim=-2), torch.cat([held_v, value_states], dim=-2)
         query, self.pending_query = self.pending_query, None
         if not self.is_sliding:
             first, stop = span
-            held = held_k.shape[-2]
-            c0, c1 = held - (self.seen - first), held - (self.seen - stop)  # the chunk: columns of the unscored tail
+            # the chunk: columns of each head's unscored tail (its last seen - first held entries)
+            held = held_k.shape[-2] if valid is None else valid.sum(-1, keepdim=True)  # [B, H, 1] if ragged
+            cols = (held - (self.seen - first) + torch.arange(stop - first, device=keys.device)).expand(
+                *held_k.shape[:2], stop - first)
             sinks = min(self.cache.options.sinks, first)  # held positions 0..sinks-1 (never evicted)
-            self.scores[..., c0:c1] = kvzip_chunk_scores(query, held_k[..., :sinks, :], held_k[..., c0:c1, :],
-                                                         key_states, self.scaling(), self.cache.softcap)
+            scores = kvzip_chunk_scores(query, held_k[..., :sinks, :], gather_tokens(held_k, cols),
+                                        key_states, self.scaling(), self.cache.softcap)
+            self.scores.scatter_(-1, cols, scores)
+        if valid is not None:
+            new = key_states.shape[-2]
+            self.pending_step = attention.TierStep(keys, key_bias=self.step_bias(F.pad(valid, (0, new), value=True), new),
+                                                   fit_mask=True)
+            self._hold(None, valid)
         self.cache.note_transient(nbytes(keys, values, query))
         return keys, values
 
 
 @register("kvzip",
           "lossy: KVzip (Kim et al. 2025) -- query-agnostic: keeps the K/V the model attends to most while it "
-          "repeats the context (reconstruction after each multi-token pass that overflows)",
+          "repeats the context (reconstruction after each multi-token pass that overflows); takes an allocation",
           exact=False, options=KVzipOptions, beams=True,
           paper="Kim, Kim, Kwon, Yang, Yun, Song 2025, https://arxiv.org/abs/2505.23416")
 class KVzipCache(EvictingCache):
