@@ -438,6 +438,7 @@ def test_cluster_options_fail_before_anything_starts(tmp_path):
     (["--requests", "0"], "--requests must be >= 1"),
     (["--budgets", "0.5"], "one budget in tokens"),
     (["--mode", "determinism", "--policies", "full,window"], "one model and one policy"),
+    (["--rounds", "0"], "--rounds must be >= 1"),
 ])
 def test_serve_load_options_fail_before_anything_starts(tmp_path, extra, match):
     """Bad ``serve-load`` options are one-line errors before a server starts; good ones resolve."""
@@ -455,6 +456,23 @@ def test_serve_load_options_resolve():
     opts = serve_load.options(args)
     assert opts["models"] == ["a", "b"] and opts["policies"] == [["full", None], ["window", 32]]
     assert opts["client_levels"] == [1, 8] and opts["row_groups"] == [4] and opts["threads"] == 1
+
+
+def test_serve_load_medians_take_each_rounds_own_baseline():
+    """--rounds: each ratio is against the same round's 1-client level; the table shows the median (min-max)."""
+    from kvbound.bench.scenarios.serve_load import _medians
+
+    def level(round_, clients, tps, p95):
+        return {"status": "ok", "mode": "load", "model": "m", "policy": "full", "budget": None, "row_group": 4,
+                "round": round_, "clients": clients, "tokens_per_s": tps, "itl_p50_s": p95 / 2, "itl_p95_s": p95}
+
+    runs = [level(0, 1, 10.0, 0.10), level(0, 8, 30.0, 0.30), level(1, 1, 20.0, 0.20), level(1, 8, 40.0, 0.70),
+            level(2, 1, 10.0, 0.10), level(2, 8, 35.0, 0.25)]
+    lines = "\n".join(_medians(runs))
+    # tokens/s ratios 3.0, 2.0, 3.5 -> median 3.0; ITL p95 ratios 3.0, 3.5, 2.5 -> median 3.0
+    assert "| m | full | 4 | 8 | 3 | 35.0 | 3.00× (2.00–3.50) | 150 ms | 3.00× (2.50–3.50) | 300 ms | 3.00× (2.50–3.50) |" \
+        in lines
+    assert _medians(runs[:2]) == []  # one round: no medians table
 
 
 def test_report_all_writes_pages_plots_and_an_index(tmp_path):

@@ -76,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs; "
                              "serve-parking, serve-load, cluster: per server / replica, default 2, 1, 1)")
     parser.add_argument("--rounds", type=int, default=1, metavar="N",
-                        help="prefill, allocation: measure every cell N times, round after round (default: 1)")
+                        help="prefill, allocation, serve-load: measure every cell N times, round after round "
+                             "(default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     parser.add_argument("--out", default=None, metavar="DIR",
                         help=f"output directory (default: {DEFAULT_OUT}; report: beside each results.json)")

@@ -9,7 +9,10 @@ time of the level, TTFT included), time to first token, inter-token latency (cli
 between streamed chunks) and per-token time p50/p95, the server's rows per decode pass, load average.
 A policy whose server decodes one row per pass (``sequential``) runs only the levels up to
 ``--sequential-max-clients``. Every further ``--row-groups`` value gets one more server at 1 client
-(the unpadded baseline with ``1``).
+(the unpadded baseline with ``1``). ``--rounds N`` runs the levels N times on the same server, round
+after round (each round's ratios are taken against its own 1-client level, measured minutes apart
+at most); the report adds the medians over rounds, since one run's p95 moves by about ±0.3× between
+identical runs on a 2-core box.
 
 ``--mode determinism``: ``--replies`` distinct greedy requests sent one at a time, then by 8
 concurrent clients, to one fresh server per ``--row-groups`` value (one model, one policy); counts
@@ -79,7 +82,7 @@ def options(args) -> dict[str, Any]:
     if args.mode == "determinism" and (len(models) != 1 or len(policies) != 1):
         raise KVBoundError("serve-load --mode determinism runs one model and one policy")
     for value, name in ((args.requests, "--requests"), (args.max_batch, "--max-batch"), (args.replies, "--replies"),
-                        (args.sequential_max_clients, "--sequential-max-clients")):
+                        (args.sequential_max_clients, "--sequential-max-clients"), (args.rounds, "--rounds")):
         if value < 1:
             raise KVBoundError(f"serve-load: {name} must be >= 1, got {value}")
     budget = int(args.budget_list[0].value)
@@ -88,7 +91,8 @@ def options(args) -> dict[str, Any]:
             "client_levels": _ints(args.client_levels, "--client-levels"), "requests": args.requests,
             "max_tokens": args.new_tokens, "max_batch": args.max_batch,
             "row_groups": _ints(args.row_groups, "--row-groups"), "replies": args.replies,
-            "sequential_max_clients": args.sequential_max_clients, "threads": args.threads or 1}
+            "sequential_max_clients": args.sequential_max_clients, "threads": args.threads or 1,
+            "rounds": args.rounds}
 
 
 def run(ctx: Context) -> None:
@@ -179,21 +183,25 @@ def _batching(before: dict, after: dict) -> dict:
             "decode_passes": passes, "padding_rows": after["padding_rows"] - before["padding_rows"]}
 
 
-def _measure(ctx: Context, s, model: str, policy: str, budget: int | None, row_group: int, levels: list[int]) -> None:
+def _measure(ctx: Context, s, model: str, policy: str, budget: int | None, row_group: int, levels: list[int],
+             rounds: int = 1) -> None:
     proc, url, client = _server(s, model, policy, budget, row_group, ctx.results.dir)
     try:
         _stream(client, model, "Warm up.", 4)
         if stats(url)["batching"]["mode"] == "sequential":  # one row per pass: fewer levels (time)
             levels = [c for c in levels if c <= s.sequential_max_clients]
-        offset = 0
-        for clients in levels:
-            before = stats(url)
-            level = _level(client, model, clients, s.requests, s.max_tokens, offset)
-            offset += clients * s.requests
-            ctx.save_run({"status": "ok", "mode": "load", "model": model, "policy": policy, "budget": budget,
-                          "row_group": row_group, **level, "batching": _batching(before, stats(url))})
-            print(f"[serve-load] {model} {policy} row group {row_group}, {clients} clients: "
-                  f"{level['tokens_per_s']:.1f} tok/s, load {level['loadavg_after']}", file=sys.stderr, flush=True)
+        offset = 0  # every request of the server gets its own prompt (no conversation is reused)
+        for round_ in range(rounds):
+            for clients in levels:
+                before = stats(url)
+                level = _level(client, model, clients, s.requests, s.max_tokens, offset)
+                offset += clients * s.requests
+                ctx.save_run({"status": "ok", "mode": "load", "model": model, "policy": policy, "budget": budget,
+                              "row_group": row_group, "round": round_, **level,
+                              "batching": _batching(before, stats(url))})
+                print(f"[serve-load] {model} {policy} row group {row_group}, round {round_ + 1}/{rounds}, "
+                      f"{clients} clients: {level['tokens_per_s']:.1f} tok/s, load {level['loadavg_after']}",
+                      file=sys.stderr, flush=True)
     finally:
         _stop(proc)
 
@@ -201,7 +209,7 @@ def _measure(ctx: Context, s, model: str, policy: str, budget: int | None, row_g
 def run_load(ctx: Context, s) -> None:
     for model in s.models:
         for policy, budget in s.policies:
-            _measure(ctx, s, model, policy, budget, s.row_groups[0], s.client_levels)
+            _measure(ctx, s, model, policy, budget, s.row_groups[0], s.client_levels, getattr(s, "rounds", 1))
             for row_group in s.row_groups[1:]:
                 _measure(ctx, s, model, policy, budget, row_group, [1])
 
@@ -263,9 +271,9 @@ def _load_table(runs: list[dict], o: dict) -> list[str]:
              "TTFT p50 | TTFT p95 | per-token p50 / p95 | decode tokens/s | × 1 client | mean rows/pass | "
              "load avg (1 min) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["model"], r["policy"], r["row_group"]): r for r in runs if r["clients"] == 1}
+    base = {_series(r): r for r in runs if r["clients"] == 1}
     for r in runs:
-        b = base.get((r["model"], r["policy"], r["row_group"]), r)
+        b = base.get(_series(r), r)
         rate, base_rate = _decode_rate(r), _decode_rate(b)
         lines.append(
             f"| {r['model']} | {r['policy']}{'' if r['budget'] is None else ' ' + str(r['budget'])} | "
@@ -278,6 +286,45 @@ def _load_table(runs: list[dict], o: dict) -> list[str]:
     return lines
 
 
+def _series(r: dict) -> tuple:
+    """The runs one 1-client level is the baseline of: same server, same round."""
+    return r["model"], r["policy"], r["row_group"], r.get("round", 0)
+
+
+MEDIAN_COLUMNS = (("tokens_per_s", "tokens/s", "{:.1f}"), ("itl_p50_s", "ITL p50", "ms"),
+                  ("itl_p95_s", "ITL p95", "ms"))
+
+
+def _medians(runs: list[dict]) -> list[str]:
+    """With several rounds: per server and client count, the median of each measure and the median
+    (min–max) of its per-round ratio to the same round's 1-client level."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["model"], r["policy"], r["budget"], r["row_group"], r["clients"]), []).append(r)
+    if not any(len(rs) > 1 for rs in groups.values()):
+        return []
+    base = {_series(r): r for r in runs if r["clients"] == 1}
+    head = " | ".join(f"{label} | × 1 client (min–max)" for _, label, _ in MEDIAN_COLUMNS)
+    lines = ["", "## Medians over rounds", "",
+             "Each measure's median over the rounds; each ratio is taken against the same round's 1-client "
+             "level of the same server, and its median (min–max) over the rounds is shown.", "",
+             f"| model | policy | row group | clients | rounds | {head} |",
+             "|---|---|---|---|---|" + "---|---|" * len(MEDIAN_COLUMNS)]
+    for (model, policy, budget, row_group, clients), rs in groups.items():
+        cells = []
+        for key, _, fmt in MEDIAN_COLUMNS:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            ratios = sorted(r[key] / base[_series(r)][key] for r in rs
+                            if r.get(key) is not None and _series(r) in base and base[_series(r)].get(key))
+            med = statistics.median(values) if values else None
+            value = "-" if med is None else (_ms(med) if fmt == "ms" else fmt.format(med))
+            ratio = "-" if not ratios else f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})"
+            cells.append(f"{value} | {ratio}")
+        lines.append(f"| {model} | {policy}{'' if budget is None else ' ' + str(budget)} | {row_group} | {clients} | "
+                     f"{len(rs)} | {' | '.join(cells)} |")
+    return lines
+
+
 def plot(runs: list[dict], path: Path) -> bool:
     """Tokens/s and ITL p95 against clients, one column per model; False when no curve has 2 points."""
     plt = pyplot()
@@ -287,14 +334,19 @@ def plot(runs: list[dict], path: Path) -> bool:
     for col, model in enumerate(models):
         mine = [r for r in runs if r["model"] == model]
         for key in sorted({(r["policy"], r["row_group"]) for r in mine}):
-            rs = sorted((r for r in mine if (r["policy"], r["row_group"]) == key), key=lambda r: r["clients"])
-            if len(rs) < 2:
+            by_clients: dict[int, list[dict]] = {}
+            for r in mine:
+                if (r["policy"], r["row_group"]) == key:
+                    by_clients.setdefault(r["clients"], []).append(r)
+            if len(by_clients) < 2:
                 continue
             drawn = True
             label = f"{key[0]} (row group {key[1]})"
-            axes[0][col].plot([r["clients"] for r in rs], [r["tokens_per_s"] for r in rs], marker="o", label=label)
-            axes[1][col].plot([r["clients"] for r in rs], [(r["itl_p95_s"] or 0) * 1000 for r in rs], marker="o",
-                              label=label)
+            xs = sorted(by_clients)  # several rounds: the median of each level
+            axes[0][col].plot(xs, [statistics.median(r["tokens_per_s"] for r in by_clients[c]) for c in xs],
+                              marker="o", label=label)
+            axes[1][col].plot(xs, [statistics.median((r["itl_p95_s"] or 0) for r in by_clients[c]) * 1000 for c in xs],
+                              marker="o", label=label)
         axes[0][col].set_title(f"{model}: aggregate tokens/s (TTFT included)")
         axes[0][col].set_ylabel("tokens/s")
         axes[1][col].set_ylabel("inter-token latency p95 (ms)")
@@ -318,7 +370,7 @@ def render(data: dict[str, Any], out: Path) -> tuple[str, list[str]]:
     lines = ["# kvbound serve: continuous batching (load, determinism)", "", meta_section(data)]
     plots = []
     if load:
-        lines += ["", *_load_table(load, data["meta"].get("options", {}))]
+        lines += ["", *_load_table(load, data["meta"].get("options", {})), *_medians(load)]
         if plot(load, out / "throughput.png"):
             plots.append("throughput.png")
             lines += ["", "![tokens/s and ITL p95 against concurrent clients](throughput.png)"]
