@@ -305,3 +305,64 @@ def test_packed_prompt_chunks_and_decode_rows_equal_each_alone(family, policy, b
                 ref = model(input_ids=torch.tensor([p[a:a + 8]]), attention_mask=torch.ones(1, min(len(p), a + 8)),
                             past_key_values=cache, use_cache=True).logits[0, -1]
         torch.testing.assert_close(ref, alone[i][0], atol=1e-4, rtol=1e-4)
+
+
+def test_query_blocks_cut_at_multiples_of_the_block():
+    from kvbound.batching import query_blocks
+
+    assert query_blocks(0, 40, 16) == [(0, 16), (16, 32), (32, 40)]
+    assert query_blocks(10, 30, 16) == [(0, 6), (6, 22), (22, 30)]  # positions 10..15, 16..31, 32..39
+    assert query_blocks(32, 16, 16) == [(0, 16)] and query_blocks(5, 1, 16) == [(0, 1)]
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gemma3", "tiny-qwen2"])
+def test_a_prompt_fed_whole_or_in_pieces_beside_decode_rows_computes_the_same_bits(family):
+    """With query_block N, a prompt's plain-K/V segment attends in query blocks cut at multiples of N: fed
+    whole alone, or in pieces ending at multiples of N beside other conversations' decode rows, its K/V
+    and its last logits are bit-identical (the server's --interleave-chunk relies on it)."""
+    from kvbound.batching import packed_step
+    from kvbound.tiny import build_tiny
+
+    model = build_tiny(family)
+    n, block = 8, 8
+    for length, before in ((45, 0), (37, 11)):  # a fresh prompt; a new turn after 11 held tokens
+        prompt = (torch.arange(length + before) * 7 % 200).tolist()
+        whole, pieces = make_cache(model, "full"), make_cache(model, "full")
+        others = [make_cache(model, "full") for _ in range(5)]
+        for i, o in enumerate(others):
+            packed_step(model, [o], [list(range(3 + i, 20 + i))], query_block=block)
+        if before:
+            for c in (whole, pieces):
+                packed_step(model, [c], [prompt[:before]], query_block=block)
+        last_whole = packed_step(model, [whole], [prompt[before:]], query_block=block)[0]
+        seen = before
+        while seen < len(prompt):
+            end = min(len(prompt), (seen // n + 1) * n)
+            last_pieces = packed_step(model, [pieces, *others], [prompt[seen:end]] + [[9]] * 5, query_block=block)[0]
+            seen = end
+        assert torch.equal(last_whole, last_pieces)
+        for a, b in zip(whole.layers, pieces.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_a_new_prompt_goes_in_small_pieces_while_others_decode():
+    """--interleave-chunk: while a reply streams, a new prompt is prefilled in pieces of at most N tokens (more
+    prefill passes than with whole chunks), and its reply equals the request alone."""
+    prompt = "Tell me everything about the number seven and the number eight, slowly and at length."
+    with serving(policy="full") as live:
+        alone = _complete(live, prompt, max_tokens=6)
+    counts, replies = {}, {}
+    for chunk in (8, None):
+        with serving(policy="full", interleave_chunk=chunk) as live:
+            stream = live.client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=40, temperature=0,
+                                                    stream=True)
+            parts = []
+            for part in stream:
+                parts.append(part.choices[0].text)
+                if len(parts) == 2:
+                    before = live.stats()["prefill_passes"]
+                    replies[chunk] = _complete(live, prompt, max_tokens=6)
+                    counts[chunk] = live.stats()["prefill_passes"] - before
+    tokens = len(prompt.encode())  # tiny-llama's byte tokenizer
+    assert counts[None] <= 2 and counts[8] >= tokens // 8
+    assert replies[8] == replies[None] == alone

@@ -17,6 +17,12 @@ row than in one of several (measured on this machine's MKL: M = 1, 2, 3 each dif
 every M >= 4 that is a multiple of 4, and every M >= 12, gives the same bits per row at 1 and 2
 threads). With ``row_group`` 4 the batch is padded with dummy rows to such a size, so a greedy
 reply does not depend on how many other conversations share its steps -- including none.
+A prompt's attention is the other part that depends on how it is cut: its queries attending in one
+call round differently from the same queries cut into pieces over several passes (measured: about
+one prompt in three differs in its last bits). With ``query_block`` N a segment with no tiered step
+(``full`` and every plain-K/V policy) attends in blocks of queries cut at multiples of N positions,
+so a prompt fed whole and the same prompt fed in pieces that end at multiples of N compute the same
+calls bit for bit (the server cuts its pieces so while other conversations decode).
 
 What cannot run batched (:func:`batch_refusal`): policies that observe the step's input ids or
 residuals through the model hooks (kv-direct, residual) or re-run the model inside a step, and
@@ -81,11 +87,14 @@ class CacheBatch(Cache):
     segments' own K/V are kept for :meth:`attend_rows`, which kvbound's attention function calls
     instead of attending."""
 
-    def __init__(self, caches: Sequence[KVBoundCache | None], spans: Sequence[int] | None = None) -> None:
+    def __init__(self, caches: Sequence[KVBoundCache | None], spans: Sequence[int] | None = None,
+                 firsts: Sequence[int] | None = None, query_block: int | None = None) -> None:
         super().__init__(layers=[])
         self.caches = list(caches)
         self.spans = [1] * len(self.caches) if spans is None else list(spans)
         self.starts = [0, *itertools.accumulate(self.spans)][:-1]
+        self.firsts = [0] * len(self.caches) if firsts is None else list(firsts)  # each segment's first position
+        self.query_block = query_block
         self._rows: dict[int, list[tuple[torch.Tensor, torch.Tensor, attention.TierStep | None]]] = {}
 
     # transformers asks these of any cache; the segments' lengths differ, masks are not used
@@ -128,10 +137,32 @@ class CacheBatch(Cache):
         rows = self._rows.pop(module.layer_idx)
         kwargs.pop("attention_mask", None)
         outs = []
-        for (k, v, step), start, span in zip(rows, self.starts, self.spans):
+        for (k, v, step), cache, start, span, first in zip(rows, self.caches, self.starts, self.spans, self.firsts):
+            q = query[:, :, start:start + span]
+            if step is None and span > 1 and self.query_block and cache is not None:
+                past = k.shape[-2] - span  # a plain layer returns its past, then the segment's own keys
+                window = getattr(module, "sliding_window", None)
+                for a, b in query_blocks(first, span, self.query_block):
+                    # a sliding layer: from the window - 1 keys before the block, as a piece starting there holds
+                    lo = 0 if window is None else max(0, past + a - (window - 1))
+                    kb, vb = k[..., lo:past + b, :], v[..., lo:past + b, :]
+                    mask = _segment_mask(module, b - a, kb, None)
+                    outs.append(attention.attend_step(module, q[:, :, a:b], kb, vb, mask, None, **kwargs)[0])
+                continue
             mask = _segment_mask(module, span, k, step)
-            outs.append(attention.attend_step(module, query[:, :, start:start + span], k, v, mask, step, **kwargs)[0])
+            outs.append(attention.attend_step(module, q, k, v, mask, step, **kwargs)[0])
         return torch.cat(outs, dim=1), None
+
+
+def query_blocks(first: int, span: int, block: int) -> list[tuple[int, int]]:
+    """The ``[a, b)`` query ranges (within a segment of ``span`` tokens starting at position ``first``)
+    cut at the positions that are multiples of ``block``."""
+    cuts, a = [], 0
+    while a < span:
+        b = min(span, (first + a) // block * block + block - first)
+        cuts.append((a, b))
+        a = b
+    return cuts
 
 
 def _segment_kwargs(cache_kwargs: dict[str, Any] | None, start: int, span: int) -> dict[str, Any] | None:
@@ -170,14 +201,15 @@ def _segment_mask(module: torch.nn.Module, t: int, new_keys: torch.Tensor,
 
 @torch.no_grad()
 def packed_step(model, caches: Sequence[KVBoundCache], segments: Sequence[Sequence[int]],
-                row_group: int = ROW_GROUP) -> torch.Tensor:
+                row_group: int = ROW_GROUP, query_block: int | None = None) -> torch.Tensor:
     """Feed ``segments[i]`` (token ids: one for a decode step, several for a prompt chunk) to
     ``caches[i]`` for every ``i`` in one forward pass over all their tokens; returns the logits after
     each segment's last token, ``[len(caches), vocab]``.
 
     Projections, MLPs and the LM head run over every token together; attention per segment against
     its own cache. The tokens are padded to :func:`padded_rows` (and so are the LM head's rows), so a
-    segment's numbers do not depend on what else shares the pass."""
+    segment's numbers do not depend on what else shares the pass; with ``query_block`` a plain
+    segment attends in query blocks cut at multiples of it (see the module docstring)."""
     n = len(caches)
     spans = [len(s) for s in segments]
     if n == 0 or min(spans) < 1:
@@ -187,13 +219,15 @@ def packed_step(model, caches: Sequence[KVBoundCache], segments: Sequence[Sequen
                            f"(it runs {model.config._attn_implementation!r})")
     total = sum(spans)
     m = padded_rows(total, row_group)
-    ids, positions = [], []
+    ids, positions, firsts = [], [], []
     for cache, seg in zip(caches, segments):
         seen = cache.get_seq_length()
         ids.extend(seg)
         positions.extend(range(seen, seen + len(seg)))
+        firsts.append(seen)
     pad = m - total
-    batch = CacheBatch([*caches, *([None] if pad else [])], [*spans, *([pad] if pad else [])])
+    batch = CacheBatch([*caches, *([None] if pad else [])], [*spans, *([pad] if pad else [])],
+                       [*firsts, *([0] if pad else [])], query_block)
     ids.extend([0] * pad)
     positions.extend(range(pad))
     ends = [start + span - 1 for start, span in zip(batch.starts, spans)]

@@ -32,6 +32,7 @@ def add(sub) -> None:
                     "Needs the serve extra: pip install 'kvbound[serve]'.",
         epilog=common.epilog(EXAMPLES_SERVE), formatter_class=common.FORMATTER)
     from ..batching import ROW_GROUP
+    from ..serve.config import INTERLEAVE_CHUNK
     from ..generation import DEFAULT_PREFILL_CHUNK
     from ..models import DEFAULT_MODEL
 
@@ -61,6 +62,10 @@ def add(sub) -> None:
     s.add_argument("--row-group", type=int, default=ROW_GROUP, metavar="N",
                    help="pad each batched pass to a multiple of N rows so a greedy reply does not depend on the "
                         f"conversations it shares passes with; 1: no padding, fastest alone (default: {ROW_GROUP})")
+    s.add_argument("--interleave-chunk", type=int, default=INTERLEAVE_CHUNK, metavar="N",
+                   help="while other conversations decode, prompt tokens per forward pass, cut at multiples of N "
+                        "positions, so a new prompt delays the others' next token by a small piece; 0: whole "
+                        f"--prefill-chunk chunks (default: {INTERLEAVE_CHUNK})")
     s.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: torch's choice)")
     c = serve.add_argument_group("shared store and cluster (the cluster extra: pip install 'kvbound[cluster]')")
     c.add_argument("--store", metavar="URL",
@@ -94,11 +99,14 @@ def cmd_serve(args) -> int:
             raise KVBoundError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     check_chunk(args.prefill_chunk)
+    if args.interleave_chunk < 0:
+        raise KVBoundError(f"--interleave-chunk must be >= 0 tokens (0: off), got {args.interleave_chunk}")
     config = ServeConfig(model=args.model, policy=args.policy, budget=args.budget, options=dict(args.option),
                          memory_budget=None if args.memory_budget is None else parse_size(args.memory_budget),
                          max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
                          max_conversations=args.max_conversations, store=args.store, store_ttl=args.store_ttl,
-                         max_batch=args.max_batch, row_group=args.row_group)
+                         max_batch=args.max_batch, row_group=args.row_group,
+                         interleave_chunk=args.interleave_chunk or None)
     if args.store is not None:  # an unreachable store fails now, before the model loads
         from ..serve.redis_store import connect_store
 

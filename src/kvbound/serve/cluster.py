@@ -335,7 +335,7 @@ def app_builder(args: dict[str, str]):
 
 
 def _config_args(args: dict[str, str]) -> dict[str, Any]:
-    ints = {"budget", "max_queue", "prefill_chunk", "max_conversations", "store_ttl"}
+    ints = {"budget", "max_queue", "prefill_chunk", "max_conversations", "store_ttl", "interleave_chunk"}
     known = ints | {"model", "policy", "memory_budget", "store"}
     bad = sorted(set(args) - known)
     if bad:

@@ -11,6 +11,8 @@ from ..errors import KVBoundError
 from ..generation import DEFAULT_PREFILL_CHUNK  # prompt tokens per forward pass when prefilling or restoring
 from ..models import DEFAULT_MODEL
 
+INTERLEAVE_CHUNK = 16  # prompt tokens per pass while other conversations decode (see kvbound.serve.worker)
+
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
@@ -47,10 +49,14 @@ class ServeConfig:
     store_ttl: int | None = 86400  # seconds a shared entry lives after its last write; None: no expiry
     max_batch: int = 8  # conversations decoding together, one forward pass per step (kvbound.batching)
     row_group: int = ROW_GROUP  # pad a batch to batch-invariant row counts (1: no padding)
+    # while others decode, prompt tokens per pass (pieces cut at its multiples); None: prefill_chunk
+    interleave_chunk: int | None = INTERLEAVE_CHUNK
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_conversations", "max_batch", "row_group"):
+        for name in ("max_queue", "max_conversations", "max_batch", "row_group", "interleave_chunk"):
             value = getattr(self, name)
+            if name == "interleave_chunk" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise KVBoundError(f"{name} must be a whole number >= 1, got {value!r}")
         if self.memory_budget is not None:

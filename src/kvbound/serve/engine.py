@@ -44,7 +44,7 @@ class Engine:
         self.store = ConversationStore(self.new_cache, config.memory_budget, config.max_conversations,
                                        shared=self._shared_store())
         self.worker = ModelWorker(model, self.store, self.decode, config.max_queue, config.prefill_chunk,
-                                  config.max_batch, config.row_group, sequential)
+                                  config.max_batch, config.row_group, sequential, config.interleave_chunk)
 
     def _shared_store(self):
         """The shared parking store of ``config.store`` (fails fast, one line, if it cannot be reached)."""

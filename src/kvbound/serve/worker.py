@@ -5,11 +5,15 @@ at once (continuous batching): each cycle of the worker's loop
 
 1. admits waiting jobs (their conversations checked out of the store) while there is room,
 2. ends the jobs whose client went away (the conversation keeps the tokens generated so far),
-3. runs one forward pass (:func:`kvbound.batching.packed_step`) over the next prompt chunks of
-   the jobs still prefilling (whole ``prefill_chunk`` chunks, oldest job first, each starting at its
-   prompt's first unseen token, until one chunk's worth of tokens is in -- so a long prompt delays
-   the others' next token by about one chunk) and the next decode step of every other job, and
-   samples a token for each job that finished its prompt or decoded. A policy that cannot share a
+3. runs one forward pass (:func:`kvbound.batching.packed_step`) over the next prompt pieces of
+   the jobs still prefilling (oldest job first, each starting at its prompt's first unseen token,
+   until one piece's worth of tokens is in) and the next decode step of every other job, and
+   samples a token for each job that finished its prompt or decoded. A piece is ``prefill_chunk``
+   tokens when no job decodes, and ``interleave_chunk`` tokens while some do -- so a new prompt
+   delays the others' next token by one small piece per pass, not by a whole chunk. Pieces end at
+   multiples of ``interleave_chunk`` positions, and a plain-K/V segment attends in query blocks cut
+   there too (:func:`kvbound.batching.query_blocks`), so a prompt computes the same bits whatever
+   the load cuts it into. A policy that cannot share a
    pass (:func:`kvbound.batching.batch_refusal`) prefills its prompts, then decodes, one job at a time.
 
 Each token goes out through the job's ``emit`` callback (called on the worker thread). A job that
@@ -111,11 +115,12 @@ class ModelWorker:
 
     def __init__(self, model, store: ConversationStore, decode: Callable[[Sequence[int]], str],
                  max_queue: int, prefill_chunk: int | None, max_batch: int = 8, row_group: int = ROW_GROUP,
-                 sequential_reason: str | None = None) -> None:
+                 sequential_reason: str | None = None, interleave_chunk: int | None = None) -> None:
         self.model = model
         self.store = store
         self.decode = decode
         self.prefill_chunk = prefill_chunk
+        self.interleave_chunk = interleave_chunk
         self.max_batch = max_batch
         self.row_group = row_group
         self.sequential_reason = sequential_reason
@@ -163,7 +168,7 @@ class ModelWorker:
         passes = self.counters["decode_passes"]
         return {"mode": "sequential" if self.sequential_reason else "batched",
                 "sequential_reason": self.sequential_reason, "max_batch": self.max_batch,
-                "row_group": self.row_group, "active": len(self.active),
+                "row_group": self.row_group, "interleave_chunk": self.interleave_chunk, "active": len(self.active),
                 "mean_decode_rows": round(self.counters["decode_rows"] / passes, 3) if passes else None}
 
     def _cancel_waiting(self) -> None:
@@ -224,17 +229,33 @@ class ModelWorker:
         for slot in [s for s in self.active if s.next_input is not None]:
             self._decode(slot)
 
+    def _piece_limit(self) -> int | None:
+        """Prompt tokens per pass: ``interleave_chunk`` while some job decodes, else ``prefill_chunk``."""
+        if self.interleave_chunk is None or not any(s.next_input is not None for s in self.active):
+            return self.prefill_chunk
+        return self.interleave_chunk if self.prefill_chunk is None else min(self.prefill_chunk, self.interleave_chunk)
+
+    def _piece_end(self, seen: int, limit: int) -> int:
+        """Where a piece of at most ``limit`` tokens from position ``seen`` ends: at a multiple of
+        ``interleave_chunk`` when one is that far (the query blocks' cuts)."""
+        end = seen + limit
+        if self.interleave_chunk:
+            aligned = end - end % self.interleave_chunk
+            end = aligned if aligned > seen else end
+        return end
+
     def _packed(self) -> None:
-        """One forward pass for the cycle: prompt chunks (whole ``prefill_chunk`` chunks, oldest job
-        first, until a chunk's worth of tokens is in) and the next decode step of every other job
-        (:func:`kvbound.batching.packed_step`). A prompt's last chunk ends with its last token, whose
+        """One forward pass for the cycle: prompt pieces (oldest job first, until a piece's worth of
+        tokens is in: :meth:`_piece_limit`) and the next decode step of every other job
+        (:func:`kvbound.batching.packed_step`). A prompt's last piece ends with its last token, whose
         logits give the job's first reply token in the same pass."""
         slots, segments, fed = [], [], 0
+        limit = self._piece_limit()
         for slot in [s for s in self.active if s.next_input is None]:
-            if self.prefill_chunk is not None and fed >= self.prefill_chunk:
+            if limit is not None and fed >= limit:
                 break
             prompt, seen = slot.job.prompt, slot.cache.get_seq_length()
-            upto = len(prompt) if self.prefill_chunk is None else min(len(prompt), seen + self.prefill_chunk)
+            upto = len(prompt) if limit is None else min(len(prompt), self._piece_end(seen, limit))
             slots.append(slot)
             segments.append(prompt[seen:upto])
             fed += upto - seen
@@ -246,7 +267,8 @@ class ModelWorker:
             return
         try:
             with returned_transients() if chunks else contextlib.nullcontext():
-                logits = packed_step(self.model, [s.cache for s in slots], segments, self.row_group)
+                logits = packed_step(self.model, [s.cache for s in slots], segments, self.row_group,
+                                     self.interleave_chunk)
         except Exception as exc:  # noqa: BLE001 -- the pass failed: its caches may be half-updated
             for slot in slots:
                 self._fail(slot, exc)

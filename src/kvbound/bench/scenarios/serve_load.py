@@ -56,6 +56,9 @@ def add_arguments(group) -> None:
     group.add_argument("--row-groups", default="4,1", metavar="G,G,...",
                        help="serve-load: the server's --row-group; load: the first at every level, the others at "
                             "1 client; determinism: one server each (default: 4,1)")
+    group.add_argument("--interleave-chunk", type=int, default=None, metavar="N",
+                       help="serve-load: the server's --interleave-chunk (default: the server's, "
+                            "16; 0 = whole prefill chunks while others decode)")
     group.add_argument("--replies", type=int, default=104,
                        help="serve-load: distinct requests in --mode determinism (default: 104)")
     group.add_argument("--sequential-max-clients", type=int, default=4,
@@ -85,6 +88,8 @@ def options(args) -> dict[str, Any]:
                         (args.sequential_max_clients, "--sequential-max-clients"), (args.rounds, "--rounds")):
         if value < 1:
             raise KVBoundError(f"serve-load: {name} must be >= 1, got {value}")
+    if args.interleave_chunk is not None and args.interleave_chunk < 0:
+        raise KVBoundError(f"serve-load: --interleave-chunk must be >= 0, got {args.interleave_chunk}")
     budget = int(args.budget_list[0].value)
     return {"mode": args.mode, "models": models,
             "policies": [[p, budget if spec(p).needs_budget else None] for p in policies],
@@ -92,7 +97,7 @@ def options(args) -> dict[str, Any]:
             "max_tokens": args.new_tokens, "max_batch": args.max_batch,
             "row_groups": _ints(args.row_groups, "--row-groups"), "replies": args.replies,
             "sequential_max_clients": args.sequential_max_clients, "threads": args.threads or 1,
-            "rounds": args.rounds}
+            "rounds": args.rounds, "interleave_chunk": args.interleave_chunk}
 
 
 def run(ctx: Context) -> None:
@@ -116,7 +121,7 @@ def _prompt(i: int) -> str:
 
 def _server(s, model: str, policy: str, budget: int | None, row_group: int, out: Path):
     server = SimpleNamespace(model=model, policy=policy, budget=budget, threads=s.threads, max_batch=s.max_batch,
-                             row_group=row_group, max_queue=64)
+                             row_group=row_group, max_queue=64, interleave_chunk=getattr(s, "interleave_chunk", None))
     proc, url, _ = start_server(server, None, out)
     import openai
 

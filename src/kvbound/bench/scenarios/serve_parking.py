@@ -111,6 +111,8 @@ def child(args) -> None:
     torch.set_num_threads(args.threads)
     model, tok = load(args.model)
     batching = {k: getattr(args, k) for k in ("max_batch", "row_group") if getattr(args, k, None) is not None}
+    if getattr(args, "interleave_chunk", None) is not None:  # 0: whole prefill chunks while others decode
+        batching["interleave_chunk"] = args.interleave_chunk or None
     config = ServeConfig(model=args.model, policy=args.policy, budget=args.budget, memory_budget=args.memory_budget,
                          max_queue=args.max_queue or 4, **batching)
     app = create_app(config, model=model, tokenizer=tok)
@@ -126,7 +128,7 @@ def child(args) -> None:
 
 def start_server(args, memory_budget: int | None, workdir: Path):
     """A fresh ``kvbound serve`` child process for ``args`` (model, policy, budget, threads; optional
-    max_batch, row_group, max_queue): ``(process, base url, RSS baseline)`` once it answers."""
+    max_batch, row_group, max_queue, interleave_chunk): ``(process, base url, RSS baseline)`` once it answers."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -138,7 +140,7 @@ def start_server(args, memory_budget: int | None, workdir: Path):
         cmd += ["--budget", str(args.budget)]
     if memory_budget is not None:
         cmd += ["--memory-budget", str(memory_budget)]
-    for name in ("max_batch", "row_group", "max_queue"):
+    for name in ("max_batch", "row_group", "max_queue", "interleave_chunk"):
         if getattr(args, name, None) is not None:
             cmd += ["--" + name.replace("_", "-"), str(getattr(args, name))]
     proc = subprocess.Popen(cmd)
@@ -311,7 +313,8 @@ def _child_main(argv: list[str] | None = None) -> None:
     p.add_argument("--child", action="store_true")
     for name in ("--model", "--policy", "--ready-file"):
         p.add_argument(name)
-    for name in ("--port", "--threads", "--budget", "--memory-budget", "--max-batch", "--row-group", "--max-queue"):
+    for name in ("--port", "--threads", "--budget", "--memory-budget", "--max-batch", "--row-group", "--max-queue",
+                 "--interleave-chunk"):
         p.add_argument(name, type=int)
     child(p.parse_args(argv))
 
