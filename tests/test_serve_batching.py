@@ -249,6 +249,10 @@ def test_max_batch_must_be_a_whole_number_of_at_least_one(capsys):
     assert err.count("\n") == 1 and "max_batch" in err
     assert main(["serve", "--model", MODEL, "--row-group", "0"]) == 2
     assert "row_group" in capsys.readouterr().err
+    assert main(["serve", "--model", MODEL, "--interleave-chunk", "-1"]) == 2
+    assert "--interleave-chunk must be >= 0" in capsys.readouterr().err
+    with pytest.raises(KVBoundError, match="interleave_chunk"):
+        ServeConfig(model=MODEL, interleave_chunk=0)
 
 
 @pytest.mark.parametrize("policy, budget, options", [("expected-attention", 8, {}), ("kvzip", 8, {}),
