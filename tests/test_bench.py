@@ -464,14 +464,15 @@ def test_serve_load_medians_take_each_rounds_own_baseline():
 
     def level(round_, clients, tps, p95):
         return {"status": "ok", "mode": "load", "model": "m", "policy": "full", "budget": None, "row_group": 4,
-                "round": round_, "clients": clients, "tokens_per_s": tps, "itl_p50_s": p95 / 2, "itl_p95_s": p95}
+                "round": round_, "clients": clients, "tokens_per_s": tps, "itl_p50_s": p95 / 2, "itl_p95_s": p95,
+                "tpot_p50_s": clients / (2 * tps)}
 
     runs = [level(0, 1, 10.0, 0.10), level(0, 8, 30.0, 0.30), level(1, 1, 20.0, 0.20), level(1, 8, 40.0, 0.70),
             level(2, 1, 10.0, 0.10), level(2, 8, 35.0, 0.25)]
     lines = "\n".join(_medians(runs))
     # tokens/s ratios 3.0, 2.0, 3.5 -> median 3.0; ITL p95 ratios 3.0, 3.5, 2.5 -> median 3.0
-    assert "| m | full | 4 | 8 | 3 | 35.0 | 3.00× (2.00–3.50) | 150 ms | 3.00× (2.50–3.50) | 300 ms | 3.00× (2.50–3.50) |" \
-        in lines
+    assert ("| m | full | 4 | 8 | 3 | 35.0 | 3.00× (2.00–3.50) | 70.0 | 3.00× (2.00–3.50) | 150 ms | 3.00× (2.50–3.50) "
+            "| 300 ms | 3.00× (2.50–3.50) |") in lines
     assert _medians(runs[:2]) == []  # one round: no medians table
 
 

@@ -296,8 +296,9 @@ def _series(r: dict) -> tuple:
     return r["model"], r["policy"], r["row_group"], r.get("round", 0)
 
 
-MEDIAN_COLUMNS = (("tokens_per_s", "tokens/s", "{:.1f}"), ("itl_p50_s", "ITL p50", "ms"),
-                  ("itl_p95_s", "ITL p95", "ms"))
+MEDIAN_COLUMNS = ((lambda r: r.get("tokens_per_s"), "tokens/s", "{:.1f}"),
+                  (lambda r: _decode_rate(r), "decode tokens/s", "{:.1f}"),
+                  (lambda r: r.get("itl_p50_s"), "ITL p50", "ms"), (lambda r: r.get("itl_p95_s"), "ITL p95", "ms"))
 
 
 def _medians(runs: list[dict]) -> list[str]:
@@ -317,10 +318,10 @@ def _medians(runs: list[dict]) -> list[str]:
              "|---|---|---|---|---|" + "---|---|" * len(MEDIAN_COLUMNS)]
     for (model, policy, budget, row_group, clients), rs in groups.items():
         cells = []
-        for key, _, fmt in MEDIAN_COLUMNS:
-            values = [r[key] for r in rs if r.get(key) is not None]
-            ratios = sorted(r[key] / base[_series(r)][key] for r in rs
-                            if r.get(key) is not None and _series(r) in base and base[_series(r)].get(key))
+        for get, _, fmt in MEDIAN_COLUMNS:
+            values = [get(r) for r in rs if get(r) is not None]
+            ratios = sorted(get(r) / get(base[_series(r)]) for r in rs
+                            if get(r) is not None and _series(r) in base and get(base[_series(r)]))
             med = statistics.median(values) if values else None
             value = "-" if med is None else (_ms(med) if fmt == "ms" else fmt.format(med))
             ratio = "-" if not ratios else f"{statistics.median(ratios):.2f}× ({ratios[0]:.2f}–{ratios[-1]:.2f})"
