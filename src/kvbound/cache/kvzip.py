@@ -24,8 +24,8 @@ reconstruction of every held token not scored yet, then each layer keeps its bes
 ``allocation`` option spreads the budget (:mod:`kvbound.cache.allocation`): ``uniform`` is
 kvpress's ``layerwise`` variant, ``budget`` per KV head; ``ada`` ranks the scores of all KV heads
 of a layer together (ragged heads: the paper's non-uniform head budgets, within each layer);
-``pyramid`` and ``cake`` spread the budget over layers. The ``sinks`` first tokens are always kept. So the hot K/V reach ``budget`` + one pass's tokens between the pass and
-its reconstruction (``peak_hot_kv_bytes`` shows it); prefill in chunks to bound it. Cost: about one
+``pyramid`` and ``cake`` spread the budget over layers. The ``sinks`` first tokens are always
+kept. So the hot K/V reach ``budget`` + one pass's tokens between the pass and its reconstruction (``peak_hot_kv_bytes`` shows it); prefill in chunks to bound it. Cost: about one
 more prefill of the scored tokens (the paper: 2-3x a prefill). A prefill within the budget scores
 nothing.
 
