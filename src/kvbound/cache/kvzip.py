@@ -25,9 +25,9 @@ reconstruction of every held token not scored yet, then each layer keeps its bes
 kvpress's ``layerwise`` variant, ``budget`` per KV head; ``ada`` ranks the scores of all KV heads
 of a layer together (ragged heads: the paper's non-uniform head budgets, within each layer);
 ``pyramid`` and ``cake`` spread the budget over layers. The ``sinks`` first tokens are always
-kept. So the hot K/V reach ``budget`` + one pass's tokens between the pass and its reconstruction (``peak_hot_kv_bytes`` shows it); prefill in chunks to bound it. Cost: about one
-more prefill of the scored tokens (the paper: 2-3x a prefill). A prefill within the budget scores
-nothing.
+kept. So the hot K/V reach ``budget`` + one pass's tokens between the pass and its reconstruction
+(``peak_hot_kv_bytes`` shows it); prefill in chunks to bound it. Cost: about one more prefill of
+the scored tokens (the paper: 2-3x a prefill). A prefill within the budget scores nothing.
 
 Decoding (the paper compresses once and then lets the cache grow): nothing is re-scored. A step
 that overflows evicts the lowest-scored token of each KV head; the generated tokens are unscored
@@ -52,14 +52,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .. import attention
 from ..errors import KVBoundError
+from .allocation import AllocationOptions
 from .base import nbytes
 from .checks import check_int
-import torch.nn.functional as F
-
-from .allocation import AllocationOptions
 from .codec import decode_kv
 from .evicting import EvictingCache, EvictingLayer, gather_tokens
 from .registry import register
