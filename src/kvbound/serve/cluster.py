@@ -357,7 +357,8 @@ def run_cluster(config: ServeConfig, replicas: int, host: str, port: int, addres
     if config.store is None and replicas > 1:
         print("kvbound serve: no --store: a conversation that moves replicas is rebuilt from the request alone",
               file=sys.stderr)
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # no --address: a new local cluster ("local"), never the latest one /tmp/ray/ray_current_cluster names
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(app, name=APP_NAME, route_prefix="/")
