@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any, AsyncIterator
 
@@ -369,5 +370,24 @@ def run_cluster(config: ServeConfig, replicas: int, host: str, port: int, addres
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        _bounded_serve_shutdown()
         ray.shutdown()
+
+
+SHUTDOWN_S = 30  # seconds Ray Serve's graceful shutdown may take before the CLI stops Ray anyway
+
+
+def _bounded_serve_shutdown(timeout: float = SHUTDOWN_S) -> None:
+    """``serve.shutdown()`` (drain and stop the replicas), given at most ``timeout`` seconds: a Ctrl-C
+    reaches Ray's own processes too, and a shutdown waiting on one that already stopped never ends."""
+    done = threading.Event()
+
+    def stop() -> None:
+        try:
+            serve.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=stop, name="kvbound-serve-shutdown", daemon=True).start()
+    if not done.wait(timeout):
+        print(f"kvbound serve: Ray Serve did not shut down in {timeout:g} s; stopping Ray", file=sys.stderr)
