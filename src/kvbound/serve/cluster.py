@@ -378,8 +378,8 @@ SHUTDOWN_S = 30  # seconds Ray Serve's graceful shutdown may take before the CLI
 
 
 def _bounded_serve_shutdown(timeout: float = SHUTDOWN_S) -> None:
-    """``serve.shutdown()`` (drain and stop the replicas), given at most ``timeout`` seconds: a Ctrl-C
-    reaches Ray's own processes too, and a shutdown waiting on one that already stopped never ends."""
+    """``serve.shutdown()`` (drain and stop the replicas), given at most ``timeout`` seconds: on SIGINT
+    to the CLI's process group it once waited past 180 s (a full long-test run; cause not found)."""
     done = threading.Event()
 
     def stop() -> None:
