@@ -18,8 +18,7 @@ every M >= 4 that is a multiple of 4, and every M >= 12, gives the same bits per
 threads). With ``row_group`` 4 the batch is padded with dummy rows to such a size, so a greedy
 reply does not depend on how many other conversations share its steps -- including none.
 A prompt's attention is the other part that depends on how it is cut: its queries attending in one
-call round differently from the same queries cut into pieces over several passes (measured: about
-one prompt in three differs in its last bits). With ``query_block`` N a segment with no tiered step
+call can round differently from the same queries cut into pieces over several passes. With ``query_block`` N a segment with no tiered step
 (``full`` and every plain-K/V policy) attends in blocks of queries cut at multiples of N positions,
 so a prompt fed whole and the same prompt fed in pieces that end at multiples of N compute the same
 calls bit for bit (the server cuts its pieces so while other conversations decode).
