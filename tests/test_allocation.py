@@ -381,17 +381,20 @@ def test_kvzip_reconstructs_the_unscored_tail_of_ragged_heads(name):
 
 
 def test_allocation_page_medians_over_rounds():
-    """--rounds: the page's medians table takes each variant's median and divides by the first's."""
+    """--rounds: the page's medians table takes each variant's median and divides by the first's; the
+    per-round column pairs each run with the first variant's run of its own round, whatever order the
+    round ran in (odd rounds run the variants in reverse)."""
     from kvbound.bench.scenarios.allocation import _medians
 
-    def run(variant, rss, cpu):
-        return {"status": "ok", "tokens": 100, "budget_arg": 8, "budget": 8, "variant": variant,
+    def run(variant, rss, cpu, round_):
+        return {"status": "ok", "tokens": 100, "budget_arg": 8, "budget": 8, "variant": variant, "round": round_,
                 "hot_kv_bytes": 1000, "rss_added_bytes": rss * 2**20, "cpu_seconds_per_token": cpu,
                 "prefill_cpu_seconds": 1.0}
 
-    runs = [run("snapkv", 10, 0.1), run("razor", 30, 0.2), run("snapkv", 12, 0.1),
-            run("razor", 11, 0.12), run("snapkv", 50, 0.3), run("razor", 13, 0.11)]
+    runs = [run("snapkv", 10, 0.1, 0), run("razor", 30, 0.2, 0), run("razor", 11, 0.12, 1),
+            run("snapkv", 12, 0.1, 1), run("snapkv", 50, 0.3, 2), run("razor", 13, 0.11, 2)]
     text = "\n".join(_medians(runs))
-    assert "| 100 | 8 | snapkv | 3 | 1,000 | 1.000 | 12.0 MiB | 1.000 | 0.1 | 1.000 | 1 | 1.000 |" in text
-    assert "| 100 | 8 | razor | 3 | 1,000 | 1.000 | 13.0 MiB | 1.083 | 0.12 | 1.200 | 1 | 1.000 |" in text
+    assert "| 100 | 8 | snapkv | 3 | 1,000 | 1.000 | 12.0 MiB | 1.000 | 0.1 | 1.000 | 1 | 1.000 | 1.000 (1.000–1.000) |" in text
+    # per round: 0.2/0.1, 0.12/0.1, 0.11/0.3 -> median 1.2 (against a ratio of medians of 0.12/0.1)
+    assert "| 100 | 8 | razor | 3 | 1,000 | 1.000 | 13.0 MiB | 1.083 | 0.12 | 1.200 | 1 | 1.000 | 1.200 (0.367–2.000) |" in text
     assert _medians(runs[:2]) == []  # one round: no medians table

@@ -5,10 +5,12 @@ Each variant is a policy with options in the bench's variant syntax (``snapkv``,
 fresh process (:func:`kvbound.bench.long.spawn`: the haystack prompt with its needle, RSS of the
 process, decode time per token, the bytes held, the tokens each KV head kept), at every
 ``--lengths`` x ``--budgets`` (a fraction in (0, 1] is that share of the prompt).
-``--rounds N`` runs every variant N times, round after round (so a drift in the box's load
-touches every variant alike), and the page adds the median of each measure and its ratio: the RSS a
-process adds moves by several MiB between identical runs (the allocator's heap), so a ratio of one
-run each is noise at the 10% level. ``--perplexity-tokens N`` also measures the perplexity of each variant over the first N tokens of the
+``--rounds N`` runs every variant N times, round after round, the order reversed in every other
+round (so a drift in the box's load, or a cost of running first or last, touches every variant
+alike), and the page adds the median of each measure, its ratio of medians, and the median of the
+per-round ratios (each variant against the first variant's run of the same round): the RSS a process
+adds moves by several MiB between identical runs (the allocator's heap), and a decode of a few dozen
+tokens by 10-20%, so a ratio of one run each is noise at the 10% level. ``--perplexity-tokens N`` also measures the perplexity of each variant over the first N tokens of the
 built-in corpus (in the bench process). The page shows ratios against the first variant of each
 length and budget, and one heatmap per run (layer x KV head, tokens kept).
 """
@@ -56,7 +58,7 @@ def run(ctx: Context) -> None:
         for b in o["budgets"]:
             budget = int(b * tokens) if b <= 1 else int(b)
             for round_ in range(o.get("rounds", 1)):
-                for variant in o["variants"]:
+                for variant in (o["variants"] if round_ % 2 == 0 else o["variants"][::-1]):
                     policy = policy_name(variant)
                     job = LongJob(o["model"], policy, tokens, None if policy == "full" else budget, o["new_tokens"],
                                   o["prefill_chunk"], o["threads"], policy_options(variant))
@@ -127,19 +129,37 @@ MEDIAN_KEYS = (("hot_kv_bytes", "hot K/V bytes"), ("rss_added_bytes", "RSS added
                ("cpu_seconds_per_token", "decode CPU s/token"), ("prefill_cpu_seconds", "prefill CPU s"))
 
 
+def _round_key(r: dict[str, Any]) -> tuple[Any, Any, Any]:
+    return r.get("tokens"), r.get("budget_arg"), r.get("round", 0)
+
+
+def _references(runs: list[dict[str, Any]]) -> dict[tuple[Any, Any, Any], dict[str, Any]]:
+    """The run each ratio is taken against: the first variant's (the order ``--policies`` named, not
+    the order a round ran in) at the same length, budget and round."""
+    first: dict[tuple[Any, Any], str] = {}
+    for r in runs:
+        first.setdefault((r.get("tokens"), r.get("budget_arg")), r.get("variant"))
+    return {_round_key(r): r for r in runs
+            if r.get("status") == "ok" and r.get("variant") == first[(r.get("tokens"), r.get("budget_arg"))]}
+
+
 def _medians(runs: list[dict[str, Any]]) -> list[str]:
-    """With several rounds: the median of each measure per variant, and its ratio to the first
-    variant's median at the same length and budget."""
+    """With several rounds: the median of each measure per variant, its ratio to the first variant's
+    median at the same length and budget, and the median of the per-round decode ratios."""
     groups: dict[tuple[Any, Any], dict[str, list[dict[str, Any]]]] = {}
     for r in runs:
         if r.get("status") == "ok":
             groups.setdefault((r.get("tokens"), r.get("budget_arg")), {}).setdefault(r["variant"], []).append(r)
     if not any(len(v) > 1 for g in groups.values() for v in g.values()):
         return []
+    refs = _references(runs)
     head = " | ".join(f"{label} | × first" for _, label in MEDIAN_KEYS)
     lines = ["", "## Medians over rounds", "",
-             "Each measure's median over the rounds, and its ratio to the first variant's median.", "",
-             f"| tokens | budget | variant | runs | {head} |", "|---|---|---|---|" + "---|---|" * len(MEDIAN_KEYS)]
+             "Each measure's median over the rounds, and its ratio to the first variant's median. The last "
+             "column is the median, over the rounds, of the decode CPU time per token against the first "
+             "variant's run of the same round (min-max in brackets).", "",
+             f"| tokens | budget | variant | runs | {head} | decode × first, per round |",
+             "|---|---|---|---|" + "---|---|" * len(MEDIAN_KEYS) + "---|"]
     for (tokens, budget), by_variant in groups.items():
         ref = None
         for variant, rs in by_variant.items():
@@ -150,7 +170,10 @@ def _medians(runs: list[dict[str, Any]]) -> list[str]:
                 value = f"{med[k] / 2**20:.1f} MiB" if k == "rss_added_bytes" else (
                     f"{med[k]:,.0f}" if k == "hot_kv_bytes" else f"{med[k]:.4g}")
                 cells.append(f"{value} | {med[k] / ref[k]:.3f}" if ref[k] else f"{value} | —")
-            lines.append(f"| {tokens} | {rs[0].get('budget')} | {variant} | {len(rs)} | {' | '.join(cells)} |")
+            paired = [r["cpu_seconds_per_token"] / ref_run["cpu_seconds_per_token"] for r in rs
+                      if (ref_run := refs.get(_round_key(r))) and ref_run.get("cpu_seconds_per_token")]
+            per_round = f"{median(paired):.3f} ({min(paired):.3f}–{max(paired):.3f})" if paired else "—"
+            lines.append(f"| {tokens} | {rs[0].get('budget')} | {variant} | {len(rs)} | {' | '.join(cells)} | {per_round} |")
     return lines
 
 
@@ -161,18 +184,18 @@ def render(data: dict[str, Any], out: Path) -> tuple[str, list[str]]:
     lines = [f"# Allocation bench: {model}", "", meta_section(data), "",
              "Decode CPU s/token is the process's CPU time per decoded token: on a shared box the wall time "
              "(s/token) mostly measures how much of a core the run got.", "",
+             "The ratios (× first) are against the first variant's run of the same round.", "",
              "| tokens | budget | variant | needle | hot K/V bytes | × first | RSS added | × first | decode s/token "
              "| decode CPU s/token | × first | prefill CPU s | load |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base: dict[tuple[Any, Any], dict[str, Any]] = {}
+    refs = _references(runs)
     plots = []
     for r in runs:
-        key = (r.get("tokens"), r.get("budget_arg"))
         if r.get("status") != "ok":
             lines.append(f"| {r.get('tokens')} | {r.get('budget')} | {r.get('variant')} | error: {r.get('reason')} |"
                          " | | | | | | | | |")
             continue
-        ref = base.setdefault(key, r)
+        ref = refs.get(_round_key(r), r)
 
         def ratio(k: str) -> str:
             return f"{r[k] / ref[k]:.3f}" if ref.get(k) else "—"
