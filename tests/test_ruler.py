@@ -143,9 +143,32 @@ def test_kvzip_scores_the_context_once_for_every_ratio():
 
 
 def _args(tmp_path, *extra: str) -> argparse.Namespace:
+    """The ruler scenario's arguments, in float32 unless ``extra`` names a dtype (the scenario's default is
+    bfloat16, and the bench converts the model it is handed in place: the tests share their tiny models)."""
     parser = argparse.ArgumentParser()
     bench_cli.add_arguments(parser)
-    return parser.parse_args(["--scenario", "ruler", "--out", str(tmp_path / "out"), "--no-progress", *extra])
+    dtype = [] if "--dtype" in extra else ["--dtype", "float32"]
+    return parser.parse_args(["--scenario", "ruler", "--out", str(tmp_path / "out"), "--no-progress", *dtype, *extra])
+
+
+def test_ruler_runs_in_bfloat16_by_default(tmp_path):
+    """Without --dtype the ruler scenario runs the model (and every policy) in bfloat16, as the field's
+    leaderboards do; other scenarios stay in float32."""
+    parser = argparse.ArgumentParser()
+    bench_cli.add_arguments(parser)
+    args = parser.parse_args(["--scenario", "ruler", "--out", str(tmp_path / "out"), "--no-progress", "--model",
+                              "tiny-llama", "--lengths", "500", "--tasks", "niah_single_1", "--ratios", "0.5",
+                              "--samples", "1", "--policies", "full,snapkv", "--max-new-tokens", "3"])
+    model = tiny("tiny-llama")
+    assert bench_cli.run(args, model_and_tokenizer=(model, TOK)) == 0
+    data = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert data["meta"]["options"]["dtype"] == "bfloat16" and data["meta"]["model"]["dtype"] == "bfloat16"
+    assert model.dtype == torch.bfloat16
+    assert all(r["status"] == "ok" for r in data["runs"])
+    assert {r["held_kv_bytes"] for r in data["runs"] if r["policy"] == "snapkv"} == {
+        2 * 2 * r["keep"] * model.config.num_hidden_layers * model.config.num_key_value_heads
+        * (model.config.hidden_size // model.config.num_attention_heads)
+        for r in data["runs"] if r["policy"] == "snapkv"}  # 2 bytes per value
 
 
 @pytest.mark.parametrize("protocol", ["compress", "bounded"])

@@ -69,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="long, decode: also run exact policies with exact self-speculative decoding, K drafts "
                              "per verification")
     parser.add_argument("--device", default="cpu", help="torch device to run on (default: cpu)")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                         help="model precision; every policy, the reference `full` included, runs in it "
-                             "(default: float32)")
+                             "(default: float32; ruler: bfloat16, as the field's leaderboards run)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a CPU shared with other jobs; "
                              "serve-parking, serve-load, cluster: per server / replica, default 2, 1, 1)")
@@ -201,6 +201,7 @@ def _run_scenario(args, model_and_tokenizer, on_record, argv) -> int:
     args.policy_list = select_policies(args.policies)
     args.budget_list = parse_budgets(args.budgets or getattr(module, "DEFAULT_BUDGETS", None) or "128")
     args.new_tokens = args.max_new_tokens or getattr(module, "DEFAULT_NEW_TOKENS", 0)
+    args.dtype = args.dtype or getattr(module, "DEFAULT_DTYPE", "float32")
     scenario_options = module.options(args)  # validates before anything loads or runs
     options = {"scenario": args.scenario, "policies": args.policy_list,
                "budgets": [b.label for b in args.budget_list], "max_new_tokens": args.new_tokens,
