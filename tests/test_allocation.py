@@ -398,3 +398,103 @@ def test_allocation_page_medians_over_rounds():
     # per round: 0.2/0.1, 0.12/0.1, 0.11/0.3 -> median 1.2 (against a ratio of medians of 0.12/0.1)
     assert "| 100 | 8 | razor | 3 | 1,000 | 1.000 | 13.0 MiB | 1.083 | 0.12 | 1.200 | 1 | 1.000 | 1.200 (0.367–2.000) |" in text
     assert _medians(runs[:2]) == []  # one round: no medians table
+
+
+# --------------------------------------------------------------------------- global (kvzip)
+
+
+def test_global_counts_match_one_sort_of_every_entry():
+    """global_counts: the top `total` of all layers' entries together, counted per (layer, head); padding
+    (-inf) never counts, +inf always does."""
+    from kvbound.cache.allocation import global_counts
+
+    gen = torch.Generator().manual_seed(7)
+    ranks = [torch.rand(2, 3, n, generator=gen) ** (1 + i) for i, n in enumerate((10, 14, 6))]
+    ranks[1][:, 2, 9:] = float("-inf")  # a ragged head's padding
+    ranks[0][:, :, :2] = float("inf")  # sinks
+    counts = global_counts(ranks, 25)
+    for b in range(2):
+        entries = sorted(((float(r[b, h, t]), l, h) for l, r in enumerate(ranks) for h in range(3)
+                          for t in range(r.shape[-1]) if r[b, h, t] > float("-inf")), reverse=True)[:25]
+        want = [[sum(1 for _, l2, h2 in entries if (l2, h2) == (l, h)) for h in range(3)] for l in range(3)]
+        assert [c[b].tolist() for c in counts] == want
+    assert all(int(sum(c[b].sum() for c in counts)) == 25 for b in range(2))
+    assert global_counts(ranks, 10**6)[1][:, 2].tolist() == [9, 9]  # everything real, no padding
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+@torch.no_grad()
+def test_kvzip_global_keeps_the_top_of_every_layer_and_head(name):
+    """kvzip allocation=global under compress: the kept tokens of each (layer, head) are exactly those of
+    one ranking of every full layer's reconstruction scores (sinks always), keep x heads x layers in all,
+    and the heads really differ."""
+    from kvbound.cache.context import ContextRecorder
+
+    model, keep = tiny(name), 12
+    context = ContextRecorder(model)
+    kvbound.generation.prefill(model, prompt_ids(60), context, 20)
+    cache = kvbound.make_cache(model, "kvzip", keep, allocation="global")
+    cache.compress(context, keep)
+    scores = context.shared["kvzip"]
+    sinks = cache.options.sinks
+    full = cache.full_layers
+    heads = cache.kv_heads
+    entries = sorted(((float("inf") if t < sinks else float(scores[l][0, h, t]), l, h, t)
+                      for l in full for h in range(heads) for t in range(scores[l].shape[-1])), reverse=True)
+    top = entries[:keep * heads * len(full)]
+    counts = []
+    for l in full:
+        layer = cache.layers[l]
+        positions = _held(layer, "positions")
+        for h in range(heads):
+            got = {int(p) for p in positions[0, h].tolist() if 0 <= p < 60}
+            assert got == {t for _, l2, h2, t in top if (l2, h2) == (l, h)}
+            counts.append(len(got))
+    assert sum(counts) == keep * heads * len(full) and len(set(counts)) > 1
+    assert cache.memory_report()["allocation"] == "global"
+    model(prompt_ids(4, seed=3), past_key_values=cache)  # the question goes in after the ragged context
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
+def test_kvzip_global_holds_the_total_while_decoding(name):
+    """Bounded: each overflowing chunk is re-ranked over every layer; decoding keeps each head's quota,
+    so the total stays layers x heads x budget, and the bytes are the kept tokens'."""
+    model = tiny(name)
+    cache = kvbound.make_cache(model, "kvzip", 10, allocation="global")
+    from kvbound.generation import prefill
+
+    prefill(model, prompt_ids(40), cache, chunk=16)
+    full = cache.full_layers
+    heads = cache.kv_heads
+    total = len(full) * heads * 10
+    kept = cache.memory_report()["kept_tokens"]
+    assert sum(sum(kept[i]) for i in full) == total
+    run_greedy(model, prompt_ids(40), cache, 6)
+    report = cache.memory_report()
+    kept = report["kept_tokens"]
+    assert sum(sum(kept[i]) for i in full) == total
+    assert len({c for i in full for c in kept[i]}) > 1  # ragged over layers and heads
+
+
+def test_global_is_kvzip_only():
+    with pytest.raises(KVBoundError, match="allocation=global ranks the scores of every layer together, which only kvzip"):
+        kvbound.make_cache(tiny("tiny-llama"), "snapkv", 16, allocation="global")
+    with pytest.raises(KVBoundError, match="must be one of uniform, pyramid, ada, cake, global"):
+        kvbound.make_cache(tiny("tiny-llama"), "kvzip", 16, allocation="everywhere")
+
+
+@pytest.mark.parametrize("allocation", ["pyramid", "ada", "cake", "global"])
+def test_kvzip_reconstructs_chunk_after_chunk_under_every_allocation(allocation):
+    """A chunked prefill reconstructs after each overflowing chunk; once layers hold different counts
+    (pyramid, ada's ragged heads, global), the repeat pass's mask must fit each layer (it failed for
+    pyramid and ada before: the mask was built from the first layer's length)."""
+    from kvbound.generation import prefill
+
+    model = tiny("tiny-llama")
+    extra = {"pyramid_beta": 4} if allocation == "pyramid" else {}
+    cache = kvbound.make_cache(model, "kvzip", 10, allocation=allocation, **extra)
+    prefill(model, prompt_ids(40), cache, chunk=16)
+    run_greedy(model, prompt_ids(40), cache, 4)
+    kept = cache.memory_report()["kept_tokens"]
+    assert sum(map(sum, kept)) == len(cache.layers) * cache.kv_heads * 10
+    assert cache.reconstructed_tokens > 40  # every chunk reconstructed

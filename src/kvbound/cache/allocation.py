@@ -18,8 +18,14 @@ same budget (Gemma 3's sliding layers keep their recent suffix, outside the allo
   (entropy and variance of the last ``cake_window`` queries' attention), recomputed after each
   layer over the layers seen so far (cascading: earlier layers shrink to their new share at once);
   heads uniform. CAKE's own eviction indicator is not used: the policy's scores rank the tokens.
+* ``global`` -- KVzip's default (Kim et al. 2025, https://arxiv.org/abs/2505.23416): one ranking of
+  the scores of every (full-attention layer, KV head, token) together; the top ``layers x heads x
+  budget`` stay, so layers and heads get what their scores earn (:func:`global_counts`). Only for a
+  policy whose scores compare across layers (``kvzip``: attention probabilities in [0, 1] from the
+  same reconstruction), and only where every layer's scores exist at once (after its reconstruction).
 
-:func:`choose` is the one function that turns a policy's scores into the kept tokens.
+:func:`choose` is the one function that turns a policy's scores into the kept tokens of a layer;
+:func:`global_counts` spreads a total over several layers.
 """
 
 from __future__ import annotations
@@ -37,14 +43,16 @@ PAPERS = {
     "pyramid": "Cai et al. 2024, https://arxiv.org/abs/2406.02069",
     "ada": "Feng et al. 2024, https://arxiv.org/abs/2407.11550",
     "cake": "Qin et al. 2025, https://arxiv.org/abs/2503.12491",
+    "global": "Kim et al. 2025, https://arxiv.org/abs/2505.23416",
 }
+ACROSS_LAYERS = ("global",)  # allocations that rank every layer's scores together (policies opt in)
 
 
 @dataclass
 class AllocationOptions(CodecOptions):
     """Options every scored policy takes (besides its own): how the budget is spread."""
 
-    allocation: str = "uniform"  # uniform | pyramid | ada | cake
+    allocation: str = "uniform"  # uniform | pyramid | ada | cake (| global: kvzip)
     pyramid_beta: float = 20.0  # PyramidKV: the top layer keeps budget / beta
     ada_floor: float = 0.2  # Ada-KV: share of each head's capacity it keeps whatever the other heads score
     cake_window: int = 32  # CAKE: newest queries whose attention dispersion sets the layer shares
@@ -52,13 +60,17 @@ class AllocationOptions(CodecOptions):
     cake_tau2: float = 1.0  # CAKE: temperature of the variance
 
 
-def check_allocation(opts: AllocationOptions, budget: int, policy: str) -> None:
+def check_allocation(opts: AllocationOptions, budget: int, policy: str, extra: tuple[str, ...] = ()) -> None:
     """One-line errors for an unknown allocation, bad parameters, or a budget below the floors
     (``pyramid``'s top layer keeps ``budget / beta >= 1`` tokens, ``ada``'s floor at least one).
+    ``extra``: the allocations of :data:`ACROSS_LAYERS` the policy supports.
     A layer whose capacity falls below a policy's always-kept tokens (window, recent) keeps the
     newest ``capacity`` of them."""
-    if opts.allocation not in ALLOCATIONS:
-        raise KVBoundError(f"{policy} option allocation must be one of {', '.join(ALLOCATIONS)}, "
+    if opts.allocation in ACROSS_LAYERS and opts.allocation not in extra:
+        raise KVBoundError(f"{policy} option allocation={opts.allocation} ranks the scores of every layer together, "
+                           f"which only kvzip's reconstruction scores allow; use one of {', '.join(ALLOCATIONS)}")
+    if opts.allocation not in (*ALLOCATIONS, *extra):
+        raise KVBoundError(f"{policy} option allocation must be one of {', '.join((*ALLOCATIONS, *extra))}, "
                            f"got {opts.allocation!r}")
     for name, lo in (("pyramid_beta", 1.0), ("cake_tau1", 0.0), ("cake_tau2", 0.0)):
         value = getattr(opts, name)
@@ -234,6 +246,22 @@ def choose(scores: torch.Tensor, capacity: int, allocation: str = "uniform", flo
         scores = scores.expand(b, h, n) if scores.shape[1] != h else scores
         counts = head_counts(scores, capacity, floor)
     return keep_counts(scores.expand(b, counts.shape[1], n), counts)
+
+
+def global_counts(ranks: list[torch.Tensor], total: int) -> list[torch.Tensor]:
+    """How many tokens each head of each layer keeps when the top ``total`` entries of all the
+    ``ranks`` (one ``[B, H, n_l]`` per layer; higher = keep, ``+inf`` always, ``-inf`` never: padding)
+    are chosen together. Returns one ``[B, H]`` count tensor per layer, summing to ``min(total, the
+    entries that are not -inf)`` per sequence."""
+    b, h = ranks[0].shape[:2]
+    device = ranks[0].device
+    flat = torch.cat([r.reshape(b, -1) for r in ranks], dim=-1)
+    owner = torch.cat([torch.arange(i * h, (i + 1) * h, device=device).repeat_interleave(r.shape[-1])
+                       for i, r in enumerate(ranks)])  # the (layer, head) of each column
+    top = flat.topk(min(total, flat.shape[-1]), dim=-1)
+    counts = torch.zeros(b, len(ranks) * h, dtype=torch.long, device=device)
+    counts.scatter_add_(1, owner[top.indices], (top.values > float("-inf")).long())
+    return list(counts.split(h, dim=1))
 
 
 def keep_counts(scores: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | Kept:

@@ -625,13 +625,14 @@ class EvictingCache(KVBoundCache):
 
     layer_cls: type[EvictingLayer] = EvictingLayer
     ragged_heads = False  # whether heads may hold different numbers of tokens (needs kvbound's attention)
+    across_layers: tuple[str, ...] = ()  # allocations of allocation.ACROSS_LAYERS the policy supports
     compresses = True  # whether compress() (kvpress's protocol) is supported
 
     def __init__(self, model: "PreTrainedModel", budget: int, options: Any) -> None:
         self.options = options
         self.allocation = getattr(options, "allocation", "uniform")
         if hasattr(options, "allocation"):
-            check_allocation(options, budget, self.policy_name)
+            check_allocation(options, budget, self.policy_name, self.across_layers)
         self.codec = tier_codec(options, model, self.policy_name) if isinstance(options, CodecOptions) else None
         self.think = think_ratio(options, self.policy_name, self.codec)  # ThinK on the kept keys (option)
         if self.think is not None and (self.allocation != "uniform" or self.ragged_heads):

@@ -24,7 +24,10 @@ reconstruction of every held token not scored yet, then each layer keeps its bes
 ``allocation`` option spreads the budget (:mod:`kvbound.cache.allocation`): ``uniform`` is
 kvpress's ``layerwise`` variant, ``budget`` per KV head; ``ada`` ranks the scores of all KV heads
 of a layer together (ragged heads: the paper's non-uniform head budgets, within each layer);
-``pyramid`` and ``cake`` spread the budget over layers. The ``sinks`` first tokens are always
+``pyramid`` and ``cake`` spread the budget over layers; ``global`` (the paper's default) ranks the
+scores of every layer and KV head together and keeps the top ``layers x heads x budget``
+(:func:`~kvbound.cache.allocation.global_counts`), so each head holds what its scores earn; while
+decoding each head then keeps its share (its quota) and drops its lowest. The ``sinks`` first tokens are always
 kept. So the hot K/V reach ``budget`` + one pass's tokens between the pass and its reconstruction
 (``peak_hot_kv_bytes`` shows it); prefill in chunks to bound it. Cost: about one more prefill of
 the scored tokens (the paper: 2-3x a prefill). A prefill within the budget scores nothing.
@@ -56,7 +59,7 @@ import torch.nn.functional as F
 
 from .. import attention
 from ..errors import KVBoundError
-from .allocation import AllocationOptions
+from .allocation import AllocationOptions, global_counts, keep_counts
 from .base import nbytes
 from .checks import check_int
 from .codec import decode_kv
@@ -153,16 +156,18 @@ def kvzip_chunk_scores(query: torch.Tensor, sink_keys: torch.Tensor, chunk_keys:
 class KVzipLayer(EvictingLayer):
     # [B, kv_heads, held] float32 (NaN = not scored yet): gathered, and packed for ragged heads, with the keys
     token_state = {"scores": 2}
+    batch_state = (*EvictingLayer.batch_state, "quota")
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         self.scores: torch.Tensor | None = None
+        self.quota: torch.Tensor | None = None  # [B, H] tokens each head keeps (allocation=global), else None
 
     def policy_tiers(self) -> dict[str, int]:
-        return {"scores": nbytes(self.scores)}
+        return {"scores": nbytes(self.scores), "quota": nbytes(self.quota)}
 
     def reset_policy(self) -> None:
-        self.scores = None
+        self.scores = self.quota = None
 
     def unscored(self) -> int:
         """Held tokens not scored yet (a suffix of every head; counted on the first head)."""
@@ -182,12 +187,30 @@ class KVzipLayer(EvictingLayer):
         old = 0 if self.scores is None else self.scores.shape[-1]
         pad = torch.full((*positions.shape[:2], n - old), float("nan"), device=keys.device)
         self.scores = pad if self.scores is None else torch.cat([self.scores, pad], dim=-1)
+        if self.quota is not None:  # allocation=global: each head holds its share of the global ranking
+            return self._keep_quota(positions, n - old)
         if n <= self.capacity:
             return None
         if n - old > 1:  # several tokens: scored by reconstruction once every layer holds them
             self.cache.overflowed = True
             return None
         return self.keep(self.ranking(positions))  # decoding: the scores stay; evict the lowest
+
+    def _keep_quota(self, positions: torch.Tensor, new: int) -> "torch.Tensor | Kept | None":
+        """allocation=global after a global selection: a multi-token step that leaves a head above its
+        quota is re-ranked with every layer (reconstruction); a decoding step drops the lowest of each
+        head above its quota."""
+        valid = self._valid
+        held = valid.sum(-1) if valid is not None else torch.full_like(self.quota, positions.shape[-1])
+        if bool((held <= self.quota).all()):
+            return None
+        if new > 1:
+            self.cache.overflowed = True
+            return None
+        rank = self.ranking(positions)
+        if valid is not None:
+            rank = rank.masked_fill(~valid, float("-inf"))
+        return keep_counts(rank, torch.minimum(held, self.quota))
 
     def hold_context(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
         """Hold all of a prefilled context, not scored yet (NaN scores)."""
@@ -203,6 +226,8 @@ class KVzipLayer(EvictingLayer):
             return self.compress(keys, values, keep, seen=seen)
         self.hold_context(keys, values, seen)
         self.scores = scores.clone()
+        if self.cache.allocation == "global":  # the cache ranks every layer's scores together
+            return
         self.capacity = keep
         self.evict_scored()
         self.capacity = self.UNBOUNDED
@@ -215,6 +240,14 @@ class KVzipLayer(EvictingLayer):
             kept = self.keep(self.ranking(self.positions))
         finally:
             self._valid = None
+        self._keep((self.keys, self.values), self.positions, kept, valid)
+
+    def keep_quota(self, quota: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """allocation=global: hold each head's top ``quota`` ``[B, H]`` by ``rank`` (padded like the
+        held tokens when ``valid`` is given) and keep the quota for the decoding steps."""
+        self.quota = quota
+        held = valid.sum(-1) if valid is not None else torch.full_like(quota, rank.shape[-1])
+        kept = None if bool((quota >= held).all()) else keep_counts(rank, quota)
         self._keep((self.keys, self.values), self.positions, kept, valid)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -236,10 +269,11 @@ class KVzipLayer(EvictingLayer):
             scores = kvzip_chunk_scores(query, held_k[..., :sinks, :], gather_tokens(held_k, cols),
                                         key_states, self.scaling(), self.cache.softcap)
             self.scores.scatter_(-1, cols, scores)
-        if valid is not None:
+        if valid is not None or self.cache.allocation != "uniform":  # layers (or heads) hold different counts
             new = key_states.shape[-2]
-            self.pending_step = attention.TierStep(keys, key_bias=self.step_bias(F.pad(valid, (0, new), value=True), new),
-                                                   fit_mask=True)
+            bias = None if valid is None else self.step_bias(F.pad(valid, (0, new), value=True), new)
+            self.pending_step = attention.TierStep(keys, key_bias=bias, fit_mask=True)
+        if valid is not None:
             self._hold(None, valid)
         self.cache.note_transient(nbytes(keys, values, query))
         return keys, values
@@ -252,6 +286,7 @@ class KVzipLayer(EvictingLayer):
           paper="Kim, Kim, Kwon, Yang, Yun, Song 2025, https://arxiv.org/abs/2505.23416")
 class KVzipCache(EvictingCache):
     layer_cls = KVzipLayer
+    across_layers = ("global",)
 
     def __init__(self, model, budget: int, **options: Any) -> None:
         opts = self.parse_options(options)
@@ -307,8 +342,11 @@ class KVzipCache(EvictingCache):
         if self.overflowed:
             self.overflowed = False
             self.reconstruct(full[0].unscored())
-            for layer in full:
-                layer.evict_scored()
+            if self.allocation == "global":
+                self.evict_global(self.budget)
+            else:
+                for layer in full:
+                    layer.evict_scored()
         if self.ids is not None and full:  # keep the ids of the unscored tokens and the few before them
             self.ids = self.ids[:, -(full[0].unscored() + LEAD_TOKENS):].clone()
 
@@ -335,8 +373,26 @@ class KVzipCache(EvictingCache):
             self.reconstructed_tokens = done
         for layer, (keys, values, _, _), layer_scores in zip(self.layers, recorded, scores):
             layer.compress_scored(keys, values, keep, layer_scores, seen)
+        if self.allocation == "global":
+            self.evict_global(keep)
+            for i in self.full_layers:
+                self.layers[i].capacity = EvictingLayer.UNBOUNDED
         self.ids = None
         self.finish_compress()
+
+    def evict_global(self, mean: int) -> None:
+        """allocation=global (the paper's default): rank the held tokens of every full-attention layer
+        and KV head together and keep the top ``mean x heads x layers`` (sinks always, unscored tokens
+        above every scored one, as :meth:`KVzipLayer.ranking` orders them)."""
+        full = [self.layers[i] for i in self.full_layers]
+        valids = [layer._unpad() for layer in full]
+        ranks = []
+        for layer, valid in zip(full, valids):
+            rank = layer.ranking(layer.positions)
+            ranks.append(rank if valid is None else rank.masked_fill(~valid, float("-inf")))
+        counts = global_counts(ranks, mean * self.kv_heads * len(full))
+        for layer, rank, valid, quota in zip(full, ranks, valids, counts):
+            layer.keep_quota(quota, rank, valid)
 
     # -- reconstruction ------------------------------------------------------------------------
     @torch.no_grad()
