@@ -498,3 +498,19 @@ def test_kvzip_reconstructs_chunk_after_chunk_under_every_allocation(allocation)
     kept = cache.memory_report()["kept_tokens"]
     assert sum(map(sum, kept)) == len(cache.layers) * cache.kv_heads * 10
     assert cache.reconstructed_tokens > 40  # every chunk reconstructed
+
+
+def test_kvzip_global_quota_follows_beams():
+    """Beam search reorders kvzip's per-sequence quotas (allocation=global) with its K/V."""
+    model = tiny("tiny-llama")
+    cache = kvbound.make_cache(model, "kvzip", 5, allocation="global")
+    with torch.no_grad():
+        model(prompt_ids(12, seed=6, batch=2), past_key_values=cache)
+    layer = cache.layers[-1]
+    assert layer.quota is not None and layer.quota.shape[0] == 2
+    before = layer.quota.clone()
+    cache.reorder_cache(torch.tensor([1, 0]))
+    assert torch.equal(layer.quota, before.flip(0))
+    out = model.generate(prompt_ids(10, seed=6), past_key_values=kvbound.make_cache(model, "kvzip", 5, allocation="global"),
+                         num_beams=3, max_new_tokens=4, do_sample=False)
+    assert out.shape[-1] == 14
