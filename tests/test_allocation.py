@@ -458,7 +458,7 @@ def test_kvzip_global_keeps_the_top_of_every_layer_and_head(name):
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gemma3"])
 def test_kvzip_global_holds_the_total_while_decoding(name):
     """Bounded: each overflowing chunk is re-ranked over every layer; decoding keeps each head's quota,
-    so the total stays layers x heads x budget, and the bytes are the kept tokens'."""
+    so the total stays layers x heads x budget, ragged over layers and heads."""
     model = tiny(name)
     cache = kvbound.make_cache(model, "kvzip", 10, allocation="global")
     from kvbound.generation import prefill

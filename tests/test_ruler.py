@@ -143,8 +143,8 @@ def test_kvzip_scores_the_context_once_for_every_ratio():
 
 
 def _args(tmp_path, *extra: str) -> argparse.Namespace:
-    """The ruler scenario's arguments, in float32 unless ``extra`` names a dtype (the scenario's default is
-    bfloat16, and the bench converts the model it is handed in place: the tests share their tiny models)."""
+    """The ruler scenario's arguments, in float32 unless ``extra`` names a dtype: the scenario's default is
+    bfloat16, and these tests compare bits (batched vs alone) and float32 byte counts."""
     parser = argparse.ArgumentParser()
     bench_cli.add_arguments(parser)
     dtype = [] if "--dtype" in extra else ["--dtype", "float32"]
@@ -153,7 +153,7 @@ def _args(tmp_path, *extra: str) -> argparse.Namespace:
 
 def test_ruler_runs_in_bfloat16_by_default(tmp_path):
     """Without --dtype the ruler scenario runs the model (and every policy) in bfloat16, as the field's
-    leaderboards do; other scenarios stay in float32."""
+    leaderboards do: 2 bytes per held K/V value."""
     parser = argparse.ArgumentParser()
     bench_cli.add_arguments(parser)
     args = parser.parse_args(["--scenario", "ruler", "--out", str(tmp_path / "out"), "--no-progress", "--model",

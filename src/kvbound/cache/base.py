@@ -32,6 +32,21 @@ def nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-head gather of token entries: ``x`` ``[B, H, n(, D)]`` (any dtype: K/V, codes, scales,
+    positions), ``idx`` ``[B, H or 1, k]``. Returns a new tensor (never a view), so the dropped
+    entries are freed."""
+    b, h, n = x.shape[:3]
+    idx = idx.expand(b, h, idx.shape[-1])
+    # one index_select of whole rows over the flattened (batch, head, token) axis: row copies, where
+    # ``gather`` with an expanded index reads an index per element (7x slower on this CPU for one
+    # layer's 513 x 64 float32 keys, 176 vs 23 us, in a one-off timing)
+    rows = (idx + torch.arange(0, b * h * n, n, device=idx.device).view(b, h, 1)).reshape(-1)
+    out = x.new_empty(b, h, idx.shape[-1], *x.shape[3:])  # its own storage (not a view): the rest is freed
+    torch.index_select(x.reshape(b * h * n, *x.shape[3:]), 0, rows, out=out.view(-1, *x.shape[3:]))
+    return out
+
+
 # ----------------------------------------------------------------- batch maps (beam search)
 
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
-from .base import nbytes
+from .base import gather_tokens, nbytes
 
 WINDOW = 32  # observation window and full-key recent window where the policy has no `window` (ThinK, SnapKV)
 
@@ -98,7 +98,7 @@ def _take(keys: torch.Tensor, idx: torch.Tensor | None, n_old: int | None = None
     values through flat indices, never the full-width rows."""
     b, h, n, d = keys.shape
     if channels is None:
-        return keys.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, d))
+        return gather_tokens(keys, idx)
     rows = torch.arange(n_old, device=keys.device).expand(b, h, n_old) if idx is None else idx[..., :n_old]
     flat = (rows.unsqueeze(-1) * d + channels.unsqueeze(2)).reshape(b, h, -1)
     return keys.reshape(b, h, n * d).gather(-1, flat).view(b, h, n_old, channels.shape[-1])

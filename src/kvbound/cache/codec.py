@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import KVBoundError
+from .base import gather_tokens
 
 FORMATS = {"fp32": 32, "bf16": 16, "int8": 8, "int4": 4, "int2": 2}
 BITS = (2, 4, 8)
@@ -185,11 +186,7 @@ class Packed:
         if self.axis == "channel" and self.scale is not None:
             raise RuntimeError("per-channel blocks cannot be gathered token by token")
 
-        def g(t: torch.Tensor) -> torch.Tensor:
-            i = idx.expand(t.shape[0], t.shape[1], idx.shape[-1])
-            return t.gather(2, i.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
-
-        return self._map(g)
+        return self._map(lambda t: gather_tokens(t, idx))
 
     def index_batch(self, fn) -> "Packed":
         """Apply ``fn`` (beam reorder / repeat / select along dim 0) to every tensor."""

@@ -96,7 +96,7 @@ from transformers.cache_utils import DynamicLayer
 from .. import attention
 from ..errors import KVBoundError
 from ..recompute import LayerDriver
-from .base import KVBoundCache, PolicyLayer, nbytes
+from .base import KVBoundCache, PolicyLayer, gather_tokens, nbytes
 from .channels import think_layer, think_ratio
 from .checks import refuse_padding
 from .codec import CodecOptions, decode_kv, encode_kv, tier_codec
@@ -168,19 +168,6 @@ def pool_votes(votes: torch.Tensor, kernel: int) -> torch.Tensor:
     shape = votes.shape
     pooled = F.max_pool1d(votes.reshape(-1, 1, shape[-1]), kernel, stride=1, padding=kernel // 2)
     return pooled.reshape(shape)
-
-
-def gather_tokens(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Per-head gather of token entries: ``x`` ``[B, H, n(, D)]``, ``idx`` ``[B, H or 1, k]``.
-    Returns a new tensor (never a view), so the dropped entries are freed."""
-    b, h, n = x.shape[:3]
-    idx = idx.expand(b, h, idx.shape[-1])
-    # one index_select of whole rows over the flattened (batch, head, token) axis: row copies, where
-    # ``gather`` with an expanded index reads an index per element (3-4x slower on CPU for K/V rows)
-    rows = (idx + torch.arange(0, b * h * n, n, device=idx.device).view(b, h, 1)).reshape(-1)
-    out = x.new_empty(b, h, idx.shape[-1], *x.shape[3:])  # its own storage (not a view): the rest is freed
-    torch.index_select(x.reshape(b * h * n, *x.shape[3:]), 0, rows, out=out.view(-1, *x.shape[3:]))
-    return out
 
 
 # --------------------------------------------------------------------------- ragged heads

@@ -21,8 +21,8 @@ one chunk per pass, the score's logits in blocks of queries.
 When. A forward pass of several tokens (a prompt, a prefill chunk, a new turn) that leaves a
 layer above the budget is followed, once every layer has run (:meth:`observe_output`), by the
 reconstruction of every held token not scored yet, then each layer keeps its best tokens as the
-``allocation`` option spreads the budget (:mod:`kvbound.cache.allocation`): ``uniform`` is
-kvpress's ``layerwise`` variant, ``budget`` per KV head; ``ada`` ranks the scores of all KV heads
+``allocation`` option spreads the budget (:mod:`kvbound.cache.allocation`): ``uniform`` keeps
+``budget`` per KV head of each layer; ``ada`` ranks the scores of all KV heads
 of a layer together (ragged heads: the paper's non-uniform head budgets, within each layer);
 ``pyramid`` and ``cake`` spread the budget over layers; ``global`` (the paper's default) ranks the
 scores of every layer and KV head together and keeps the top ``layers x heads x budget``
@@ -59,11 +59,11 @@ import torch.nn.functional as F
 
 from .. import attention
 from ..errors import KVBoundError
-from .allocation import AllocationOptions, global_counts, keep_counts
-from .base import nbytes
+from .allocation import AllocationOptions, Kept, global_counts, keep_counts
+from .base import gather_tokens, nbytes
 from .checks import check_int
 from .codec import decode_kv
-from .evicting import EvictingCache, EvictingLayer, gather_tokens
+from .evicting import EvictingCache, EvictingLayer
 from .registry import register
 
 FIRST_PROMPT = "\n\nRepeat the previous context exactly."
@@ -196,21 +196,25 @@ class KVzipLayer(EvictingLayer):
             return None
         return self.keep(self.ranking(positions))  # decoding: the scores stay; evict the lowest
 
-    def _keep_quota(self, positions: torch.Tensor, new: int) -> "torch.Tensor | Kept | None":
+    def _keep_quota(self, positions: torch.Tensor, new: int) -> torch.Tensor | Kept | None:
         """allocation=global after a global selection: a multi-token step that leaves a head above its
         quota is re-ranked with every layer (reconstruction); a decoding step drops the lowest of each
         head above its quota."""
-        valid = self._valid
-        held = valid.sum(-1) if valid is not None else torch.full_like(self.quota, positions.shape[-1])
+        rank, held = self.ranked(positions, self._valid)
         if bool((held <= self.quota).all()):
             return None
         if new > 1:
             self.cache.overflowed = True
             return None
-        rank = self.ranking(positions)
-        if valid is not None:
-            rank = rank.masked_fill(~valid, float("-inf"))
         return keep_counts(rank, torch.minimum(held, self.quota))
+
+    def ranked(self, positions: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`ranking` of ``positions`` with a ragged step's padding (``valid`` False) at ``-inf``,
+        and the tokens each head holds ``[B, H]``."""
+        rank = self.ranking(positions)
+        if valid is None:
+            return rank, torch.full(rank.shape[:2], rank.shape[-1], dtype=torch.long, device=rank.device)
+        return rank.masked_fill(~valid, float("-inf")), valid.sum(-1)
 
     def hold_context(self, keys: torch.Tensor, values: torch.Tensor, seen: int) -> None:
         """Hold all of a prefilled context, not scored yet (NaN scores)."""
@@ -242,11 +246,11 @@ class KVzipLayer(EvictingLayer):
             self._valid = None
         self._keep((self.keys, self.values), self.positions, kept, valid)
 
-    def keep_quota(self, quota: torch.Tensor, rank: torch.Tensor, valid: torch.Tensor | None) -> None:
-        """allocation=global: hold each head's top ``quota`` ``[B, H]`` by ``rank`` (padded like the
-        held tokens when ``valid`` is given) and keep the quota for the decoding steps."""
+    def keep_quota(self, quota: torch.Tensor, rank: torch.Tensor, held: torch.Tensor, valid: torch.Tensor | None) -> None:
+        """allocation=global: hold each head's top ``quota`` ``[B, H]`` by ``rank`` (:meth:`ranked`, with
+        ``held`` per head; padded like the held tokens when ``valid`` is given) and keep the quota for
+        the decoding steps."""
         self.quota = quota
-        held = valid.sum(-1) if valid is not None else torch.full_like(quota, rank.shape[-1])
         kept = None if bool((quota >= held).all()) else keep_counts(rank, quota)
         self._keep((self.keys, self.values), self.positions, kept, valid)
 
@@ -373,10 +377,8 @@ class KVzipCache(EvictingCache):
             self.reconstructed_tokens = done
         for layer, (keys, values, _, _), layer_scores in zip(self.layers, recorded, scores):
             layer.compress_scored(keys, values, keep, layer_scores, seen)
-        if self.allocation == "global":
+        if self.allocation == "global":  # hold_context left every layer unbounded after the context
             self.evict_global(keep)
-            for i in self.full_layers:
-                self.layers[i].capacity = EvictingLayer.UNBOUNDED
         self.ids = None
         self.finish_compress()
 
@@ -386,13 +388,10 @@ class KVzipCache(EvictingCache):
         above every scored one, as :meth:`KVzipLayer.ranking` orders them)."""
         full = [self.layers[i] for i in self.full_layers]
         valids = [layer._unpad() for layer in full]
-        ranks = []
-        for layer, valid in zip(full, valids):
-            rank = layer.ranking(layer.positions)
-            ranks.append(rank if valid is None else rank.masked_fill(~valid, float("-inf")))
-        counts = global_counts(ranks, mean * self.kv_heads * len(full))
-        for layer, rank, valid, quota in zip(full, ranks, valids, counts):
-            layer.keep_quota(quota, rank, valid)
+        ranked = [layer.ranked(layer.positions, valid) for layer, valid in zip(full, valids)]
+        counts = global_counts([rank for rank, _ in ranked], mean * self.kv_heads * len(full))
+        for layer, (rank, held), valid, quota in zip(full, ranked, valids, counts):
+            layer.keep_quota(quota, rank, held, valid)
 
     # -- reconstruction ------------------------------------------------------------------------
     @torch.no_grad()

@@ -49,7 +49,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from ..errors import KVBoundError
-from .base import KVBoundCache, PolicyLayer, nbytes
+from .base import KVBoundCache, PolicyLayer, gather_tokens, nbytes
 from .checks import check_int
 from .full import FullLayer, FullSlidingLayer
 from .model_info import layer_windows
@@ -108,10 +108,7 @@ def _complement(chosen: torch.Tensor, m: int) -> torch.Tensor:
 
 def _tokens(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
     """``x`` ``[B, H, m(, D)]`` at per-sequence token positions ``pos`` ``[B, k]`` (a new tensor)."""
-    idx = pos[:, None, :].expand(x.shape[0], x.shape[1], pos.shape[-1])
-    if x.dim() == 4:
-        return x.gather(2, idx.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
-    return x.gather(2, idx)
+    return gather_tokens(x, pos[:, None, :])
 
 
 def _scatter_tokens(out: torch.Tensor, pos: torch.Tensor, src: torch.Tensor) -> None:
