@@ -127,6 +127,39 @@ def test_plain_calls_fall_back_to_sdpa():
             model.set_attn_implementation("sdpa")
 
 
+class _Module(torch.nn.Module):
+    def __init__(self, groups):
+        super().__init__()
+        self.num_key_value_groups = groups
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("kv_heads,groups,masked", [(2, 7, False), (2, 7, True), (3, 3, True), (1, 4, False)])
+def test_one_query_row_attends_its_group_as_query_rows(dtype, tol, kv_heads, groups, masked):
+    """decode_gqa (one query row, the group's heads folded into query rows) equals naive attention
+    over repeated K/V, with transformers' bool mask or none; "kvbound" returns it in sdpa's layout."""
+    torch.manual_seed(0)
+    q = torch.randn(2, kv_heads * groups, 1, 16, dtype=dtype)
+    k, v = torch.randn(2, kv_heads, 37, 16, dtype=dtype), torch.randn(2, kv_heads, 37, 16, dtype=dtype)
+    mask = (torch.rand(2, 1, 1, 37) > 0.4) if masked else None
+    out = attention.decode_gqa(_Module(groups), q, k, v, mask, scaling=0.25)
+    ref, _ = reference(q.float(), k.float(), v.float(), mask, 0.25)
+    assert out.shape == (2, 1, kv_heads * groups, 16) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref.transpose(1, 2), rtol=tol, atol=tol)
+    via, _ = attention.attend_step(_Module(groups), q, k, v, mask, None, scaling=0.25)
+    assert torch.equal(via, out)
+
+
+def test_decode_gqa_leaves_other_calls_to_sdpa():
+    """Several query rows, no groups, a softcap or sinks: not folded (None)."""
+    q, k = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 5, 8)
+    assert attention.decode_gqa(_Module(2), q, k, k, None) is not None
+    assert attention.decode_gqa(_Module(2), torch.randn(1, 4, 3, 8), k, k, None) is None
+    assert attention.decode_gqa(_Module(1), torch.randn(1, 2, 1, 8), k, k, None) is None
+    assert attention.decode_gqa(_Module(2), q, k, k, None, softcap=30.0) is None
+    assert attention.decode_gqa(_Module(2), q, k, k, None, s_aux=torch.zeros(4)) is None
+
+
 @pytest.mark.parametrize("policy", ["offload", "residual", "kv-direct"])
 def test_bf16_exact_policies_match_full_token_for_token(policy):
     """Below float32 the tiers are concatenated (one rounding, as `full`'s attention): merging

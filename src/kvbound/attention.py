@@ -182,17 +182,23 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     ``bias`` ``[B, kv_heads, n]`` float, added to each KV head's logits (``-inf``: a ragged head's padding).
 
     Returns ``(out [B, H, T, D], lse [B, H, T] float32)``; rows that see no key get ``lse = -inf``.
-    On CPU without softcapping this is PyTorch's fused flash kernel (reads strided K/V in place);
-    otherwise an explicit softmax in query chunks.
+    On CPU without softcapping this is PyTorch's fused flash kernel (reads strided K/V in place;
+    one query row is folded, see :func:`decode_gqa`); otherwise an explicit softmax in query chunks.
     """
     if bias is not None:
         return _biased_attention(query, keys, values, visible, scaling, softcap, bias)
-    if query.device.type == "cpu" and not softcap and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
+    if _flash_cpu(query, softcap):
         mask = None
         if visible is not None:
             mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+        b, h, t, d = query.shape
+        kv = keys.shape[1]
+        fold = t == 1 and h > kv  # one query row: the group's heads become the query rows (see fold_gqa)
+        q = query.reshape(b, kv, h // kv, d) if fold else query
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, keys, values, 0.0, False, attn_mask=mask, scale=scaling)
+            q, keys, values, 0.0, False, attn_mask=mask, scale=scaling)
+        if fold:
+            out, lse = out.reshape(b, h, 1, values.shape[-1]), lse.reshape(b, h, 1)
         lse = lse.float()
     else:
         out, lse = _explicit(query, keys, values, visible, scaling, softcap)
@@ -481,11 +487,48 @@ def take_step(layer: Any, key: torch.Tensor) -> TierStep | None:
     return step if step.keys is key else None
 
 
+def _flash_cpu(query: torch.Tensor, softcap: float | None) -> bool:
+    """Whether :func:`block_attention` runs PyTorch's fused CPU flash kernel for ``query``."""
+    return query.device.type == "cpu" and not softcap and query.dtype in (torch.float32, torch.bfloat16, torch.float16)
+
+
+def decode_gqa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+               softcap: float | None = None, **kwargs: Any) -> torch.Tensor | None:
+    """One query row of grouped-query attention on a CPU, as :func:`block_attention` computes it: the
+    fused flash kernel with the group's query heads as its query rows, ``[B, kv_heads, groups, D]``
+    against the unrepeated keys (``[B, 1, heads, D]`` out, as ``sdpa``'s). ``None`` where it does not
+    apply (several query rows, no groups, a softcap, attention sinks, dropout, not a CPU).
+
+    transformers' ``sdpa`` runs the kernel with every head as its own query (``enable_gqa`` on a CPU
+    when there is no mask), which is slow for one row: measured on this repository's 2-core CPU
+    (torch 2.13), 14 query heads over 2 KV heads and 2,000 keys take 1.56 ms in bfloat16 and 0.20 ms
+    in float32, against 0.12 ms and 0.11 ms folded. The fold sums in another order (within float
+    rounding of ``sdpa``, not its bits). Every kvbound decode step runs it, tiered or not, alone or
+    batched, so a plain layer and a tiered one holding the same keys still agree bit for bit."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    if (query.shape[2] != 1 or groups <= 1 or dropout or not _flash_cpu(query, softcap)
+            or kwargs.get("s_aux") is not None or kwargs.get("position_bias") is not None
+            or key.shape[1] * groups != query.shape[1]):
+        return None
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    visible = _visible(attention_mask)
+    if visible is not None and visible.shape[1] != 1:  # per-head masks: not this fast path
+        return None
+    out, _ = block_attention(query, key, value, visible, scaling)
+    return out.transpose(1, 2).contiguous()
+
+
 def attend_step(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 attention_mask: torch.Tensor | None, step: TierStep | None, dropout: float = 0.0,
                 scaling: float | None = None, softcap: float | None = None, **kwargs: Any):
-    """One attention call: tiered over ``step``'s blocks, or transformers' ``sdpa`` without a step."""
+    """One attention call: tiered over ``step``'s blocks; without a step, :func:`decode_gqa` for one
+    query row, else transformers' ``sdpa``."""
     if step is None:
+        folded = decode_gqa(module, query, key, value, attention_mask, dropout, scaling, softcap, **kwargs)
+        if folded is not None:
+            return folded, None
         return ALL_ATTENTION_FUNCTIONS[FALLBACK](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                         softcap=softcap, **kwargs)
     try:
