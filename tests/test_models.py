@@ -127,6 +127,23 @@ def test_cache_is_used_and_corruption_is_detected(home):
         models.load("smollm2-135m")
 
 
+def test_converted_gguf_loads_without_the_gguf_quantizer(home, tmp_path):
+    """A converted GGUF holds plain float safetensors: save_cache writes no GGUF quantization_config,
+    and a cache written before that (its config still naming the quantizer) loads without it."""
+    import json
+
+    src, tok = models.load("tiny-llama")
+    src.config.quantization_config = {"quant_method": "gguf", "gguf_file": "x.gguf", "dequantize": False}
+    folder = models.save_cache(src, tok, home / "models" / "smollm2-135m")
+    assert "quantization_config" not in json.loads((folder / "config.json").read_text())
+    old = tmp_path / "old"
+    src.save_pretrained(old)  # an old cache: the quantizer still named in its config
+    tok.save_pretrained(old)
+    assert json.loads((old / "config.json").read_text())["quantization_config"]["quant_method"] == "gguf"
+    model, _ = models.load(str(old))
+    assert not hasattr(model.config, "quantization_config") and same_weights(src, model)
+
+
 def test_interrupted_write_leaves_no_cache(home, monkeypatch):
     src, tok = models.load("tiny-llama")
 

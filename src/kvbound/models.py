@@ -23,6 +23,7 @@ never used silently.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -268,11 +269,23 @@ def _prepare(model, tokenizer):
     return model
 
 
+def _drop_gguf_quantization(config) -> None:
+    """A converted GGUF's config still names the GGUF quantizer, though its safetensors are plain
+    floats: loaded with it, transformers warns that packed weights compute in float32 (they are not
+    packed). Drop it."""
+    quant = getattr(config, "quantization_config", None)
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(getattr(method, "value", method)) == "gguf":
+        del config.quantization_config
+
+
 def _load_folder(folder: Path, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
+        config = AutoConfig.from_pretrained(folder)
+        _drop_gguf_quantization(config)
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, attn_implementation="sdpa")
     except (OSError, ValueError, EnvironmentError) as exc:
         raise KVBoundError(f"cannot load a causal LM from {folder}: {_first_line(exc)}") from None
     try:
@@ -395,7 +408,9 @@ def save_cache(model, tokenizer, folder: Path, source: str = "", bar: tqdm | Non
         step("write safetensors")
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})  # drops tied duplicates
         step("write config + tokenizer")
-        model.config.save_pretrained(tmp)
+        config = copy.deepcopy(model.config)
+        _drop_gguf_quantization(config)
+        config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         step("checksums")
