@@ -11,7 +11,8 @@ softmax of FlashAttention (Dao et al. 2022) and of Ring Attention (Liu et al. 20
 The function is registered in transformers' ``AttentionInterface`` as ``"kvbound"`` and selected per
 model through ``attn_implementation`` (:func:`enable`, done when a kvbound cache is built for a model
 running ``sdpa``). Calls that are not for a kvbound tiered layer go to transformers' own ``sdpa``
-attention unchanged. The active cache is found through a context variable that kvbound's stateless
+attention unchanged, except one query row of grouped-query attention on a CPU (a decode step), which
+runs the fused kernel with each group's heads as its query rows (:func:`decode_gqa`). The active cache is found through a context variable that kvbound's stateless
 attention hooks (:func:`kvbound.recompute.attach`) push before each attention module runs and pop after.
 
 What a layer hands over is a :class:`TierStep`: the tensors its ``update`` returned (the identity
@@ -19,7 +20,7 @@ check that this call is the same step), the older blocks every query of the step
 the layer's mask: transformers builds it over all visible keys, blocks first), and, for the scored
 eviction policies, a callback that receives the attention probabilities of the step's newest query
 rows: the model's own query and the call's own log-sum-exp, ``exp(q.k * scaling - lse)`` (the
-attention output itself stays the fused kernel's, bit-identical to ``sdpa``).
+attention output itself stays the fused kernel's, as a plain layer's call computes it).
 """
 
 from __future__ import annotations
