@@ -194,7 +194,7 @@ def block_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
             mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
         b, h, t, d = query.shape
         kv = keys.shape[1]
-        fold = t == 1 and h > kv  # one query row: the group's heads become the query rows (see fold_gqa)
+        fold = t == 1 and h > kv  # one query row: the group's heads become the query rows (see decode_gqa)
         q = query.reshape(b, kv, h // kv, d) if fold else query
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, keys, values, 0.0, False, attn_mask=mask, scale=scaling)

@@ -15,7 +15,7 @@ from ..ruler_report import ruler_md, ruler_plots
 from ..runner import Context
 
 # kvpress's leaderboards run their models in bfloat16; on a CPU with AVX512-BF16 it also shortens the shared
-# 4k prefill (27 vs 43 s on Qwen2.5-0.5B here) but not the batched answers (docs/ruler.md); --dtype float32 for float32
+# 4k prefill (27 vs 43 s on Qwen2.5-0.5B here; docs/ruler.md); --dtype float32 for float32
 DEFAULT_DTYPE = "bfloat16"
 
 SUMMARY = "RULER tasks at compression ratios 0.25-0.875, compress or bounded protocol: score per method x ratio"
