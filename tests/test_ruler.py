@@ -89,28 +89,69 @@ def test_too_short_and_unknown_task():
 # --------------------------------------------------------------------------- the compress API
 
 
+RAZOR = {"threshold": 0.0, "fraction": 0.34}  # random weights: every head qualifies at threshold 0
+
+
+@pytest.fixture
+def kv_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVBOUND_HOME", str(tmp_path / "home"))  # razor's head map is cached there
+
+
 @pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "streaming", "keydiff", "knorm", "expected-attention",
-                                    "kvzip"])
-def test_compress_equals_one_prefill_step_of_the_policy(policy):
+                                    "kvzip", "razor"])
+def test_compress_equals_one_prefill_step_of_the_policy(policy, kv_home):
     """Compressing the recorded context (prefilled in 4 chunks) keeps what the policy keeps after a
     one-pass prefill of the same context at budget ``keep`` (expected-attention: statistics of every
-    context token's attention input; kvzip: one reconstruction of the whole context); afterwards
-    nothing more is evicted."""
+    context token's attention input; kvzip: one reconstruction of the whole context; razor: ragged
+    heads and the compensation tokens); afterwards nothing more is evicted."""
     model, ids, keep = tiny("tiny-llama"), prompt_ids(80), 24
+    options = RAZOR if policy == "razor" else {}
     context = ContextRecorder(model, inputs=policy == "expected-attention")
-    ref = kvbound.make_cache(model, policy, keep)
+    ref = kvbound.make_cache(model, policy, keep, **options)
     with torch.no_grad():
         kvbound.generation.prefill(model, ids, context, 20)
         model(ids, past_key_values=ref)
-    cache = kvbound.make_cache(model, policy, keep)
+    cache = kvbound.make_cache(model, policy, keep, **options)
     cache.compress(context, keep)
     for mine, theirs in zip(cache.layers, ref.layers):
         assert torch.equal(mine.positions, theirs.positions)
         torch.testing.assert_close(mine.keys, theirs.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(mine.values, theirs.values, rtol=1e-4, atol=1e-5)
     assert cache.get_seq_length() == 80
+    kept = [sum(layer.kept_per_head()) for layer in cache.layers]
+    assert sum(kept) == len(kept) * cache.kv_heads * keep  # heads x budget (razor: spread over the heads)
     with torch.no_grad():
         model(prompt_ids(5, seed=3), past_key_values=cache)
-    assert cache.layers[0].held() == keep + 5  # the question goes in uncompressed
+    assert [sum(layer.kept_per_head()) for layer in cache.layers] == [k + 5 * cache.kv_heads for k in kept]
+
+
+@torch.no_grad()
+def test_razor_compressed_context_keeps_its_compensation_tokens_weighted(kv_home):
+    """After compress, every later step still sees each compensation token as ``m`` tokens (``log m``
+    on its logit): the question's logits equal those of razor's own one-pass prefill (which merges
+    only after that step's attention), and a step after the question equals the two fed at once;
+    the recorder's shared K/V are left untouched by the merge."""
+    model, ids, keep = tiny("tiny-llama"), prompt_ids(80), 24
+    question, more = prompt_ids(5, seed=3), prompt_ids(1, seed=4)
+    context = ContextRecorder(model)
+    kvbound.generation.prefill(model, ids, context, 20)
+    before = [k.clone() for k, *_ in context.recorded()]
+    ref = kvbound.make_cache(model, "razor", keep, **RAZOR)
+    model(ids, past_key_values=ref)
+    caches = []
+    for _ in range(2):
+        cache = kvbound.make_cache(model, "razor", keep, **RAZOR)
+        cache.compress(context, keep)
+        caches.append(cache)
+    assert any(float(layer.weight.max()) > 1 for layer in caches[0].layers)  # compensation tokens are held
+    torch.testing.assert_close(model(question, past_key_values=caches[0]).logits,
+                               model(question, past_key_values=ref).logits, rtol=1e-4, atol=1e-5)
+    apart = model(more, past_key_values=caches[0]).logits[:, -1]
+    together = model(torch.cat([question, more], dim=1), past_key_values=caches[1]).logits[:, -1]
+    torch.testing.assert_close(apart, together, rtol=1e-4, atol=1e-5)
+    assert all(torch.equal(k, b) for (k, *_), b in zip(context.recorded(), before))
+    with pytest.raises(KVBoundError, match="razor compresses to its budget \\(24 tokens per KV head\\), got keep 12"):
+        kvbound.make_cache(model, "razor", keep, **RAZOR).compress(context, 12)
 
 
 def test_compress_refuses_missing_queries():
@@ -202,7 +243,6 @@ def test_protocols_end_to_end(tmp_path, protocol):
     (["--ratios", "0.5,1"], r"--ratios must be fractions in \[0, 1\)"),
     (["--ratios", "-0.1"], r"--ratios must be fractions in \[0, 1\)"),
     (["--policies", "kivi"], r"policy 'kivi' cannot run --protocol compress .* it supports --protocol bounded"),
-    (["--policies", "razor"], r"policy 'razor' cannot run --protocol compress .* it supports --protocol bounded"),
     (["--samples", "0"], r"--samples must be >= 1"),
 ])
 def test_bad_input(tmp_path, extra, message):
@@ -241,11 +281,12 @@ def test_policy_variants_with_options_run_at_the_same_bytes(tmp_path):
         assert held[("snapkv:allocation=ada", q)] == held[("snapkv", q)] > 0
 
 
-def test_batched_answers_equal_answers_alone(tmp_path):
+def test_batched_answers_equal_answers_alone(tmp_path, kv_home):
     """--answers batched (the compress default) gives every cell the answer it gets alone; the
     batched records say how many rows shared the passes."""
     common = ["--model", "tiny-llama", "--lengths", "500", "--tasks", "niah_single_1,vt", "--ratios", "0.5,0.875",
-              "--samples", "1", "--policies", "full,snapkv,h2o,streaming,keydiff,knorm,expected-attention,kvzip,kvzip:allocation=ada",
+              "--samples", "1", "--policies", "full,snapkv,h2o,streaming,keydiff,knorm,expected-attention,kvzip,kvzip:allocation=ada,"
+              "razor:threshold=0,fraction=0.34",
               "--max-new-tokens", "5", "--prefill-chunk", "64"]
     answers = {}
     for mode in ("batched", "alone"):

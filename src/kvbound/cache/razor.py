@@ -24,7 +24,8 @@ Everything lives in the hot tier (also through ``codec``: the compensation token
 each time it changes). What is exact: a retrieval head's attention equals the full cache's while
 it holds the whole context (``n <= cap_r``; with ``codec`` up to the codec's rounding); the other
 heads are approximations. Keeping a retrieval head's old tokens in ``offload``'s store is not
-supported (razor keeps them hot).
+supported (razor keeps them hot). ``compress`` (kvpress's protocol, ``kvbound bench --scenario
+ruler``) holds a recorded context as after one step of razor over it, then holds what follows.
 """
 
 from __future__ import annotations
@@ -109,6 +110,30 @@ class RazorLayer(EvictingLayer):
         self.weight = weights
         return keep_counts(mask.float().masked_fill(~mask, float("-inf")), counts)
 
+    def compress(self, keys: torch.Tensor, values: torch.Tensor, keep: int, query: torch.Tensor | None = None,
+                 mass: torch.Tensor | None = None, seen: int | None = None) -> None:
+        """Hold the recorded context as after one ``n``-token step of razor (kvpress's protocol): the
+        retrieval heads their share, the others sinks + recent + the compensation token; then hold
+        everything that follows. Needs no query: razor selects by position."""
+        if self.is_sliding:
+            return super().compress(keys, values, keep, query, mass, seen)
+        self.reset()
+        self.lazy_initialization(keys, values)
+        b, h, n = keys.shape[0], keys.shape[1], keys.shape[-2]
+        self.seen = n if seen is None else seen
+        positions = torch.arange(self.seen - n, self.seen, device=keys.device).expand(b, h, n)
+        # the compensation merge writes into the held K/V: never into the recorder's shared tensors
+        stored = (keys.clone(), values.clone()) if self.cache.codec is None else encode_kv(self.cache.codec, keys, values)
+        self.keys, self.values, self.positions = stored[0], stored[1], positions
+        self._step_weights = torch.ones(b, h, n, device=keys.device)
+        self._keep(stored, positions, self.select(keys, positions, None, positions[0, 0, :0]))
+        self.capacity = self.UNBOUNDED
+
+    def _keep(self, stored, positions, idx, valid=None) -> None:
+        if self.compressed:  # nothing is selected after compress: the step's tokens weigh 1, the merged token m
+            self.weight = self._step_weights
+        super()._keep(stored, positions, idx, valid)
+
     def _compensate(self, keys, positions, dropped, mask, weights, counts):
         """Merge each head's dropped entries into one entry (the newest dropped slot): the weighted
         mean of their K/V, weight = the tokens they stand for. Rewrites the step's K/V (attention
@@ -138,7 +163,6 @@ class RazorLayer(EvictingLayer):
 class RazorCache(EvictingCache):
     layer_cls = RazorLayer
     ragged_heads = True
-    compresses = False  # its compensation merge rewrites a step's K/V in update(); not written for compress()
 
     def __init__(self, model, budget: int, **options: Any) -> None:
         opts = self.parse_options(options)
@@ -165,6 +189,19 @@ class RazorCache(EvictingCache):
             self.retrieval[layer][head] = True
         self.n_retrieval, self.n_other = len(chosen), heads - len(chosen)
         self.head_capacities(budget)  # budget below the floors: one line now, not mid-generation
+
+    def compress(self, context, keep: int) -> None:
+        """kvpress's protocol at ``keep`` = this cache's budget (the mean tokens per KV head): each
+        layer as after one step over the whole context (:meth:`RazorLayer.compress`)."""
+        if keep != self.budget:
+            raise KVBoundError(f"razor compresses to its budget ({self.budget} tokens per KV head), got keep {keep}")
+        super().compress(context, keep)
+
+    def finish_compress(self) -> None:
+        weights = [layer.weight for layer in self.layers]  # the compensation tokens' log m stays in every step
+        super().finish_compress()
+        for layer, weight in zip(self.layers, weights):
+            layer.weight = weight
 
     def head_capacities(self, seen: int) -> tuple[int, int]:
         """``(cap_r, recent)`` after ``seen`` tokens: a retrieval head's tokens and the other heads'
