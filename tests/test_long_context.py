@@ -247,3 +247,39 @@ def test_long_report_names_each_model_from_its_workers():
             for m, t, n in [("a", "llama", 30), ("b", "gemma3_text", 18)]]
     md = long_md({"meta": {"model": {"name": "a,b"}, "hardware": {}, "versions": {}}, "runs": runs}, [])
     assert "`a` (llama, 30 layers" in md and "`b` (gemma3_text, 18 layers" in md and "? layers" not in md
+
+
+def test_long_merge_compares_every_run_with_the_kept_full(tmp_path):
+    """A re-run of a few cells merged first (``kvbound bench merge RERUN RUN``) replaces them, and
+    every run of the merged table is compared again with the one ``full`` kept at its length."""
+    from kvbound.bench.long import compare
+    from kvbound.bench.merge import merge
+
+    def run(policy, tokens, per_token, ids, chunk=64):
+        return {"status": "ok", "model": "m", "tokens": tokens, "policy": policy, "budget": None if policy == "full"
+                else 32, "chunk": chunk, "token_ids": ids, "rss_added_bytes": 100, "prefill_seconds": 2.0,
+                "seconds_per_token": per_token, "peak_rss_bytes": 2**20, "peak_hot_kv_bytes": 1, "total_cache_bytes": 1,
+                "model_info": {"name": "m", "model_type": "llama", "layers": 2, "hidden_size": 8, "kv_heads": 1,
+                               "head_dim": 4, "dtype": "float32"}}
+
+    def write(name, runs):
+        folder = tmp_path / name
+        folder.mkdir()
+        ref = runs[0]
+        data = {"schema": 1, "scenario": "long", "meta": {"command": name, "options": {"lengths": [300]},
+                                                           "hardware": {}, "versions": {}, "model": {"name": "m"}},
+                "runs": [ref] + [compare(dict(r), ref) for r in runs[1:]], "turns": [], "extra": {}}
+        (folder / "results.json").write_text(json.dumps(data))
+        return folder
+
+    first = write("first", [run("full", 300, 0.5, [1, 2, 3, 4]), run("full", 300, 0.6, [1, 2, 3, 4], chunk=None),
+                            run("window", 300, 0.25, [1, 2, 9, 9]), run("razor", 300, 2.0, [1, 9, 9, 9])])
+    rerun = write("rerun", [run("full", 300, 0.4, [1, 2, 3, 4]), run("razor", 300, 0.2, [1, 2, 3, 9])])
+    merge(tmp_path / "merged", [rerun, first])
+    runs = {(r["policy"], r["chunk"]): r for r in json.loads((tmp_path / "merged" / "results.json").read_text())["runs"]}
+    assert set(runs) == {("full", 64), ("full", None), ("window", 64), ("razor", 64)}
+    assert runs[("full", 64)]["seconds_per_token"] == 0.4 and "decode_ratio_vs_full" not in runs[("full", 64)]
+    assert runs[("razor", 64)]["decode_ratio_vs_full"] == 0.5 and runs[("razor", 64)]["token_match"] == 0.75
+    assert runs[("window", 64)]["decode_ratio_vs_full"] == 0.625  # was 0.5 against the first run's full
+    assert runs[("full", None)]["decode_ratio_vs_full"] == pytest.approx(1.5)
+    assert runs[("full", None)]["chunked_over_one_shot_prefill"] == 1.0

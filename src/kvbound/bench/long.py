@@ -216,6 +216,24 @@ def _ratio(record: dict[str, Any], ref: dict[str, Any], key: str) -> float | Non
     return mine / theirs if mine is not None and theirs else None
 
 
+def recompare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``runs`` (merged from several runs) each compared again with the first ``full`` of its
+    (model, length) among them, so every ratio in a merged table has one reference."""
+    refs: dict[tuple[str, int], dict[str, Any]] = {}
+    for record in runs:
+        if record.get("policy") == REFERENCE:
+            refs.setdefault((record.get("model"), record.get("tokens")), record)
+    out = []
+    for record in runs:
+        ref = refs.get((record.get("model"), record.get("tokens")))
+        if record is not ref:
+            record = compare(dict(record), ref)
+            if record.get("policy") == REFERENCE and record.get("chunk") is None and "prefill_ratio_vs_full" in record:
+                record["chunked_over_one_shot_prefill"] = 1 / record["prefill_ratio_vs_full"]
+        out.append(record)
+    return out
+
+
 def run_scenario(jobs: list[LongJob], results, bar, timeout: float | None) -> None:
     """Spawn every job in turn, compare it with its ``full`` reference and save it at once.
 

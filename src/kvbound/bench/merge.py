@@ -3,7 +3,9 @@ one scenario in one folder, with its report (a long sweep split over parallel pr
 machine, or runs with different prefill chunks).
 
 Runs are taken in order; a record that repeats an earlier one's cell (same policy, budget and
-scenario keys; e.g. the ``full`` reference every run measures) is dropped, so each cell counts once. ``meta`` is the first run's, with
+scenario keys; e.g. the ``full`` reference every run measures) is dropped, so each cell counts once
+(a re-run of a few cells goes first to replace them). In a ``long`` merge every run is compared
+again with the kept ``full`` of its length. ``meta`` is the first run's, with
 every run's command, dates and load averages listed under ``meta.merged_from`` and list-valued
 options (lengths, kinds, policies, ...) the union over the runs.
 """
@@ -58,6 +60,10 @@ def merge(out: str | Path, sources: list[str | Path]) -> list[Path]:
                 continue
             seen.add(key)
             runs.append(r)
+    if merged["scenario"] == "long":  # ratios and token match against the merged table's own `full`
+        from .long import recompare
+
+        runs = recompare(runs)
     merged["runs"] = runs
     extra = dict(datas[0].get("extra", {}))
     for key in extra:  # list-valued extras (the ruler scenario's shared_prefills): every run's
