@@ -320,6 +320,8 @@ def run(bench: Bench, opts: dict[str, Any]) -> None:
                                                                  bench.seed)]
     if opts.get("max_new_tokens"):  # --max-new-tokens caps each task's answer length
         samples = [replace(s, max_new_tokens=min(s.max_new_tokens, opts["max_new_tokens"])) for s in samples]
+    for policy in dict.fromkeys(policy_name(p) for p in policies):  # once-per-model set-up, before any measure
+        spec(policy).build.prepare(bench.model)
     bar = bench.bar(len(samples) * (1 + len(lossy) * len(ratios) + len(exact)), f"ruler ({protocol})")
     prefills = []
     for sample in samples:

@@ -173,6 +173,11 @@ class KVBoundCache(DynamicCache):
         self.num_layers = text_config(model).num_hidden_layers
 
     @classmethod
+    def prepare(cls, model: "PreTrainedModel") -> None:
+        """Once per model, before a cache is built: what the policy measures and caches on disk
+        (``razor``'s head map). Benchmarks call it before they start measuring a run."""
+
+    @classmethod
     def parse_options(cls, options: dict[str, Any]):
         """This policy's options dataclass (registered with it) built from ``options``."""
         return parse_options(get_policy(cls.policy_name).options, options, cls.policy_name)

@@ -190,6 +190,10 @@ class RazorCache(EvictingCache):
         self.n_retrieval, self.n_other = len(chosen), heads - len(chosen)
         self.head_capacities(budget)  # budget below the floors: one line now, not mid-generation
 
+    @classmethod
+    def prepare(cls, model) -> None:
+        load_scores(model)  # the head map: measured once per model (a calibration pass), then read from disk
+
     def compress(self, context, keep: int) -> None:
         """kvpress's protocol at ``keep`` = this cache's budget (the mean tokens per KV head): each
         layer as after one step over the whole context (:meth:`RazorLayer.compress`)."""
