@@ -46,3 +46,10 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def kv_home(tmp_path, monkeypatch):
+    """``KVBOUND_HOME`` in the test's own folder (razor's head maps are cached there)."""
+    monkeypatch.setenv("KVBOUND_HOME", str(tmp_path))
+    return tmp_path

@@ -209,12 +209,6 @@ def test_ada_needs_kvbound_attention():
 # --------------------------------------------------------------------------- razor
 
 
-@pytest.fixture
-def kv_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVBOUND_HOME", str(tmp_path))
-    return tmp_path
-
-
 def _held(layer, name):
     value = getattr(layer, name)
     if layer.lengths is None:

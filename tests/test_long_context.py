@@ -285,14 +285,13 @@ def test_long_merge_compares_every_run_with_the_kept_full(tmp_path):
     assert runs[("full", None)]["chunked_over_one_shot_prefill"] == 1.0
 
 
-def test_long_worker_prepares_the_policy_before_it_measures(tmp_path, monkeypatch):
+def test_long_worker_prepares_the_policy_before_it_measures(kv_home, monkeypatch):
     """razor's head map (a calibration pass, once per model) is measured before the RSS high-water
     mark is lowered, so a run's added RSS is the cache's, not the calibration's."""
     import kvbound.rss
     from kvbound.bench.long import LongJob, run_job
     from kvbound.cache.razor import RazorCache
 
-    monkeypatch.setenv("KVBOUND_HOME", str(tmp_path))
     events = []
     prepare, reset = RazorCache.prepare.__func__, kvbound.rss.reset_peak_rss
     monkeypatch.setattr(RazorCache, "prepare", classmethod(lambda cls, m: (events.append("prepare"), prepare(cls, m))))
@@ -300,4 +299,4 @@ def test_long_worker_prepares_the_policy_before_it_measures(tmp_path, monkeypatc
     rec = run_job(LongJob("tiny-llama", "razor", 300, budget=32, new_tokens=2, chunk=64,
                           options={"threshold": 0.0, "fraction": 0.34}))
     assert rec["status"] == "ok" and events == ["prepare", "reset"]
-    assert list((tmp_path / "razor").glob("heads-*.json"))
+    assert list((kv_home / "razor").glob("heads-*.json"))

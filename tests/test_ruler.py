@@ -92,11 +92,6 @@ def test_too_short_and_unknown_task():
 RAZOR = {"threshold": 0.0, "fraction": 0.34}  # random weights: every head qualifies at threshold 0
 
 
-@pytest.fixture
-def kv_home(tmp_path, monkeypatch):
-    monkeypatch.setenv("KVBOUND_HOME", str(tmp_path / "home"))  # razor's head map is cached there
-
-
 @pytest.mark.parametrize("policy", ["snapkv", "h2o", "tova", "streaming", "keydiff", "knorm", "expected-attention",
                                     "kvzip", "razor"])
 def test_compress_equals_one_prefill_step_of_the_policy(policy, kv_home):

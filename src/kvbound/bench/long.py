@@ -217,6 +217,14 @@ def _ratio(record: dict[str, Any], ref: dict[str, Any], key: str) -> float | Non
     return mine / theirs if mine is not None and theirs else None
 
 
+def compare_with_reference(record: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, Any]:
+    """:func:`compare`, and for ``full``'s one-shot run its chunked prefill's ratio to it."""
+    record = compare(record, ref)
+    if record.get("policy") == REFERENCE and record.get("chunk") is None and "prefill_ratio_vs_full" in record:
+        record["chunked_over_one_shot_prefill"] = 1 / record["prefill_ratio_vs_full"]
+    return record
+
+
 def recompare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``runs`` (merged from several runs) each compared again with the first ``full`` of its
     (model, length) among them, so every ratio in a merged table has one reference."""
@@ -227,11 +235,7 @@ def recompare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for record in runs:
         ref = refs.get((record.get("model"), record.get("tokens")))
-        if record is not ref:
-            record = compare(dict(record), ref)
-            if record.get("policy") == REFERENCE and record.get("chunk") is None and "prefill_ratio_vs_full" in record:
-                record["chunked_over_one_shot_prefill"] = 1 / record["prefill_ratio_vs_full"]
-        out.append(record)
+        out.append(record if record is ref else compare_with_reference(dict(record), ref))
     return out
 
 
@@ -248,8 +252,6 @@ def run_scenario(jobs: list[LongJob], results, bar, timeout: float | None) -> No
         if job.policy == REFERENCE and key not in refs:
             refs[key] = record
         else:
-            record = compare(record, refs.get(key))
-            if job.policy == REFERENCE and job.chunk is None and "prefill_ratio_vs_full" in record:
-                record["chunked_over_one_shot_prefill"] = 1 / record["prefill_ratio_vs_full"]
+            record = compare_with_reference(record, refs.get(key))
         results.add_run(record)
         bar.update()
