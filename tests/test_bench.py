@@ -601,3 +601,14 @@ def test_cluster_scenario(tmp_path):
     assert failover["conversations_lost"] == 0 and failover["replies_identical"] == 8
     assert failover["killed"]["at_request"] >= 4
     assert "Speed-up, 2 replicas / 1" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_meta_command_names_kvbound_when_run_as_a_module():
+    """``python3 -m kvbound.cli bench ...`` records ``kvbound bench ...``, as the entry point does;
+    another script keeps its own name."""
+    from kvbound.bench.results import program
+
+    assert program("/x/site-packages/kvbound/cli/__main__.py") == "kvbound"
+    assert program("/usr/local/bin/kvbound") == "kvbound"
+    assert program("/x/tools/__main__.py") == "__main__.py"
+    assert program("/x/run_bench.py") == "run_bench.py"

@@ -190,11 +190,18 @@ def commit() -> str | None:
         return None
 
 
+def program(argv0: str) -> str:
+    """The command's name as a user types it: ``kvbound`` for the entry point and for
+    ``python3 -m kvbound.cli`` (whose ``argv[0]`` is the package's ``__main__.py``)."""
+    name = Path(argv0).name
+    return "kvbound" if name == "__main__.py" and Path(argv0).parent.name == "cli" else name
+
+
 def make_meta(model_name: str, model, argv: list[str] | None, options: dict[str, Any], device: str) -> dict[str, Any]:
     """Provenance of a run: date (UTC), command, commit, model, versions, machine and load, options."""
     return {
         "date": _now(),
-        "command": " ".join(argv if argv is not None else [Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": " ".join(argv if argv is not None else [program(sys.argv[0]), *sys.argv[1:]]),
         "commit": commit(),
         "model": describe_model(model_name, model),
         "versions": versions(),
