@@ -282,6 +282,39 @@ def test_razor_head_map_is_cached_and_rebuilt_when_corrupt_or_stale(kv_home):
         kvbound.make_cache(model, "razor", 16, threshold=0.0)
 
 
+def test_razor_fingerprint_reads_a_sample_of_memory_mapped_weights(tmp_path):
+    """The head map's weight fingerprint faults in a few pages of a memory-mapped weight, not all of
+    it (a strided read of every page brings a whole embedding matrix into RSS),
+    and still changes with the weights."""
+    from kvbound.cache.retrieval_heads import _fingerprint
+    from kvbound.rss import current_rss_bytes
+
+    n = 64 << 20  # a 256 MiB float32 weight backed by a sparse file, as safetensors maps a checkpoint
+    path = tmp_path / "weight.bin"
+    with open(path, "wb") as f:
+        f.truncate(4 * n)
+    weight = torch.from_file(str(path), shared=True, size=n, dtype=torch.float32)
+
+    class Mapped:
+        def parameters(self):
+            return iter([weight])
+
+    before = current_rss_bytes()
+    first = _fingerprint(Mapped())
+    assert current_rss_bytes() - before < 16 << 20  # 64 entries, up to 64 KiB mapped around each
+    small = torch.nn.Linear(64, 64)
+
+    class Small:
+        def parameters(self):
+            return iter([small.weight])
+
+    same = _fingerprint(Small())
+    assert _fingerprint(Small()) == same and first != same
+    with torch.no_grad():
+        small.weight.mul_(1.01)
+    assert _fingerprint(Small()) != same
+
+
 @pytest.mark.parametrize("options,match", [
     ({}, "found 0 retrieval head"),  # random weights: no head above 2x chance
     ({"threshold": 0.0, "recent": 20}, "below the floors"),

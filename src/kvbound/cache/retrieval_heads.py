@@ -47,12 +47,22 @@ class HeadScores:
     chance_induction: float
 
 
+FINGERPRINT_SAMPLES = 64  # entries read from each fingerprinted weight (a fault maps up to 64 KiB around each)
+
+
 def _fingerprint(model: "PreTrainedModel") -> str:
-    """A digest of a few of the model's weights (a changed checkpoint makes the map stale)."""
+    """A digest of a few of the model's weights (a changed checkpoint makes the map stale).
+
+    It reads :data:`FINGERPRINT_SAMPLES` evenly spaced entries of each of six weights, not a stride
+    through all of them: a converted model's weights are memory-mapped, and a stride shorter than a
+    page would fault a whole embedding matrix into the process (Qwen2.5-0.5B's is 519 MiB in float32)."""
     h = hashlib.sha256()
     params = list(model.parameters())
     for p in params[:3] + params[-3:]:
-        sample = p.detach().flatten()[::101].double()  # a strided sample: no copy of a whole embedding matrix
+        flat = p.detach().reshape(-1)
+        k = min(flat.numel(), FINGERPRINT_SAMPLES)
+        idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)  # integers: exact for any size
+        sample = flat[idx].double()
         h.update(f"{tuple(p.shape)}:{float(sample.sum()):.8e}:{float(sample.abs().sum()):.8e}".encode())
     return h.hexdigest()[:32]
 
