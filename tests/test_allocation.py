@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import AttentionInterface
@@ -267,8 +269,11 @@ def test_tiered_attention_bias_is_a_logit_offset():
 
 def test_razor_head_map_is_cached_and_rebuilt_when_corrupt_or_stale(kv_home):
     import json
-    from kvbound.cache.retrieval_heads import map_path
+    from kvbound.cache.razor import RazorCache
+    from kvbound.cache.retrieval_heads import is_cached, map_path
     model = tiny("tiny-mha")
+    assert not is_cached(model) and RazorCache.prepare(model) is True  # measured
+    assert is_cached(model) and RazorCache.prepare(model) is False  # read
     kvbound.make_cache(model, "razor", 16, threshold=0.0)
     path = map_path(model)
     assert path.exists() and path.is_relative_to(kv_home)
@@ -310,6 +315,8 @@ def test_razor_fingerprint_reads_a_sample_of_memory_mapped_weights(tmp_path):
 
     same = _fingerprint(Small())
     assert _fingerprint(Small()) == same and first != same
+    model = tiny("tiny-llama")
+    assert _fingerprint(copy.deepcopy(model).to(torch.bfloat16)) == _fingerprint(model)  # one map for both
     with torch.no_grad():
         small.weight.mul_(1.01)
     assert _fingerprint(Small()) != same

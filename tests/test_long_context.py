@@ -286,17 +286,27 @@ def test_long_merge_compares_every_run_with_the_kept_full(tmp_path):
 
 
 def test_long_worker_prepares_the_policy_before_it_measures(kv_home, monkeypatch):
-    """razor's head map (a calibration pass, once per model) is measured before the RSS high-water
-    mark is lowered, so a run's added RSS is the cache's, not the calibration's."""
+    """razor's head map (a calibration pass, once per model) is never in a measured run: a worker
+    that had to measure it stops there, and the job runs again in a fresh process that reads the
+    map before the RSS high-water mark is lowered (the calibration's freed memory would otherwise sit
+    in the run's baseline and hide what the cache adds)."""
     import kvbound.rss
-    from kvbound.bench.long import LongJob, run_job
+    from kvbound.bench import long
+    from kvbound.bench.long import PREPARED, LongJob, run_job
     from kvbound.cache.razor import RazorCache
 
     events = []
     prepare, reset = RazorCache.prepare.__func__, kvbound.rss.reset_peak_rss
-    monkeypatch.setattr(RazorCache, "prepare", classmethod(lambda cls, m: (events.append("prepare"), prepare(cls, m))))
+    monkeypatch.setattr(RazorCache, "prepare",
+                        classmethod(lambda cls, m: (events.append("prepare"), prepare(cls, m))[1]))
     monkeypatch.setattr(kvbound.rss, "reset_peak_rss", lambda: (events.append("reset"), reset())[1])
-    rec = run_job(LongJob("tiny-llama", "razor", 300, budget=32, new_tokens=2, chunk=64,
-                          options={"threshold": 0.0, "fraction": 0.34}))
-    assert rec["status"] == "ok" and events == ["prepare", "reset"]
+    job = LongJob("tiny-llama", "razor", 300, budget=32, new_tokens=2, chunk=64,
+                  options={"threshold": 0.0, "fraction": 0.34})
+    assert run_job(job)["status"] == PREPARED and events == ["prepare"]
+    rec = run_job(job)
+    assert rec["status"] == "ok" and events == ["prepare", "prepare", "reset"]
+    calls = []
+    monkeypatch.setattr(long, "_spawn_once", lambda j, t: calls.append(j) or (
+        {"status": PREPARED} if len(calls) == 1 else {"status": "ok"}))
+    assert long.spawn(job)["status"] == "ok" and len(calls) == 2
     assert list((kv_home / "razor").glob("heads-*.json"))

@@ -173,9 +173,11 @@ class KVBoundCache(DynamicCache):
         self.num_layers = text_config(model).num_hidden_layers
 
     @classmethod
-    def prepare(cls, model: "PreTrainedModel") -> None:
+    def prepare(cls, model: "PreTrainedModel") -> bool:
         """Once per model, before a cache is built: what the policy measures and caches on disk
-        (``razor``'s head map). Benchmarks call it before they start measuring a run."""
+        (``razor``'s head map). Benchmarks call it before they start measuring a run. Returns
+        whether it measured (ran the model) rather than read what it had cached."""
+        return False
 
     @classmethod
     def parse_options(cls, options: dict[str, Any]):

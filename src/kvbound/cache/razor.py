@@ -43,7 +43,7 @@ from .checks import check_int
 from .codec import CodecOptions, decode_kv, encode_kv
 from .evicting import BIG_POSITION, EvictingCache, EvictingLayer
 from .registry import register
-from .retrieval_heads import load_scores, pick
+from .retrieval_heads import is_cached, load_scores, pick
 
 
 @dataclass
@@ -191,8 +191,10 @@ class RazorCache(EvictingCache):
         self.head_capacities(budget)  # budget below the floors: one line now, not mid-generation
 
     @classmethod
-    def prepare(cls, model) -> None:
+    def prepare(cls, model) -> bool:
+        measured = not is_cached(model)
         load_scores(model)  # the head map: measured once per model (a calibration pass), then read from disk
+        return measured
 
     def compress(self, context, keep: int) -> None:
         """kvpress's protocol at ``keep`` = this cache's budget (the mean tokens per KV head): each

@@ -62,7 +62,7 @@ def _fingerprint(model: "PreTrainedModel") -> str:
         flat = p.detach().reshape(-1)
         k = min(flat.numel(), FINGERPRINT_SAMPLES)
         idx = torch.arange(k, dtype=torch.int64) * (flat.numel() - 1) // max(k - 1, 1)  # integers: exact for any size
-        sample = flat[idx].double()
+        sample = flat[idx].to(torch.bfloat16).double()  # one map for a checkpoint loaded in fp32 or bf16
         h.update(f"{tuple(p.shape)}:{float(sample.sum()):.8e}:{float(sample.abs().sum()):.8e}".encode())
     return h.hexdigest()[:32]
 
@@ -110,33 +110,45 @@ def measure(model: "PreTrainedModel") -> HeadScores:
     return HeadScores(layers, echo, induction, chance_echo, chance_ind)
 
 
+def _read_cached(model: "PreTrainedModel") -> tuple[HeadScores | None, str | None]:
+    """The cached scores of ``model`` if its file is there and valid, else ``None`` and why not
+    (``None`` when there is no file)."""
+    path = map_path(model)
+    if not path.exists():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+        if data.get("version") != VERSION or data.get("fingerprint") != _fingerprint(model):
+            return None, "stale (another calibration version or other weights)"
+        scores = HeadScores(**data["scores"])
+        expect = [i for i, w in enumerate(layer_windows(model)) if w is None]
+        if scores.layers != expect or len(scores.echo) != len(expect) or len(scores.induction) != len(expect):
+            raise ValueError("layers do not match the model")
+        if not all(math.isfinite(x) for row in scores.echo + scores.induction for x in row):
+            raise ValueError("scores are not finite")
+        return scores, None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return None, f"corrupt ({type(exc).__name__}: {exc})"
+
+
+def is_cached(model: "PreTrainedModel") -> bool:
+    """Whether :func:`load_scores` will read ``model``'s map from disk (no calibration pass)."""
+    return _read_cached(model)[0] is not None
+
+
 def load_scores(model: "PreTrainedModel") -> HeadScores:
     """The cached scores of ``model``, measured (and cached) if missing; a corrupt or stale file is
     rebuilt with a warning."""
-    path = map_path(model)
-    fingerprint = _fingerprint(model)
-    problem = None
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            if data.get("version") != VERSION or data.get("fingerprint") != fingerprint:
-                problem = "stale (another calibration version or other weights)"
-            else:
-                scores = HeadScores(**data["scores"])
-                expect = [i for i, w in enumerate(layer_windows(model)) if w is None]
-                if scores.layers != expect or len(scores.echo) != len(expect) or len(scores.induction) != len(expect):
-                    raise ValueError("layers do not match the model")
-                if not all(math.isfinite(x) for row in scores.echo + scores.induction for x in row):
-                    raise ValueError("scores are not finite")
-                return scores
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            problem = f"corrupt ({type(exc).__name__}: {exc})"
+    scores, problem = _read_cached(model)
+    if scores is not None:
+        return scores
     scores = measure(model)
     if problem:
-        warnings.warn(f"kvbound razor: the cached head map {path} was {problem}; rebuilt it", stacklevel=3)
+        warnings.warn(f"kvbound razor: the cached head map {map_path(model)} was {problem}; rebuilt it", stacklevel=3)
+    path = map_path(model)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": VERSION, "fingerprint": fingerprint, "scores": scores.__dict__}))
+    tmp.write_text(json.dumps({"version": VERSION, "fingerprint": _fingerprint(model), "scores": scores.__dict__}))
     tmp.replace(path)
     return scores
 
