@@ -548,3 +548,40 @@ def test_kvzip_global_quota_follows_beams():
     out = model.generate(prompt_ids(10, seed=6), past_key_values=kvbound.make_cache(model, "kvzip", 5, allocation="global"),
                          num_beams=3, max_new_tokens=4, do_sample=False)
     assert out.shape[-1] == 14
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "kvzip"])
+@torch.no_grad()
+def test_pyramid_spreads_the_compressed_keep_over_depth(policy):
+    """Under kvpress's protocol, ``allocation=pyramid`` keeps PyramidKV's per-layer share of ``keep``
+    (more in the bottom layers), as it does while prefilling; it once kept ``keep`` in every layer,
+    the same as ``uniform``."""
+    from kvbound.cache.allocation import pyramid_capacities
+    from kvbound.cache.context import ContextRecorder
+
+    model, keep = tiny("tiny-llama"), 24
+    context = ContextRecorder(model)
+    kvbound.generation.prefill(model, prompt_ids(60), context, 20)
+    cache = kvbound.make_cache(model, policy, keep, allocation="pyramid")
+    cache.compress(context, keep)
+    full = cache.full_layers
+    want = pyramid_capacities(keep, len(full), cache.options.pyramid_beta, 60, cache.protected_tokens())
+    assert len(set(want)) > 1
+    got = [sum(cache.memory_report()["kept_tokens"][l]) // cache.kv_heads for l in full]
+    assert got == want
+    model(prompt_ids(4, seed=3), past_key_values=cache)  # the question goes in after the context
+
+
+def test_cake_refuses_the_compress_protocol():
+    from kvbound.bench.ruler import check_policies
+    from kvbound.cache.context import ContextRecorder
+
+    model = tiny("tiny-llama")
+    context = ContextRecorder(model)
+    kvbound.generation.prefill(model, prompt_ids(40), context, 20)
+    for policy in ("snapkv", "kvzip"):
+        with pytest.raises(KVBoundError, match="allocation=cake sets each layer's share while prefilling"):
+            kvbound.make_cache(model, policy, 16, allocation="cake").compress(context, 16)
+    with pytest.raises(KVBoundError, match="CAKE sets each layer's share while prefilling"):
+        check_policies(["full", "snapkv:allocation=cake"], "compress")
+    check_policies(["full", "snapkv:allocation=cake"], "bounded")

@@ -109,6 +109,9 @@ def check_policies(policies: list[str], protocol: str) -> None:
         if not spec(p).exact and not (issubclass(build, EvictingCache) and build.compresses):
             raise KVBoundError(f"policy {p!r} cannot run --protocol compress (it does not evict tokens from a "
                                "prefilled context); it supports --protocol bounded")
+        if policy_options(p).get("allocation") == "cake":
+            raise KVBoundError(f"policy {p!r} cannot run --protocol compress (CAKE sets each layer's share while "
+                               "prefilling); it supports --protocol bounded")
 
 
 def options(args: argparse.Namespace, policies: list[str], model=None) -> dict[str, Any]:

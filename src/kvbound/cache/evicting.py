@@ -561,7 +561,8 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         self.lazy_initialization(keys, values)
         b, h, n = keys.shape[0], keys.shape[1], keys.shape[-2]
         self.seen = n if seen is None else seen
-        self.capacity = keep if self.sliding_window is None else max(1, min(keep, self.sliding_window - 1))
+        self.capacity = self.cache.compressed_capacity(self.layer_idx, keep, self.seen) if self.sliding_window is None \
+            else max(1, min(keep, self.sliding_window - 1))
         positions = torch.arange(self.seen - n, self.seen, device=keys.device).expand(b, h, n)
         stored = (keys, values) if self.cache.codec is None else encode_kv(self.cache.codec, keys, values)
         if self.is_sliding or n <= self.capacity:
@@ -663,6 +664,25 @@ class EvictingCache(KVBoundCache):
             return self.cake_caps.get(layer_idx, self.budget)
         return self.budget
 
+    def compressed_capacity(self, layer_idx: int, keep: int, seen: int) -> int:
+        """Mean tokens per KV head full-attention layer ``layer_idx`` keeps when a context of
+        ``seen`` tokens is compressed to ``keep`` per layer (kvpress's protocol): ``pyramid`` spreads
+        ``keep`` over depth as it spreads the budget while prefilling."""
+        if self.allocation == "pyramid":
+            return pyramid_capacities(keep, len(self.full_layers), self.options.pyramid_beta, seen,
+                                      self.protected_tokens())[self._depth[layer_idx]]
+        return keep
+
+    def check_compress(self) -> None:
+        """One line for what cannot compress a prefilled context: a policy without ``compress``, and
+        CAKE's allocation, which sets each layer's share from its queries while prefilling."""
+        if not self.compresses:
+            raise KVBoundError(f"{self.policy_name} cannot compress a prefilled context; it supports the "
+                               "bounded protocol (its budget held from the first prefill chunk)")
+        if self.allocation == "cake":
+            raise KVBoundError(f"{self.policy_name} allocation=cake sets each layer's share while prefilling; "
+                               "it supports the bounded protocol, not compress")
+
     def cascade(self, layer_idx: int, preference: float, seen: int) -> int:
         """CAKE's cascading: record ``layer_idx``'s preference, share ``count x budget`` over the
         full-attention layers measured so far, shrink the earlier ones to their share at once
@@ -692,9 +712,7 @@ class EvictingCache(KVBoundCache):
     def compress(self, context: "ContextRecorder", keep: int) -> None:
         """Take the context ``context`` recorded (see :meth:`EvictingLayer.compress`), each layer
         compressed to ``keep`` tokens; the question and the answer then go in uncompressed."""
-        if not self.compresses:
-            raise KVBoundError(f"{self.policy_name} cannot compress a prefilled context; it supports the "
-                               "bounded protocol (its budget held from the first prefill chunk)")
+        self.check_compress()
         seen = context.tokens()
         for layer, (keys, values, query, mass) in zip(self.layers, context.recorded()):
             layer.compress(keys, values, keep, query, mass, seen)

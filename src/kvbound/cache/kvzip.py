@@ -232,7 +232,7 @@ class KVzipLayer(EvictingLayer):
         self.scores = scores.clone()
         if self.cache.allocation == "global":  # the cache ranks every layer's scores together
             return
-        self.capacity = keep
+        self.capacity = self.cache.compressed_capacity(self.layer_idx, keep, seen)
         self.evict_scored()
         self.capacity = self.UNBOUNDED
 
@@ -358,6 +358,7 @@ class KVzipCache(EvictingCache):
     def compress(self, context, keep: int) -> None:
         """Score the context once by reconstruction (this cache holding all of it), leave the scores in
         ``context.shared`` for the other ratios, keep the ``keep`` best per KV head."""
+        self.check_compress()
         scores = context.shared.get("kvzip")
         seen = context.tokens()
         recorded = context.recorded()
