@@ -50,6 +50,9 @@ class LongJob:
         return f"{self.model} {self.tokens} {self.policy}{spec}@{self.budget} chunk={self.chunk or ONE_SHOT}"
 
 
+PREPARED = "prepared"  # a worker's answer when the policy's once-per-model set-up ran: run the job again
+
+
 def run_job(job: LongJob) -> dict[str, Any]:
     """Run ``job`` in this process (call it in a fresh one: the RSS figures are the process's)."""
     import torch
@@ -117,9 +120,6 @@ def run_job(job: LongJob) -> dict[str, Any]:
 
 def _failed(job: LongJob, status: str, reason: str) -> dict[str, Any]:
     return {**asdict(job), "status": status, "reason": reason}
-
-
-PREPARED = "prepared"  # a worker's answer when the policy's once-per-model set-up ran: run the job again
 
 
 def spawn(job: LongJob, timeout: float | None = None) -> dict[str, Any]:
