@@ -43,7 +43,7 @@ from .checks import check_int
 from .codec import CodecOptions, decode_kv, encode_kv
 from .evicting import BIG_POSITION, EvictingCache, EvictingLayer
 from .registry import register
-from .retrieval_heads import is_cached, load_scores, pick
+from .retrieval_heads import ensure_scores, load_scores, pick
 
 
 @dataclass
@@ -192,9 +192,7 @@ class RazorCache(EvictingCache):
 
     @classmethod
     def prepare(cls, model) -> bool:
-        measured = not is_cached(model)
-        load_scores(model)  # the head map: measured once per model (a calibration pass), then read from disk
-        return measured
+        return ensure_scores(model)[1]  # the head map: measured once per model (a calibration pass), then read
 
     def compress(self, context, keep: int) -> None:
         """kvpress's protocol at ``keep`` = this cache's budget (the mean tokens per KV head): each

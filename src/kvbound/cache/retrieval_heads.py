@@ -110,15 +110,14 @@ def measure(model: "PreTrainedModel") -> HeadScores:
     return HeadScores(layers, echo, induction, chance_echo, chance_ind)
 
 
-def _read_cached(model: "PreTrainedModel") -> tuple[HeadScores | None, str | None]:
-    """The cached scores of ``model`` if its file is there and valid, else ``None`` and why not
-    (``None`` when there is no file)."""
-    path = map_path(model)
+def _read_cached(model: "PreTrainedModel", path: Path, fingerprint: str) -> tuple[HeadScores | None, str | None]:
+    """The scores cached at ``path`` if the file is there and valid for ``model`` (whose weights'
+    digest is ``fingerprint``), else ``None`` and why not (``None`` when there is no file)."""
     if not path.exists():
         return None, None
     try:
         data = json.loads(path.read_text())
-        if data.get("version") != VERSION or data.get("fingerprint") != _fingerprint(model):
+        if data.get("version") != VERSION or data.get("fingerprint") != fingerprint:
             return None, "stale (another calibration version or other weights)"
         scores = HeadScores(**data["scores"])
         expect = [i for i, w in enumerate(layer_windows(model)) if w is None]
@@ -133,24 +132,29 @@ def _read_cached(model: "PreTrainedModel") -> tuple[HeadScores | None, str | Non
 
 def is_cached(model: "PreTrainedModel") -> bool:
     """Whether :func:`load_scores` will read ``model``'s map from disk (no calibration pass)."""
-    return _read_cached(model)[0] is not None
+    return _read_cached(model, map_path(model), _fingerprint(model))[0] is not None
+
+
+def ensure_scores(model: "PreTrainedModel") -> tuple[HeadScores, bool]:
+    """:func:`load_scores`, and whether it measured them (a calibration pass) rather than read them."""
+    path, fingerprint = map_path(model), _fingerprint(model)
+    scores, problem = _read_cached(model, path, fingerprint)
+    if scores is not None:
+        return scores, False
+    scores = measure(model)
+    if problem:
+        warnings.warn(f"kvbound razor: the cached head map {path} was {problem}; rebuilt it", stacklevel=4)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"version": VERSION, "fingerprint": fingerprint, "scores": scores.__dict__}))
+    tmp.replace(path)
+    return scores, True
 
 
 def load_scores(model: "PreTrainedModel") -> HeadScores:
     """The cached scores of ``model``, measured (and cached) if missing; a corrupt or stale file is
     rebuilt with a warning."""
-    scores, problem = _read_cached(model)
-    if scores is not None:
-        return scores
-    scores = measure(model)
-    if problem:
-        warnings.warn(f"kvbound razor: the cached head map {map_path(model)} was {problem}; rebuilt it", stacklevel=3)
-    path = map_path(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"version": VERSION, "fingerprint": _fingerprint(model), "scores": scores.__dict__}))
-    tmp.replace(path)
-    return scores
+    return ensure_scores(model)[0]
 
 
 def pick(scores: HeadScores, count: int, threshold: float) -> tuple[list[tuple[int, int]], int]:
