@@ -36,6 +36,14 @@ def test_samples_are_deterministic_fit_and_hold_their_answers(task):
     assert not any(ref in question for ref in a.references if task != "vt" or ref != a.references[0])
 
 
+def test_first_sample_continues_the_numbering():
+    """Samples K.. of a later run are those a longer run holds at the same indices (a board grows by merging)."""
+    long_run = rt.make_samples(TOK, ["niah_single_1", "vt"], 600, 4)
+    later = rt.make_samples(TOK, ["niah_single_1", "vt"], 600, 2, first=2)
+    assert later == [s for s in long_run if s.index >= 2]
+    assert [(s.task, s.index) for s in later] == [("niah_single_1", 2), ("niah_single_1", 3), ("vt", 2), ("vt", 3)]
+
+
 def test_niah_needles_and_queries():
     s = rt.make_sample(TOK, "niah_multiquery", 1500, 0)
     context, question = TOK.decode(list(s.context_ids)), TOK.decode(list(s.question_ids))
@@ -207,6 +215,23 @@ def test_ruler_runs_in_bfloat16_by_default(tmp_path):
         for r in data["runs"] if r["policy"] == "snapkv"}  # 2 bytes per value
 
 
+def test_a_later_run_extends_a_board_by_merge(tmp_path):
+    """``--first-sample 1`` scores sample 1 only; merged with a run of sample 0, the board holds both once."""
+    from kvbound.bench import merge
+
+    common = ("--model", "tiny-llama", "--lengths", "400", "--tasks", "niah_single_1", "--ratios", "0.5",
+              "--samples", "1", "--policies", "full,snapkv", "--max-new-tokens", "2")
+    model = tiny("tiny-llama")
+    for name, first in (("a", "0"), ("b", "1")):
+        args = _args(tmp_path / name, *common, "--first-sample", first)
+        assert bench_cli.run(args, model_and_tokenizer=(model, TOK)) == 0
+    later = json.loads((tmp_path / "b" / "out" / "results.json").read_text())
+    assert {r["sample"] for r in later["runs"]} == {1} and later["meta"]["options"]["first_sample"] == 1
+    merge.merge(tmp_path / "m", [tmp_path / "a" / "out", tmp_path / "b" / "out"])
+    runs = json.loads((tmp_path / "m" / "results.json").read_text())["runs"]
+    assert sorted((r["sample"], r["policy"]) for r in runs) == [(0, "full"), (0, "snapkv"), (1, "full"), (1, "snapkv")]
+
+
 @pytest.mark.parametrize("protocol", ["compress", "bounded"])
 def test_protocols_end_to_end(tmp_path, protocol):
     args = _args(tmp_path, "--protocol", protocol, "--model", "tiny-llama", "--lengths", "500",
@@ -239,6 +264,7 @@ def test_protocols_end_to_end(tmp_path, protocol):
     (["--ratios", "-0.1"], r"--ratios must be fractions in \[0, 1\)"),
     (["--policies", "kivi"], r"policy 'kivi' cannot run --protocol compress .* it supports --protocol bounded"),
     (["--samples", "0"], r"--samples must be >= 1"),
+    (["--first-sample", "-1"], r"--first-sample must be >= 0, got -1"),
 ])
 def test_bad_input(tmp_path, extra, message):
     args = _args(tmp_path, "--model", "tiny-llama", *extra)

@@ -72,6 +72,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default: {DEFAULT_RATIOS})")
     g.add_argument("--samples", type=int, default=None, metavar="N",
                    help=f"ruler: samples per task (default: {DEFAULT_SAMPLES}; --quick: 1)")
+    g.add_argument("--first-sample", type=int, default=0, metavar="K",
+                   help="ruler: index of each task's first sample (default: 0); samples K..K+N-1 extend a "
+                        "board run with samples 0..K-1, and `kvbound bench merge` joins them")
     g.add_argument("--answers", choices=ANSWER_MODES, default="batched",
                    help="ruler (compress): batched = every compressed copy of a sample answers in shared forward "
                         f"passes, up to {ANSWER_ROWS} rows (kvbound.batching; a policy that cannot batch answers "
@@ -118,6 +121,9 @@ def options(args: argparse.Namespace, policies: list[str], model=None) -> dict[s
     """Validated options (``meta.options``); ``model`` checks the lengths against its positions."""
     if args.samples is not None and args.samples < 1:
         raise KVBoundError(f"--samples must be >= 1, got {args.samples}")
+    first = getattr(args, "first_sample", 0)
+    if first < 0:
+        raise KVBoundError(f"--first-sample must be >= 0, got {first}")
     tasks = _tasks(args.tasks, args.quick)
     lengths = positive_ints(args.lengths or DEFAULT_LENGTHS, "lengths")
     if REFERENCE not in policies:
@@ -131,7 +137,8 @@ def options(args: argparse.Namespace, policies: list[str], model=None) -> dict[s
                 raise KVBoundError(f"--lengths {n} is past the model's {limit} positions (with {longest} answer "
                                    f"tokens); use at most {limit - longest}")
     return {"protocol": args.protocol, "tasks": tasks, "lengths": lengths, "ratios": _ratios(args.ratios),
-            "samples": args.samples or (1 if args.quick else DEFAULT_SAMPLES), "policies": policies,
+            "samples": args.samples or (1 if args.quick else DEFAULT_SAMPLES), "first_sample": first,
+            "policies": policies,
             "prefill_chunk": args.prefill_chunk, "quick": args.quick, "max_new_tokens": args.max_new_tokens,
             "answers": getattr(args, "answers", "batched")}
 
@@ -320,7 +327,7 @@ def run(bench: Bench, opts: dict[str, Any]) -> None:
     exact = [p for p in policies if spec(p).exact and p != REFERENCE]
     ratios, protocol = opts["ratios"], opts["protocol"]
     samples = [s for n in opts["lengths"] for s in rt.make_samples(bench.tokenizer, opts["tasks"], n, opts["samples"],
-                                                                 bench.seed)]
+                                                                 bench.seed, opts.get("first_sample", 0))]
     if opts.get("max_new_tokens"):  # --max-new-tokens caps each task's answer length
         samples = [replace(s, max_new_tokens=min(s.max_new_tokens, opts["max_new_tokens"])) for s in samples]
     for policy in dict.fromkeys(policy_name(p) for p in policies):  # once-per-model set-up, before any measure

@@ -326,8 +326,11 @@ def _fwe_ranked(ctx: list[int], tokenizer, refs: tuple[str, ...]) -> bool:
     return all(c < floor for w, c in counts.items() if w not in refs)
 
 
-def make_samples(tokenizer, tasks: list[str], length: int, per_task: int, seed: int = 0) -> list[RulerSample]:
-    """``per_task`` samples of each task, in task order."""
+def make_samples(tokenizer, tasks: list[str], length: int, per_task: int, seed: int = 0,
+                 first: int = 0) -> list[RulerSample]:
+    """``per_task`` samples of each task (indices ``first`` .. ``first + per_task - 1``), in task order.
+
+    Each sample depends only on its index, so a board can be extended by later runs and merged."""
     for task in tasks:
         check_task(task)
-    return [make_sample(tokenizer, t, length, i, seed) for t in tasks for i in range(per_task)]
+    return [make_sample(tokenizer, t, length, i, seed) for t in tasks for i in range(first, first + per_task)]
