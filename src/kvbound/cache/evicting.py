@@ -557,14 +557,10 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
         attention every context query gave each key, summed over queries and each KV head's query
         heads ``[B, kv_heads, n]`` (what a policy that needs all ``n`` rows, like ``h2o``, takes).
         """
-        self.reset()
-        self.lazy_initialization(keys, values)
-        b, h, n = keys.shape[0], keys.shape[1], keys.shape[-2]
-        self.seen = n if seen is None else seen
+        positions, stored = self._start_context(keys, values, seen)
+        n = keys.shape[-2]
         self.capacity = self.cache.compressed_capacity(self.layer_idx, keep, self.seen) if self.sliding_window is None \
             else max(1, min(keep, self.sliding_window - 1))
-        positions = torch.arange(self.seen - n, self.seen, device=keys.device).expand(b, h, n)
-        stored = (keys, values) if self.cache.codec is None else encode_kv(self.cache.codec, keys, values)
         if self.is_sliding or n <= self.capacity:
             idx = None if n <= self.capacity else torch.arange(n - self.capacity, n, device=keys.device).view(1, 1, -1)
         else:
@@ -583,6 +579,20 @@ class EvictingLayer(PolicyLayer, DynamicLayer):
                                    f"of its last {have} tokens: it scores with {rows}")
         self._keep(stored, positions, idx)
         self.capacity = self.UNBOUNDED
+
+    def _start_context(self, keys: torch.Tensor, values: torch.Tensor, seen: int | None,
+                       copy: bool = False) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Empty this layer for :meth:`compress`'s one step over the context: ``seen`` set, and the
+        context's positions ``[B, kv_heads, n]`` and K/V as stored (encoded; a copy when ``copy``,
+        for a policy that writes into them)."""
+        self.reset()
+        self.lazy_initialization(keys, values)
+        b, h, n = keys.shape[0], keys.shape[1], keys.shape[-2]
+        self.seen = n if seen is None else seen
+        positions = torch.arange(self.seen - n, self.seen, device=keys.device).expand(b, h, n)
+        if self.cache.codec is not None:
+            return positions, encode_kv(self.cache.codec, keys, values)
+        return positions, ((keys.clone(), values.clone()) if copy else (keys, values))
 
     def _stored(self, key_states: torch.Tensor, value_states: torch.Tensor, keys: torch.Tensor,
                 values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -117,15 +117,10 @@ class RazorLayer(EvictingLayer):
         everything that follows. Needs no query: razor selects by position."""
         if self.is_sliding:
             return super().compress(keys, values, keep, query, mass, seen)
-        self.reset()
-        self.lazy_initialization(keys, values)
-        b, h, n = keys.shape[0], keys.shape[1], keys.shape[-2]
-        self.seen = n if seen is None else seen
-        positions = torch.arange(self.seen - n, self.seen, device=keys.device).expand(b, h, n)
         # the compensation merge writes into the held K/V: never into the recorder's shared tensors
-        stored = (keys.clone(), values.clone()) if self.cache.codec is None else encode_kv(self.cache.codec, keys, values)
+        positions, stored = self._start_context(keys, values, seen, copy=True)
         self.keys, self.values, self.positions = stored[0], stored[1], positions
-        self._step_weights = torch.ones(b, h, n, device=keys.device)
+        self._step_weights = torch.ones(positions.shape, device=keys.device)
         self._keep(stored, positions, self.select(keys, positions, None, positions[0, 0, :0]))
         self.capacity = self.UNBOUNDED
 
